@@ -1,0 +1,274 @@
+"""One description of a model (`ModelConfig`) and one of a training run (`TrainConfig`).
+
+Everything else (the model, the trainer, the memory planner, the converters) reads these two
+objects, so a prediction can never drift from what runs. Presets are plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from memlm.errors import MemlmError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Norm = Literal["layernorm", "rmsnorm"]
+Positions = Literal["learned", "sinusoidal", "rope"]
+Mlp = Literal["gelu", "swiglu"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a decoder-only transformer LM."""
+
+    name: str = "custom"
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest context the model is built for
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_heads: int | None = None  # None: same as n_head (multi-head); fewer: grouped-query
+    n_embd: int = 768
+    ffn_hidden: int | None = None  # None: 4*n_embd for GELU, Llama's 8/3 rule for SwiGLU
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    positions: Positions = "learned"
+    rope_theta: float = 10000.0
+    mlp: Mlp = "gelu"
+    gelu_approximate: Literal["none", "tanh"] = "none"
+    bias: bool = True  # biases in every Linear and norm
+    tied_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_head
+        if self.ffn_hidden is None:
+            if self.mlp == "gelu":
+                self.ffn_hidden = 4 * self.n_embd
+            else:  # Llama: 2/3 of 4d, rounded up to a multiple of 256
+                self.ffn_hidden = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "ffn_hidden"):
+            if getattr(self, name) <= 0:
+                raise MemlmError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise MemlmError(
+                f"model config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})",
+                "pick n_head so that n_embd / n_head is a whole head size",
+            )
+        if self.n_head % self.n_kv_heads:
+            raise MemlmError(
+                f"model config: n_head ({self.n_head}) is not a multiple of n_kv_heads ({self.n_kv_heads})",
+                "grouped-query attention shares each KV head among n_head / n_kv_heads query heads",
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise MemlmError(f"model config: RoPE needs an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MemlmError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count from the shape alone (the planner uses it; tests check it against the model)."""
+        d, f, hd = self.n_embd, self.ffn_hidden, self.head_dim
+        kv = self.n_kv_heads * hd
+        b = int(self.bias)
+        norm = d * (2 if (self.norm == "layernorm" and self.bias) else 1)
+        attn = d * d + 2 * d * kv + d * d + b * (d + 2 * kv + d)
+        mlp = (3 * d * f + b * (2 * f + d)) if self.mlp == "swiglu" else (2 * d * f + b * (f + d))
+        per_layer = attn + mlp + 2 * norm
+        emb = self.vocab_size * d
+        pos = self.block_size * d if self.positions == "learned" else 0
+        head = 0 if self.tied_embeddings else self.vocab_size * d
+        total = self.n_layer * per_layer + norm + pos + head
+        return total + (emb if include_embedding else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**check_keys_and_types(cls, d, "model config"))
+
+
+# Presets are data. Parameter counts: gpt2 124,439,808 and smollm2-135m 134,515,008 (published).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_heads=2, n_embd=256,
+        ffn_hidden=768, norm="rmsnorm", positions="rope", mlp="swiglu", bias=False,
+    ),
+    "gpt2": dict(
+        vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+        gelu_approximate="tanh",
+    ),
+    "gpt2-medium": dict(
+        vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024,
+        gelu_approximate="tanh",
+    ),
+    "gpt2-large": dict(
+        vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280,
+        gelu_approximate="tanh",
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_heads=3, n_embd=576,
+        ffn_hidden=1536, norm="rmsnorm", norm_eps=1e-5, positions="rope", rope_theta=100000.0,
+        mlp="swiglu", bias=False,
+    ),
+    # The standard W3 training workload (shared/BENCHMARKS.md).
+    "w3": dict(
+        vocab_size=49152, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise MemlmError(f"unknown model preset '{name}'", f"known presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({"name": name, **PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model shape. Saved as config.toml in the run."""
+
+    out_dir: str = "runs/default"
+    corpus: str = "default"  # "default" (embedded corpus), a file, folder, glob, or .jsonl
+    tokenizer: str | None = None  # path to tokenizer.json; None: train a BPE on the corpus
+    vocab_size: int = 4096  # for a tokenizer trained here
+    init_from: str | None = None  # fine-tune: a model name or path to start from
+    seed: int = 1337
+    steps: int = 1000
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seq_len: int | None = None  # None: the model's block_size
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16-autocast", "bf16"] = "fp32"
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"
+    fused_backward: bool = False  # optimizer step inside backward, each grad freed at once
+    activation_checkpointing: int = 0  # 0 off; k: checkpoint every k-th block
+    loss_chunk: int = 0  # 0: full logits; n: cross-entropy over chunks of n tokens
+    seq_len_warmup: list[int] = field(default_factory=list)  # e.g. [64, 128]: short contexts first
+    seq_len_warmup_steps: int = 0  # steps spent on each warmup length
+    eval_every: int = 200
+    eval_batches: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    device: str = "auto"
+    threads: int = 0  # 0: torch's default
+    memory_budget: str | None = None  # e.g. "2GiB": let the planner pick the savers
+    nproc: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        cfg = cls(**check_keys_and_types(cls, d, "train config"))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise MemlmError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise MemlmError(f"train config: lr must be positive, got {self.lr}")
+        if self.fused_backward and self.grad_accum > 1:
+            raise MemlmError(
+                "train config: fused_backward cannot be combined with grad_accum > 1",
+                "the optimizer steps inside backward, so gradients cannot accumulate: drop one of them",
+            )
+        if self.fused_backward and self.grad_clip > 0:
+            raise MemlmError(
+                "train config: fused_backward cannot be combined with grad_clip",
+                "clipping needs every gradient at once; set grad_clip = 0 or drop fused_backward",
+            )
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def check_keys_and_types(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """Reject unknown keys (naming the valid ones) and values of the wrong type."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    out = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise MemlmError(f"{what}: unknown key '{key}'", f"valid keys: {', '.join(valid)}")
+        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
+            value = float(value)
+        if not _type_ok(value, hints[key]):
+            raise MemlmError(
+                f"{what}: '{key}' must be {_describe(hints[key])}, got {value!r}",
+                "fix the value in the config file or on the command line",
+            )
+        out[key] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MemlmError(f"config file not found: {path}", "pass the path of an existing .toml file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise MemlmError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def to_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Write flat sections of scalars and lists as TOML (None values are left out)."""
+    import tomli_w
+
+    return tomli_w.dumps({s: {k: v for k, v in d.items() if v is not None} for s, d in sections.items()})

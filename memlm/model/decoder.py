@@ -1,0 +1,99 @@
+"""The decoder-only language model (GPT-2 and Llama flavours from one `ModelConfig`).
+
+Flavour choices are made once, in `__init__`; `forward` has no flavour branches:
+  positions  learned / sinusoidal add a table to the token embeddings; RoPE rotates q and k
+  norm       LayerNorm or RMSNorm (layers.make_norm)
+  mlp        GELU or SwiGLU (layers.Block)
+  heads      n_kv_heads < n_head gives grouped-query attention
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memlm.config import ModelConfig
+from memlm.model.kv_cache import KVCache
+from memlm.model.layers import Block, make_norm, rope_tables, sinusoidal_table
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tied_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.checkpoint_every = 0  # activation checkpointing: every k-th block recomputed in backward
+        self.reset_buffers()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def reset_buffers(self, device=None) -> None:
+        """(Re)compute the fixed position tables; needed after building on the meta device."""
+        c = self.config
+        with torch.device(device or self.tok_emb.weight.device):
+            if c.positions == "rope":
+                cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+                self.register_buffer("rope_cos", cos, persistent=False)
+                self.register_buffer("rope_sin", sin, persistent=False)
+            elif c.positions == "sinusoidal":
+                self.register_buffer("pos_table", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, d). With a cache, idx continues it."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            from memlm.errors import MemlmError
+
+            raise MemlmError(
+                f"{start + T} tokens exceed the model's context of {self.config.block_size}",
+                "shorten the prompt or lower max_new_tokens",
+            )
+        x = self.tok_emb(idx)  # (B, T, d)
+        positions = slice(start, start + T)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.pos_emb.weight[positions]
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd) each
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, rope, cache, i, start, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, i, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when generating."""
+        h = self.hidden_states(idx, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

@@ -1,0 +1,131 @@
+"""The small modules a decoder is built from: norms, positions, attention, feed-forward, block.
+
+Every projection is a plain `nn.Linear` attribute with a stable name (q_proj, k_proj, v_proj,
+o_proj, up_proj, gate_proj, down_proj), so quantized, LoRA and low-rank layers can be swapped in
+by name, and FSDP can shard per `Block`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.config import ModelConfig
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed position table of "Attention is all you need": sin on even, cos on odd features."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (length, head_dim) in the "rotate half" layout used by HF Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + hd/2) of x (B, nh, T, hd) by the angles in cos/sin (T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads, through PyTorch's SDPA kernels."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, hd = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, hd
+        self.q_proj = nn.Linear(d, config.n_head * hd, bias=config.bias)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)  # (B, nkv, start + T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=causal_mask(T, start, x.device),
+            is_causal=(start == 0 and T > 1),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_head,
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
+    """Mask for T new queries at positions start.. over start + T keys; None where SDPA needs none.
+
+    A single new token sees every cached key, and a prefill from position 0 is plain `is_causal`;
+    only a multi-token chunk after a non-empty cache needs an explicit mask.
+    """
+    if T == 1 or start == 0:
+        return None
+    keys = torch.arange(start + T, device=device)
+    queries = torch.arange(start, start + T, device=device)
+    return keys[None, :] <= queries[:, None]  # (T, start + T), True = attend
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, layer, start))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
