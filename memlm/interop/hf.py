@@ -1,0 +1,256 @@
+"""Hugging Face checkpoints in and out: GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`).
+
+A folder holds `config.json` and `*.safetensors` (or a `pytorch_model.bin`, read with
+`torch.load(weights_only=True)`: never an unrestricted unpickle). `transformers` is not needed;
+tests use it as the independent reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from memlm.config import ModelConfig
+from memlm.errors import MemlmError
+from memlm.model import Decoder
+
+SUPPORTED = ("gpt2", "llama")
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise MemlmError(f"GPT-2 activation '{act}' is not supported", "supported: gelu_new, gelu")
+        return ModelConfig(
+            name=hf.get("_name_or_path") or "gpt2", vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+            n_embd=hf["n_embd"], ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
+            mlp="gelu", gelu_approximate="none" if act == "gelu" else "tanh", bias=True,
+            tied_embeddings=hf.get("tie_word_embeddings", True),
+        )
+    if kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise MemlmError(f"Llama activation '{hf['hidden_act']}' is not supported", "supported: silu")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise MemlmError(f"RoPE scaling '{rope.get('rope_type')}' is not supported", "only plain RoPE is")
+        attn_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+        if attn_bias != mlp_bias:
+            raise MemlmError("Llama checkpoints with bias in attention but not the MLP are not supported")
+        n_head = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
+            raise MemlmError("Llama checkpoints with head_dim != hidden_size / heads are not supported")
+        return ModelConfig(
+            name=hf.get("_name_or_path") or "llama", vocab_size=hf["vocab_size"],
+            block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
+            n_head=n_head, n_kv_heads=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"], ffn_hidden=hf["intermediate_size"], norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), mlp="swiglu",
+            bias=attn_bias, tied_embeddings=hf.get("tie_word_embeddings", False),
+        )
+    raise MemlmError(f"Hugging Face model_type '{kind}' is not supported", f"supported: {', '.join(SUPPORTED)}")
+
+
+def hf_architecture(config: ModelConfig) -> str:
+    """Which HF architecture holds this memlm config exactly, or an error naming why none does."""
+    if config.norm == "layernorm" and config.positions == "learned" and config.mlp == "gelu" and config.bias \
+            and config.n_kv_heads == config.n_head:
+        return "gpt2"
+    if config.norm == "rmsnorm" and config.positions == "rope" and config.mlp == "swiglu":
+        return "llama"
+    raise MemlmError(
+        f"model '{config.name}' ({config.norm}, {config.positions} positions, {config.mlp}) has no Hugging Face twin",
+        "export GPT-2 flavour (layernorm, learned, gelu, bias) or Llama flavour (rmsnorm, rope, swiglu)",
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    if hf_architecture(config) == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.ffn_hidden,
+            "activation_function": "gelu_new" if config.gelu_approximate == "tanh" else "gelu",
+            "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tied_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32",
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "hidden_act": "silu", "attention_bias": config.bias,
+        "mlp_bias": config.bias, "tie_word_embeddings": config.tied_embeddings, "torch_dtype": "float32",
+    }
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def _gpt2_names(config: ModelConfig):
+    """(memlm name, HF name) pairs; HF GPT-2 Conv1D weights are stored transposed."""
+    yield "tok_emb.weight", "transformer.wte.weight"
+    yield "pos_emb.weight", "transformer.wpe.weight"
+    for i in range(config.n_layer):
+        m, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for part in ("weight", "bias"):
+            yield m + f"attn_norm.{part}", h + f"ln_1.{part}"
+            yield m + f"mlp_norm.{part}", h + f"ln_2.{part}"
+            yield m + f"attn.o_proj.{part}", h + f"attn.c_proj.{part}"
+            yield m + f"mlp.up_proj.{part}", h + f"mlp.c_fc.{part}"
+            yield m + f"mlp.down_proj.{part}", h + f"mlp.c_proj.{part}"
+    yield "norm.weight", "transformer.ln_f.weight"
+    yield "norm.bias", "transformer.ln_f.bias"
+
+
+def _llama_names(config: ModelConfig):
+    yield "tok_emb.weight", "model.embed_tokens.weight"
+    parts = ("weight", "bias") if config.bias else ("weight",)
+    for i in range(config.n_layer):
+        m, h = f"blocks.{i}.", f"model.layers.{i}."
+        yield m + "attn_norm.weight", h + "input_layernorm.weight"
+        yield m + "mlp_norm.weight", h + "post_attention_layernorm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for part in parts:
+                yield m + f"attn.{proj}.{part}", h + f"self_attn.{proj}.{part}"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for part in parts:
+                yield m + f"mlp.{proj}.{part}", h + f"mlp.{proj}.{part}"
+    yield "norm.weight", "model.norm.weight"
+
+
+def state_dict_from_hf(config: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and for GPT-2 transpose/split) an HF state dict into memlm's names."""
+    arch = hf_architecture(config)
+    sd: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf_sd:
+            raise MemlmError(f"checkpoint is missing tensor '{name}'", "is the folder complete and of this architecture?")
+        return hf_sd[name]
+
+    names = _gpt2_names(config) if arch == "gpt2" else _llama_names(config)
+    for ours, theirs in names:
+        t = take(theirs)
+        if arch == "gpt2" and theirs.endswith("weight") and t.ndim == 2 and ".h." in theirs:
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        sd[ours] = t
+    if arch == "gpt2":
+        d = config.n_embd
+        for i in range(config.n_layer):
+            w = take(f"transformer.h.{i}.attn.c_attn.weight").t()  # (3d, d)
+            b = take(f"transformer.h.{i}.attn.c_attn.bias")
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                sd[f"blocks.{i}.attn.{proj}.weight"] = w[j * d:(j + 1) * d]
+                sd[f"blocks.{i}.attn.{proj}.bias"] = b[j * d:(j + 1) * d]
+    head = "lm_head.weight"
+    sd[head] = sd["tok_emb.weight"] if config.tied_embeddings else take(head)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def state_dict_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
+    config = model.config
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    arch = hf_architecture(config)
+    out: dict[str, torch.Tensor] = {}
+    names = _gpt2_names(config) if arch == "gpt2" else _llama_names(config)
+    for mine, theirs in names:
+        t = ours[mine]
+        if arch == "gpt2" and theirs.endswith("weight") and t.ndim == 2 and ".h." in theirs:
+            t = t.t()
+        out[theirs] = t
+    if arch == "gpt2":
+        for i in range(config.n_layer):
+            a = f"blocks.{i}.attn."
+            out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(
+                [ours[a + f"{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]).t()
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+                [ours[a + f"{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")])
+    if not config.tied_embeddings:
+        out["lm_head.weight"] = ours["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def model_from_hf_state_dict(config: ModelConfig, hf_sd: dict[str, torch.Tensor],
+                             dtype: torch.dtype = torch.float32) -> Decoder:
+    """Build on the meta device and assign the converted tensors: no throw-away random init."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    sd = {k: v.to(dtype) for k, v in state_dict_from_hf(config, hf_sd).items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    if config.tied_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.reset_buffers("cpu")
+    return model.eval()
+
+
+# ---- folders ---------------------------------------------------------------------------------
+
+def is_hf_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    sd: dict[str, torch.Tensor] = {}
+    try:
+        for f in files:
+            sd.update(load_file(f))
+        if not files and (folder / "pytorch_model.bin").is_file():
+            sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise MemlmError(f"cannot read weights in {folder}: {str(e).splitlines()[0]}",
+                         "the file is truncated or corrupted: export or download it again") from None
+    if not sd:
+        raise MemlmError(f"no weights in {folder}", "expected *.safetensors or pytorch_model.bin beside config.json")
+    return sd
+
+
+def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
+    folder = Path(folder)
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MemlmError(f"cannot read {folder / 'config.json'}: {e}", "is this a Hugging Face model folder?") from None
+    config = config_from_hf(hf_config)
+    config.name = folder.name
+    return model_from_hf_state_dict(config, read_hf_state_dict(folder), dtype)
+
+
+def save_hf(model: Decoder, folder: str | Path, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained(folder)` loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = config_to_hf(model.config)
+    if tokenizer is not None:
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
+    tensors = {k: v.float() if v.dtype != torch.bfloat16 else v for k, v in state_dict_to_hf(model).items()}
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
