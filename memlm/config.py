@@ -37,6 +37,7 @@ class ModelConfig:
     n_head: int = 12
     n_kv_heads: int | None = None  # None: same as n_head (multi-head); fewer: grouped-query
     n_embd: int = 768
+    head_dim: int | None = None  # None: n_embd // n_head (set explicitly after pruning heads)
     ffn_hidden: int | None = None  # None: 4*n_embd for GELU, Llama's 8/3 rule for SwiGLU
     norm: Norm = "layernorm"
     norm_eps: float = 1e-5
@@ -51,6 +52,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise MemlmError(
+                    f"model config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})",
+                    "pick n_head so that n_embd / n_head is a whole head size",
+                )
+            self.head_dim = self.n_embd // self.n_head
         if self.ffn_hidden is None:
             if self.mlp == "gelu":
                 self.ffn_hidden = 4 * self.n_embd
@@ -58,19 +66,11 @@ class ModelConfig:
                 self.ffn_hidden = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
         self.validate()
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "ffn_hidden"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim",
+                     "ffn_hidden"):
             if getattr(self, name) <= 0:
                 raise MemlmError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise MemlmError(
-                f"model config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})",
-                "pick n_head so that n_embd / n_head is a whole head size",
-            )
         if self.n_head % self.n_kv_heads:
             raise MemlmError(
                 f"model config: n_head ({self.n_head}) is not a multiple of n_kv_heads ({self.n_kv_heads})",
@@ -84,10 +84,10 @@ class ModelConfig:
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count from the shape alone (the planner uses it; tests check it against the model)."""
         d, f, hd = self.n_embd, self.ffn_hidden, self.head_dim
-        kv = self.n_kv_heads * hd
+        q, kv = self.n_head * hd, self.n_kv_heads * hd
         b = int(self.bias)
         norm = d * (2 if (self.norm == "layernorm" and self.bias) else 1)
-        attn = d * d + 2 * d * kv + d * d + b * (d + 2 * kv + d)
+        attn = 2 * d * q + 2 * d * kv + b * (q + 2 * kv + d)
         mlp = (3 * d * f + b * (2 * f + d)) if self.mlp == "swiglu" else (2 * d * f + b * (f + d))
         per_layer = attn + mlp + 2 * norm
         emb = self.vocab_size * d

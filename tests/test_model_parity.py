@@ -21,8 +21,8 @@ def hf_gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def hf_llama(tie=False, n_kv=2, bias=False):
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160,
+def hf_llama(tie=False, n_kv=2, bias=False, head_dim=None):
+    cfg = transformers.LlamaConfig(head_dim=head_dim, vocab_size=300, hidden_size=64, intermediate_size=160,
                                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=n_kv,
                                    max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6,
                                    tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias)
@@ -34,6 +34,7 @@ REFERENCES = {
     "llama-gqa": lambda: hf_llama(n_kv=2),
     "llama-mha-tied": lambda: hf_llama(tie=True, n_kv=4),
     "llama-bias": lambda: hf_llama(bias=True, n_kv=1),
+    "llama-wide-heads": lambda: hf_llama(n_kv=2, head_dim=32),  # n_head * head_dim != hidden
 }
 
 

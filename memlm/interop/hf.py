@@ -50,13 +50,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if attn_bias != mlp_bias:
             raise MemlmError("Llama checkpoints with bias in attention but not the MLP are not supported")
         n_head = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
-            raise MemlmError("Llama checkpoints with head_dim != hidden_size / heads are not supported")
         return ModelConfig(
             name=hf.get("_name_or_path") or "llama", vocab_size=hf["vocab_size"],
             block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
             n_head=n_head, n_kv_heads=hf.get("num_key_value_heads") or n_head,
-            n_embd=hf["hidden_size"], ffn_hidden=hf["intermediate_size"], norm="rmsnorm",
+            n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"), ffn_hidden=hf["intermediate_size"], norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), mlp="swiglu",
             bias=attn_bias, tied_embeddings=hf.get("tie_word_embeddings", False),
