@@ -1,0 +1,76 @@
+"""`memlm demo`: the main job on the embedded default corpus, with every choice made for the user.
+
+Trains the `tiny` preset on the train split of CPython's language reference, then compares its
+eval-split perplexity with a unigram model of the same tokenizer and prints a sample.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from memlm.config import TrainConfig, preset
+
+DEMO_PROMPT = "The for statement is used to"
+
+
+def demo_configs(out_dir: str, steps: int):
+    model_cfg = preset("tiny")
+    train_cfg = TrainConfig(
+        out_dir=out_dir, corpus="default", vocab_size=model_cfg.vocab_size, steps=steps, micro_batch=16,
+        seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_every=200, eval_batches=8,
+        save_every=steps, keep_last=1, log_every=10, threads=0,
+    )
+    return model_cfg, train_cfg
+
+
+def run_demo(out_dir: str, steps: int, console: Console, out: Console) -> dict:
+    from memlm.data import read_corpus
+    from memlm.eval.perplexity import perplexity
+    from memlm.infer.sampling import SamplingSettings
+    from memlm.infer.generate import generate_text
+    from memlm.loading import load_run
+    from memlm.memory.measure import format_bytes
+    from memlm.tokenizer import unigram_baseline_nll
+    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.train.loop import train
+
+    model_cfg, train_cfg = demo_configs(out_dir, steps)
+    t0 = time.perf_counter()
+    resume = latest_checkpoint(Path(out_dir)) is not None
+    if resume:
+        console.print(f"{out_dir} already holds a demo run: continuing it (delete the folder to start over)")
+    out.print(f"[bold]memlm demo[/]: training [bold]tiny[/] ({model_cfg.num_params() / 1e6:.1f}M parameters) "
+              f"on the embedded Python language reference, {steps} steps of "
+              f"{train_cfg.micro_batch}x{train_cfg.seq_len} tokens")
+    result = train(train_cfg, model_cfg, resume=resume, console=console)
+    model, tokenizer = load_run(Path(out_dir))
+
+    train_ids = tokenizer.encode("\n\n".join(read_corpus("default", "train")))
+    eval_ids = tokenizer.encode("\n\n".join(read_corpus("default", "eval")))
+    window = train_cfg.seq_len
+    ppl = perplexity(model, eval_ids, window=window, batch_size=8)
+    unigram = math.exp(unigram_baseline_nll(train_ids, eval_ids, tokenizer.vocab_size))
+
+    table = Table(title="eval split perplexity (lower is better)")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right")
+    table.add_row("unigram baseline (same tokenizer)", f"{unigram:.1f}")
+    table.add_row(f"tiny after {result.final_step} steps", f"{ppl.ppl:.1f}")
+    out.print(table)
+    out.print(f"the model is {unigram / ppl.ppl:.1f}x better than the unigram baseline; "
+              f"peak memory {format_bytes(result.peak_bytes)}, {result.tokens_per_s:,.0f} training tokens/s")
+
+    torch.manual_seed(0)
+    settings = SamplingSettings(max_new_tokens=80, temperature=0.7, top_k=40, seed=0)
+    sample = DEMO_PROMPT + generate_text(model, tokenizer, DEMO_PROMPT, settings)
+    (Path(out_dir) / "samples.txt").write_text(sample + "\n")
+    out.print("[bold]sample:[/]")
+    out.print(sample, markup=False)
+    out.print(f"done in {time.perf_counter() - t0:.0f} s; try: memlm generate \"{DEMO_PROMPT}\" --model {out_dir}")
+    return {"ppl": ppl.ppl, "unigram_ppl": unigram, "steps": result.final_step, "sample": sample}

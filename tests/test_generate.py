@@ -1,0 +1,151 @@
+"""Sampling against transformers' logits processors; cached generation against full recompute;
+streaming text pieces; perplexity against a direct computation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memlm.config import ModelConfig
+from memlm.errors import MemlmError
+from memlm.eval.perplexity import perplexity, window_plan
+from memlm.infer.generate import generate_ids, generate_text, stream_text
+from memlm.infer.sampling import SamplingSettings, apply_repetition_penalty, filter_top_k_top_p, sample_next
+from memlm.model import Decoder
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=259, block_size=64, n_layer=2, n_head=4, n_kv_heads=2, n_embd=32,
+                      norm="rmsnorm", positions="rope", mlp="swiglu", bias=False)
+    return Decoder(cfg).eval()
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0..255), EOS 256: enough to test text streaming exactly."""
+
+    eos_id = 256
+    vocab_size = 259
+
+    def encode(self, text, add_bos=False):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (10, 0.5), (0, 0.999)])
+def test_top_k_top_p_match_transformers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 100) * 3
+    ours = filter_top_k_top_p(logits, top_k, top_p)
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(2, 50)
+    context = torch.randint(0, 50, (2, 12))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(context, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, context, 1.3), expected)
+
+
+def test_sampling_is_seeded_and_greedy_is_argmax():
+    logits = torch.randn(1, 40)
+    s = SamplingSettings(temperature=1.0, top_k=10)
+    a = [int(sample_next(logits, torch.zeros(1, 0, dtype=torch.long), s, torch.Generator().manual_seed(3)))
+         for _ in range(3)]
+    b = [int(sample_next(logits, torch.zeros(1, 0, dtype=torch.long), s, torch.Generator().manual_seed(3)))
+         for _ in range(3)]
+    assert a == b
+    top10 = set(torch.topk(logits, 10).indices[0].tolist())
+    assert set(a) <= top10
+    greedy = SamplingSettings(temperature=0)
+    assert int(sample_next(logits, torch.zeros(1, 0, dtype=torch.long), greedy)) == int(logits.argmax())
+
+
+def test_cached_greedy_generation_equals_full_recompute(model):
+    prompt = [5, 17, 99, 3, 42]
+    got = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=20, temperature=0, ignore_eos=True), 256))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            logits = model(torch.tensor([ids]))[0, -1]
+            logits[256] = float("-inf")
+            ids.append(int(logits.argmax()))
+    assert got == ids[len(prompt):]
+
+
+def test_generation_stops_at_eos_and_context(model):
+    # Force EOS by a huge bias: generation must end right after it.
+    with torch.no_grad():
+        model.lm_head.weight[256] += 50.0
+    try:
+        got = list(generate_ids(model, [1, 2, 3], SamplingSettings(max_new_tokens=10, temperature=0), eos_id=256))
+        assert got == [256]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[256] -= 50.0
+    # max_new_tokens is clipped to what the context has left.
+    got = list(generate_ids(model, list(range(60)), SamplingSettings(max_new_tokens=50, temperature=0,
+                                                                     ignore_eos=True), 256))
+    assert len(got) == 4
+
+
+def test_prompt_longer_than_context_is_refused(model):
+    with pytest.raises(MemlmError, match="context is 64"):
+        list(generate_ids(model, list(range(70)), SamplingSettings()))
+
+
+def test_stream_pieces_are_whole_characters_and_respect_stop_strings(model):
+    tok = ByteTokenizer()
+    settings = SamplingSettings(max_new_tokens=40, temperature=1.0, seed=1, ignore_eos=True)
+    pieces = list(stream_text(model, tok, "héllo", settings))
+    assert pieces[-1].finish_reason == "length"
+    full = "".join(p.text for p in pieces)
+    ids = list(generate_ids(model, tok.encode("héllo"), settings, tok.eos_id))
+    assert full == tok.decode(ids)
+    # Stop strings: take a piece of the unconstrained text as the stop string.
+    target = full.replace("\ufffd", "")
+    if len(target) >= 6:
+        stop = target[3:6]
+        settings.stop = [stop]
+        text = generate_text(model, tok, "héllo", settings)
+        assert stop not in text and full.startswith(text)
+
+
+def test_perplexity_matches_direct_computation(model):
+    ids = torch.randint(0, 256, (200,))
+    res = perplexity(model, ids, window=48, batch_size=2)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in range(200 // 48):
+            x = ids[w * 48:(w + 1) * 48][None]
+            nll += F.cross_entropy(model(x[:, :-1])[0], x[0, 1:], reduction="sum").item()
+            n += 47
+    assert res.n_scored == n and res.n_windows == 4
+    assert res.ppl == pytest.approx(math.exp(nll / n), rel=1e-6)
+
+
+def test_strided_windows_score_every_token_once():
+    plan = window_plan(100, window=40, stride=10)
+    scored = set()
+    for start, first in plan:
+        new = set(range(start + first + 1, start + 40))
+        assert not (new & scored)
+        scored |= new
+    assert scored == set(range(1, plan[-1][0] + 40))
+    with pytest.raises(MemlmError):
+        window_plan(10, window=40)
