@@ -244,9 +244,9 @@ def main() -> None:
     try:
         app()
     except MemlmError as e:
-        console.print(f"error: {e.message}", style="bold red", markup=False)
+        console.print(f"error: {e.message}", style="bold red", markup=False, soft_wrap=True)
         if e.hint:
-            console.print(f"hint: {e.hint}", markup=False)
+            console.print(f"hint: {e.hint}", markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted", style="red")

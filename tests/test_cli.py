@@ -1,0 +1,67 @@
+"""The CLI as a user meets it: real processes, real files; bad input gives one line + hint, exit 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def memlm(*args, cwd=None, input=None, timeout=300):
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "MEMLM_MODELS": str(Path(cwd or ROOT) / "no-models")}
+    return subprocess.run([sys.executable, "-m", "memlm", *args], capture_output=True, text=True, cwd=cwd,
+                          input=input, timeout=timeout, env=env)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] in lines[-2:], proc.stderr  # one line, at the end (+ hint)
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_help_lists_every_command():
+    proc = memlm("--help")
+    assert proc.returncode == 0
+    for command in ("train", "generate", "chat", "eval", "demo"):
+        assert command in proc.stdout
+
+
+def test_unknown_config_key_names_it_and_lists_valid_ones(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 5\nlearning_rate = 0.1\n')
+    proc = memlm("train", "--config", str(cfg), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert_user_error(proc, "unknown key 'learning_rate'", "valid keys:", "lr")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_value_type(tmp_path):
+    proc = memlm("train", "--set", "model.n_layer=\"four\"", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert_user_error(proc, "'n_layer' must be int")
+    proc = memlm("train", "--set", "train.precision=fp8", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert_user_error(proc, "'precision' must be one of")
+
+
+def test_missing_and_empty_corpus(tmp_path):
+    proc = memlm("train", "--corpus", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r1"), cwd=tmp_path)
+    assert_user_error(proc, "nope.txt")
+    (tmp_path / "empty.txt").write_text("")
+    proc = memlm("train", "--corpus", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r2"), cwd=tmp_path)
+    assert_user_error(proc, "empty")
+
+
+def test_unknown_model_lists_known_ones(tmp_path):
+    proc = memlm("generate", "hello", "--model", "no-such-model", cwd=tmp_path)
+    assert_user_error(proc, "unknown model 'no-such-model'", "smollm2-135m-instruct")
+
+
+def test_bad_config_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("[model\n")
+    assert_user_error(memlm("train", "--config", str(tmp_path / "bad.toml"), cwd=tmp_path), "not valid TOML")
+    assert_user_error(memlm("train", "--config", str(tmp_path / "none.toml"), cwd=tmp_path), "not found")
