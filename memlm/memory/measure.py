@@ -1,0 +1,202 @@
+"""Measure the peak memory of a block of work.
+
+CPU: the process's resident set size (RSS) from /proc/self/status. Linux keeps a high-water
+mark (VmHWM) that we reset to the current RSS by writing "5" to /proc/self/clear_refs, so the
+peak of a block is exact and costs nothing. Where that reset is refused, a background thread
+polls VmRSS every millisecond instead (it can miss a spike shorter than that).
+
+CUDA: PyTorch's caching allocator counters (allocated = live tensors, reserved = what the
+allocator holds from the driver, which is what the GPU really has to provide).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from memlm.errors import MemlmError
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status, in KiB; None off Linux."""
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (0 where the platform does not say)."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Highest RSS of this process since it started or since the last high-water-mark reset."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    import resource  # not on Windows; macOS reports bytes, Linux KiB
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not let us."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler(threading.Thread):
+    """Polls VmRSS until stopped, keeping the maximum (the fallback when VmHWM cannot be reset)."""
+
+    def __init__(self, interval_s: float = 0.001):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peak = current_rss_bytes()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(self.interval_s)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, current_rss_bytes())
+        return self.peak
+
+
+class PeakMemory:
+    """Peak memory used while the `with` block runs.
+
+        with PeakMemory("cpu") as pm:
+            work()
+        pm.peak_bytes, pm.baseline_bytes, pm.delta_bytes
+
+    CPU numbers are the whole process's RSS (so they include Python, torch's libraries and
+    anything another thread allocates); CUDA numbers are bytes allocated by PyTorch tensors on
+    that device, with `peak_reserved_bytes` for what the caching allocator held.
+    `peak_so_far()` can be read inside the block (e.g. for a progress bar).
+    """
+
+    def __init__(self, device: str | torch.device | None = None, sample_interval_s: float = 0.001):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.sample_interval_s = sample_interval_s
+        self.baseline_bytes = 0
+        self.peak_bytes = 0
+        self.peak_reserved_bytes: int | None = None
+        self._sampler: _RssSampler | None = None
+        self._running = False
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def delta_bytes(self) -> int:
+        """How far above its starting point memory went during the block."""
+        return max(0, self.peak_bytes - self.baseline_bytes)
+
+    def __enter__(self) -> PeakMemory:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            # Reset first, so the high-water mark starts at the baseline we record.
+            if not reset_peak_rss():
+                self._sampler = _RssSampler(self.sample_interval_s)
+                self._sampler.start()
+            self.baseline_bytes = current_rss_bytes()
+        self.peak_bytes = self.baseline_bytes
+        self._running = True
+        return self
+
+    def peak_so_far(self) -> int:
+        """Peak bytes since the block started (also valid after it ended)."""
+        if not self._running:
+            return self.peak_bytes
+        if self.is_cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        if self._sampler is not None:
+            return max(self._sampler.peak, current_rss_bytes())
+        return peak_rss_bytes()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+        elif self._sampler is not None:
+            self.peak_bytes = self._sampler.stop()
+            self._sampler = None
+        else:
+            self.peak_bytes = peak_rss_bytes()
+        self.peak_bytes = max(self.peak_bytes, self.baseline_bytes)
+        self._running = False
+
+
+_UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable size in binary units: 512 -> "512 B", 12.3 * 2**20 -> "12.3 MiB"."""
+    value = float(n)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit in _UNITS:
+        if value < 1024 or unit == _UNITS[-1]:
+            return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# Decimal (SI) units are powers of 1000, binary (IEC) units powers of 1024, as on disk labels.
+_MULTIPLIERS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "p": 10**15, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size like "2GiB", "512MiB", "1.5GB", "100MB", "123" (GB = 10^9, GiB = 2^30)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise MemlmError(f"size must not be negative, got {text}")
+        return text
+    hint = (
+        'write a number with an optional unit: "123", "100MB", "1.5GB" (powers of 1000), '
+        '"512MiB", "2GiB" (powers of 1024)'
+    )
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    if not match:
+        raise MemlmError(f"cannot read size {text!r}", hint)
+    number, unit = match.groups()
+    multiplier = _MULTIPLIERS.get(unit.lower())
+    if multiplier is None:
+        raise MemlmError(f"unknown size unit {unit!r} in {text!r}", hint)
+    return int(round(float(number) * multiplier))

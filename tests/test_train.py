@@ -1,0 +1,288 @@
+"""The training loop, the optimizer's parameter groups, the schedule, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlm.config import ModelConfig, TrainConfig
+from memlm.data import default_corpus_text
+from memlm.errors import MemlmError
+from memlm.model import Decoder
+from memlm.tokenizer import train_bpe
+from memlm.train import build_optimizer, compute_loss, latest_checkpoint, lr_at, train
+from memlm.train.loop import METRICS_FILE
+
+MODEL = ModelConfig(n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=320)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine they thrash.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(default_corpus_text()[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    folder = tmp_path_factory.mktemp("tok")
+    train_bpe([corpus.read_text(encoding="utf-8")], vocab_size=320).save(folder)
+    return folder
+
+
+def _cfg(out: Path, corpus: Path, tokenizer: Path | None, **overrides) -> TrainConfig:
+    base = dict(
+        out_dir=str(out), corpus=str(corpus), tokenizer=str(tokenizer) if tokenizer else None, vocab_size=320,
+        steps=12, micro_batch=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=3,
+        eval_every=6, eval_batches=2, save_every=6, log_every=1, device="cpu", threads=1,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in _metrics(run) if "loss" in m}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def test_loss_decreases_and_run_folder_is_complete(tmp_path, corpus):
+    run = tmp_path / "run"
+    result = train(_cfg(run, corpus, None, steps=30, eval_every=10, save_every=10), MODEL)
+
+    losses = _train_losses(run)
+    assert sorted(losses) == list(range(1, 31))
+    first, last = losses[1], sum(losses[s] for s in range(26, 31)) / 5
+    assert last < first - 0.5, (first, last)
+    assert result.final_step == 30 and result.last_loss == losses[30]
+    assert [s for s, _ in result.eval_losses] == [10, 20, 30]
+    assert result.eval_losses[-1][1] < result.eval_losses[0][1]
+    assert result.tokens_per_s > 0 and result.peak_bytes > 0
+
+    for name in ("config.toml", "metrics.jsonl", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert "[model]" in (run / "config.toml").read_text() and "[train]" in (run / "config.toml").read_text()
+    assert latest_checkpoint(run).name == "step-000030"
+    assert len(list((run / "checkpoints").iterdir())) == 2  # keep_last = 2
+    record = _metrics(run)[0]
+    assert {"step", "loss", "lr", "tokens_per_s", "peak_bytes"} <= record.keys()
+    assert any("eval_loss" in m for m in _metrics(run))
+    # Nothing pickled: checkpoints are safetensors + JSON (the token cache is raw integers).
+    assert not [p for p in run.rglob("*") if p.suffix in (".pt", ".pth", ".pkl")]
+    assert not [p for p in run.rglob("*.bin") if "cache" not in p.parts]
+
+
+@pytest.mark.parametrize("micro_batch, grad_accum", [(4, 1), (2, 2)])
+def test_resume_gives_exactly_the_same_losses(tmp_path, corpus, tokenizer_dir, micro_batch, grad_accum):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shape = dict(micro_batch=micro_batch, grad_accum=grad_accum)
+    train(_cfg(a, corpus, tokenizer_dir, **shape), MODEL)
+
+    stopped = train(_cfg(b, corpus, tokenizer_dir, **shape), MODEL, stop_after=6)
+    assert stopped.final_step == 6 and latest_checkpoint(b).name == "step-000006"
+    # The resume gives no tokenizer: the run's own is used.
+    resumed = train(_cfg(b, corpus, None, **shape), MODEL, resume=True)
+    assert resumed.final_step == 12
+
+    la, lb = _train_losses(a), _train_losses(b)
+    assert sorted(lb) == list(range(1, 13))  # no duplicated or missing steps in the log
+    for step in range(1, 13):
+        assert la[step] == lb[step], step
+    assert resumed.eval_losses[-1][1] == _metrics(a)[-1]["eval_loss"]
+
+
+def test_existing_checkpoints_need_resume(tmp_path, corpus, tokenizer_dir):
+    run = tmp_path / "run"
+    train(_cfg(run, corpus, tokenizer_dir, steps=2, save_every=2), MODEL)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(MemlmError) as e:
+        train(_cfg(run, corpus, tokenizer_dir, steps=2), MODEL)
+    assert "already has checkpoints" in e.value.message and "--resume" in e.value.hint
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing overwritten
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path, corpus, tokenizer_dir):
+    run = tmp_path / "run"
+    train(_cfg(run, corpus, tokenizer_dir, steps=4), MODEL, stop_after=2)
+    with pytest.raises(MemlmError) as e:
+        train(_cfg(run, corpus, tokenizer_dir, steps=4), dataclasses.replace(MODEL, n_layer=3), resume=True)
+    assert "n_layer" in e.value.message
+    with pytest.raises(MemlmError) as e:
+        train(_cfg(run, corpus, tokenizer_dir, steps=4, micro_batch=2), MODEL, resume=True)
+    assert "micro_batch" in e.value.message
+
+
+def test_seq_len_longer_than_block_size(tmp_path, corpus, tokenizer_dir):
+    with pytest.raises(MemlmError) as e:
+        train(_cfg(tmp_path / "run", corpus, tokenizer_dir, seq_len=65), MODEL)
+    assert "block_size" in e.value.message
+
+
+def test_corpus_too_small(tmp_path, tokenizer_dir):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a few words only, " * 4, encoding="utf-8")
+    with pytest.raises(MemlmError) as e:
+        train(_cfg(tmp_path / "run", tiny, tokenizer_dir), MODEL)
+    assert "too small" in e.value.message
+
+
+def test_bf16_autocast_runs(tmp_path, corpus, tokenizer_dir):
+    result = train(
+        _cfg(tmp_path / "run", corpus, tokenizer_dir, steps=3, precision="bf16-autocast", eval_batches=1), MODEL
+    )
+    assert math.isfinite(result.last_loss)
+    assert all(math.isfinite(loss) for loss in _train_losses(tmp_path / "run").values())
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus, tokenizer_dir):
+    plain = train(_cfg(tmp_path / "a", corpus, tokenizer_dir, steps=3), MODEL)
+    ckpt = train(_cfg(tmp_path / "b", corpus, tokenizer_dir, steps=3, activation_checkpointing=1), MODEL)
+    assert ckpt.last_loss == pytest.approx(plain.last_loss, abs=1e-5)
+
+
+def test_unimplemented_settings_fail_clearly(tmp_path, corpus, tokenizer_dir):
+    for overrides in (dict(precision="bf16"), dict(optimizer="adafactor"), dict(nproc=2)):
+        with pytest.raises(MemlmError) as e:
+            train(_cfg(tmp_path / "run", corpus, tokenizer_dir, **overrides), MODEL)
+        assert "not implemented" in e.value.message
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_grad_accum_counts_tokens(tmp_path, corpus, tokenizer_dir):
+    train(_cfg(tmp_path / "run", corpus, tokenizer_dir, steps=2, micro_batch=2, grad_accum=3), MODEL)
+    assert [m["tokens_seen"] for m in _metrics(tmp_path / "run") if "loss" in m] == [2 * 3 * 32, 2 * 2 * 3 * 32]
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, corpus, tokenizer_dir):
+    result = train(_cfg(tmp_path / "run", corpus, tokenizer_dir, steps=2), MODEL, resume=True)
+    assert result.final_step == 2
+
+
+# --------------------------------------------------------- loss, accumulation, optimizer
+
+
+def _batch(seed: int = 0, n: int = 8, t: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, MODEL.vocab_size, (n, t + 1), generator=g)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    cfg = TrainConfig(lr=1e-3, grad_clip=1.0)
+    torch.manual_seed(0)
+    # No biases: the key bias has a true gradient of zero (softmax ignores a constant shift), so
+    # its gradient is rounding noise that Adam's normalisation blows up into lr-sized steps.
+    big = Decoder(dataclasses.replace(MODEL, bias=False))
+    small = copy.deepcopy(big)
+    opt_big, opt_small = build_optimizer(big, cfg), build_optimizer(small, cfg)
+    for step in range(3):
+        x, y = _batch(step)
+        compute_loss(big, x, y, cfg).backward()  # micro_batch 8 x accum 1
+        for k in range(2):  # micro_batch 4 x accum 2 on the same rows
+            (compute_loss(small, x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4], cfg) / 2).backward()
+        for model, opt in ((big, opt_big), (small, opt_small)):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, p), q in zip(big.named_parameters(), small.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_param_groups_decay_matrices_and_embeddings_only():
+    model = Decoder(MODEL)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert {"tok_emb.weight", "pos_emb.weight", "blocks.0.attn.q_proj.weight"} <= decay
+    assert {"blocks.0.attn.q_proj.bias", "blocks.0.attn_norm.weight", "norm.weight", "norm.bias"} <= no_decay
+    assert not decay & no_decay
+    assert decay | no_decay == set(names.values())  # every parameter once (the tied head included)
+    assert len(opt.param_groups[0]["params"]) + len(opt.param_groups[1]["params"]) == len(list(model.parameters()))
+
+
+def test_adamw_matches_torch_adamw():
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.8, beta2=0.9, eps=1e-7)
+    torch.manual_seed(0)
+    ours = Decoder(MODEL)
+    ref = copy.deepcopy(ours)
+    opt = build_optimizer(ours, cfg)
+    ref_opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2, betas=(0.8, 0.9), eps=1e-7,
+    )
+    for step in range(3):
+        x, y = _batch(step)
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            compute_loss(model, x, y, cfg).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)
+
+
+def test_sgd_and_unimplemented_optimizers():
+    model = Decoder(MODEL)
+    sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    for name in ("adamw8bit", "adafactor"):
+        with pytest.raises(MemlmError) as e:
+            build_optimizer(model, TrainConfig(optimizer=name))
+        assert "not implemented" in e.value.message and e.value.hint
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
+    assert lr_at(1, cfg) == pytest.approx(0.1)
+    assert lr_at(5, cfg) == pytest.approx(0.5)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine: (lr + min_lr) / 2
+    assert lr_at(35, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never goes back up after warmup
+    no_warmup = dataclasses.replace(cfg, warmup_steps=0)
+    assert lr_at(0, no_warmup) == pytest.approx(1.0)
+
+
+def test_init_from_a_previous_run(tmp_path, corpus, tokenizer_dir):
+    from memlm.loading import load_model
+    from memlm.tokenizer import Tokenizer
+
+    base = tmp_path / "base"
+    train(_cfg(base, corpus, tokenizer_dir, steps=3), MODEL)
+    source, _ = load_model(base)
+
+    tuned = tmp_path / "tuned"
+    # The model config given here is ignored: fine-tuning keeps the source model's shape.
+    cfg = _cfg(tuned, corpus, None, steps=1, init_from=str(base), lr=1e-12, min_lr=1e-12, warmup_steps=0)
+    train(cfg, dataclasses.replace(MODEL, n_layer=3))
+    result, _ = load_model(tuned)
+    assert result.config.n_layer == MODEL.n_layer
+    for (name, p), q in zip(source.state_dict().items(), result.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    assert Tokenizer.load(tuned).fingerprint() == Tokenizer.load(tokenizer_dir).fingerprint()
