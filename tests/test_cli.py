@@ -65,3 +65,59 @@ def test_bad_config_file(tmp_path):
     (tmp_path / "bad.toml").write_text("[model\n")
     assert_user_error(memlm("train", "--config", str(tmp_path / "bad.toml"), cwd=tmp_path), "not valid TOML")
     assert_user_error(memlm("train", "--config", str(tmp_path / "none.toml"), cwd=tmp_path), "not found")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real (very short) training run through the CLI, on a small text file."""
+    from memlm.data import default_split
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(default_split()[0][:60_000])
+    proc = memlm("train", "--corpus", "corpus.txt", "--out", "runs/small", "--steps", "6",
+                 "--micro-batch", "4", "--seq-len", "64",
+                 "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=4",
+                 "--set", "model.n_kv_heads=2", "--set", "model.ffn_hidden=128", "--set", "model.block_size=64",
+                 "--set", "train.vocab_size=400", "--set", "train.eval_every=3", "--set", "train.save_every=3",
+                 cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_train_writes_a_complete_run_folder(tiny_run):
+    run = tiny_run / "runs" / "small"
+    for name in ("config.toml", "metrics.jsonl", "tokenizer.json"):
+        assert (run / name).is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+
+def test_generate_and_eval_on_the_trained_run(tiny_run):
+    proc = memlm("generate", "The for statement", "--model", "runs/small", "--max-new-tokens", "20",
+                 "--seed", "1", cwd=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The for statement") and len(proc.stdout) > len("The for statement")
+    # The run is also a known name, because it lives under ./runs.
+    proc = memlm("eval", "--model", "small", "--corpus", "corpus.txt", "--split", "eval", "--window", "64",
+                 "--json", cwd=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    record = json.loads(proc.stdout)
+    assert record["windows"] > 0 and 1 < record["ppl"] < 400
+
+
+def test_prompt_longer_than_context(tiny_run):
+    proc = memlm("generate", "word " * 200, "--model", "runs/small", cwd=tiny_run)
+    assert_user_error(proc, "context is 64")
+
+
+def test_resume_with_a_different_model_config_is_refused(tiny_run):
+    before = (tiny_run / "runs" / "small" / "metrics.jsonl").read_text()
+    proc = memlm("train", "--out", "runs/small", "--resume", "--set", "model.n_layer=3", cwd=tiny_run)
+    assert_user_error(proc, "n_layer")
+    assert (tiny_run / "runs" / "small" / "metrics.jsonl").read_text() == before
+
+
+def test_existing_run_is_not_overwritten(tiny_run):
+    proc = memlm("train", "--corpus", "corpus.txt", "--out", "runs/small", "--steps", "2", cwd=tiny_run)
+    assert_user_error(proc, "already has checkpoints", "--resume")
