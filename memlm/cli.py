@@ -227,6 +227,45 @@ def evaluate(
                   f"peak memory {format_bytes(pm.peak_bytes)}")
 
 
+# ---- models in and out ---------------------------------------------------------------------------
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A known model name or a path.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (hf) or .gguf file (gguf).")],
+    to: Annotated[str, typer.Option(help="hf | gguf.")] = "hf",
+    qtype: Annotated[str, typer.Option(help="GGUF tensor type: F32 | F16 | Q8_0.")] = "F32",
+):
+    """Write a model as a Hugging Face folder or a GGUF file."""
+    from memlm.interop.hf import save_hf
+    from memlm.loading import load_model
+
+    if to not in ("hf", "gguf"):
+        raise MemlmError(f"unknown export format '{to}'", "use --to hf or --to gguf")
+    lm, tokenizer = load_model(model)
+    if to == "hf":
+        save_hf(lm, out_path, tokenizer)
+    else:
+        from memlm.interop.gguf import save_gguf
+
+        if tokenizer is None:
+            raise MemlmError(f"model '{model}' has no tokenizer, which GGUF needs", "put a tokenizer.json beside it")
+        save_gguf(lm, tokenizer, out_path, qtype=qtype)
+    size = sum(p.stat().st_size for p in ([out_path] if out_path.is_file() else out_path.rglob("*")) if p.is_file())
+    out.print(f"wrote {out_path} ({size / 2**20:,.1f} MiB)")
+
+
+@app.command()
+def models():
+    """List the model names memlm knows (built-ins and folders under the models directory)."""
+    from memlm.loading import BUILTIN, known_models, models_dirs
+
+    for name, path in known_models().items():
+        where = str(path) if path else f"not installed: {BUILTIN[name][1]}"
+        out.print(f"{name:28s} {where}", markup=False)
+    out.print(f"(model folders are looked up in {', '.join(str(d) for d in models_dirs())})", style="dim")
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 @app.command()
