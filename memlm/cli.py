@@ -187,6 +187,19 @@ def chat(
         history.append({"role": "assistant", "content": reply.strip()})
 
 
+@app.command()
+def serve(
+    model: ModelOpt = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+):
+    """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
+    from memlm.loading import load
+    from memlm.serve.app import serve as run_server
+
+    run_server(load(model), Path(model).name, host, port)
+
+
 # ---- eval ----------------------------------------------------------------------------------------
 
 @app.command("eval")
