@@ -1,0 +1,197 @@
+"""Save and load compressed models: packed tensors as they are, plus a JSON map of layer kinds.
+
+A folder holds
+  model.safetensors   every persistent tensor of the model, in the portable layouts of
+                      quantize.py (a tied embedding/head is stored once)
+  memlm_model.json    {"format": "memlm-compressed", "version": 1, "config": ModelConfig dict,
+                       "tied_embeddings": bool, "layers": {module name: {"kind": ..., ...}}}
+  tokenizer.json ...  when a tokenizer is given (Tokenizer.save)
+
+Loading builds the Decoder on the meta device from the config (no memory, no init), swaps in
+an empty module of the recorded kind for each layer, and assigns the saved tensors: nothing
+but the compressed tensors is ever allocated, and the logits are identical to the saved model's.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memlm.compress.lowrank import LowRankLinear
+from memlm.compress.prune import Sparse24Linear
+from memlm.compress.quantize import GROUP_CLASSES, Int8Embedding, Int8Linear, Int8TiedHead, set_module
+from memlm.config import ModelConfig
+from memlm.errors import MemlmError
+
+FORMAT = "memlm-compressed"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "memlm_model.json"
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{module name: spec} for every compressed module (those with a `spec()` method)."""
+    return {name: m.spec() for name, m in model.named_modules() if callable(getattr(m, "spec", None))}
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
+    return isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding) and head.weight is emb.weight
+
+
+def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
+    """Write the model (and tokenizer, if not None) into `folder`, atomically; returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MemlmError(f"{folder} exists and is not a folder", "pass a folder path to save the model into")
+    tied = _is_tied(model)
+    state = model.state_dict()
+    if tied:
+        del state["lm_head.weight"]  # the same tensor as tok_emb.weight
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # safetensors refuses tensors sharing memory
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "tied_embeddings": tied,
+        "layers": layer_specs(model),
+        # Position tables are recomputed on load, in float32; a model moved to bf16 had them in bf16.
+        "table_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if n not in state},
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if folder.exists():  # swap the old folder out only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "x")
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module, use_kernel: bool | None) -> nn.Module:
+    """A module of the recorded kind with meta tensors of the placeholder's shape."""
+    kind = spec.get("kind")
+    linear_args = lambda: (placeholder.in_features, placeholder.out_features)  # noqa: E731
+    has_bias = getattr(placeholder, "bias", None) is not None
+    if kind == "int8":
+        return Int8Linear(*linear_args(), bias=has_bias, device="meta")
+    if kind in ("int4", "int3"):
+        return GROUP_CLASSES[int(kind[-1])](*linear_args(), spec["group_size"], bias=has_bias, device="meta", use_kernel=use_kernel)
+    if kind == "lowrank":
+        return LowRankLinear(*linear_args(), spec["rank"], bias=has_bias, device="meta")
+    if kind == "sparse_2_4":
+        return Sparse24Linear(*linear_args(), bias=has_bias, device="meta")
+    if kind == "int8_embedding":
+        return Int8Embedding(placeholder.num_embeddings, placeholder.embedding_dim, device="meta")
+    if kind == "int8_tied_head":
+        return Int8TiedHead(model.get_submodule(spec["embedding"]), spec["embedding"])
+    raise MemlmError(f"unknown compressed layer kind {kind!r}", "this model was saved by a newer memlm; upgrade memlm")
+
+
+def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer or None) from a folder written by `save_compressed`; model in eval mode.
+
+    `use_kernel` as in `quantize_model`: None runs int4 layers on the CPU int4 kernel where it is
+    available (bf16 compute, so logits match a model quantized with the same setting).
+    """
+    from safetensors.torch import load_file
+
+    from memlm.model import Decoder
+
+    folder = Path(folder)
+    meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise MemlmError(f"{folder} is not a compressed memlm model", f"it needs {META_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MemlmError(f"cannot read {meta_path}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MemlmError(f"{meta_path} is not a memlm-compressed description")
+    if meta.get("version", 0) > VERSION:
+        raise MemlmError(f"{folder} uses format version {meta['version']}, newer than this memlm", "upgrade memlm")
+
+    config = ModelConfig.from_dict(meta["config"])
+    with torch.device("meta"):
+        model = Decoder(config)
+    # Parents before children (a low-rank layer's factors may be quantized), the tied head last.
+    order = sorted(meta["layers"].items(), key=lambda kv: (kv[1].get("kind") == "int8_tied_head", kv[0].count("."), kv[0]))
+    for name, spec in order:
+        try:
+            placeholder = model.get_submodule(name)
+        except AttributeError:
+            raise MemlmError(f"{meta_path}: layer {name!r} does not exist in the model its config describes") from None
+        set_module(model, name, _empty_module(spec, placeholder, model, use_kernel))
+
+    state = load_file(str(weights_path))
+    tied = bool(meta.get("tied_embeddings")) and isinstance(model.lm_head, nn.Linear)
+    if tied:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise MemlmError(
+            f"{weights_path} does not match its description: missing {missing[:5]}, unexpected {unexpected[:5]}",
+            "the folder is damaged or was not written by save_compressed",
+        )
+    if tied:
+        model.lm_head.weight = model.tok_emb.weight
+    model.reset_buffers("cpu")
+    for name, dtype in meta.get("table_dtypes", {}).items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(getattr(module, attr, None), torch.Tensor):
+            setattr(module, attr, getattr(module, attr).to(getattr(torch, dtype)))
+    model.eval()
+
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        from memlm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(folder)
+    return model, tokenizer
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Total size of the files under `folder` (what the model costs on disk)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers in memory (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
