@@ -43,7 +43,7 @@ class Decoder(nn.Module):
     def reset_buffers(self, device=None) -> None:
         """(Re)compute the fixed position tables; needed after building on the meta device."""
         c = self.config
-        with torch.device(device or self.tok_emb.weight.device):
+        with torch.device(device or self.norm.weight.device):
             if c.positions == "rope":
                 cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
                 self.register_buffer("rope_cos", cos, persistent=False)
