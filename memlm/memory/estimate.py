@@ -1,0 +1,800 @@
+"""Predict the peak memory of a training step or of generation, term by term.
+
+Every number here is derived from the shapes in `ModelConfig` and the settings in `TrainConfig`
+(the same two objects the model and the loop are built from) and from what the code really
+allocates: the parameters of `memlm.model`, the tensors autograd saves for backward in
+`Block.forward` (listed op by op in `block_activations`), the loss of `memlm.train.loss`, the
+optimizers of `memlm.train.optim`, the static `KVCache`, the quantized layers of
+`memlm.compress`. The one number that is not derived is the runtime overhead of the process
+itself (torch's libraries, thread pools, kernel workspaces): it was MEASURED ONCE (see
+`RUNTIME_BYTES`) and is added as it is, never scaled per configuration.
+
+A step is modelled as a short timeline of phases (forward at the loss, loss backward, the
+first block's backward, the end of backward, the optimizer step); each phase has its own set
+of live tensors and the predicted peak is the largest phase. `docs/memory.md` explains every
+formula; the formula of each term is also written beside it in the code and carried in the
+`Breakdown` (so a table shows where each number comes from).
+
+Symbols used in the formulas:
+  N = B*T tokens of a micro-batch (B = micro_batch, T = seq_len), L = n_layer, d = n_embd,
+  V = vocab_size, f = ffn_hidden, qd = n_head*head_dim, kvd = n_kv_heads*head_dim,
+  nh = n_head, P = number of parameters, p = bytes per parameter (4 fp32, 2 bf16),
+  a = bytes per activation of the matmuls (4 fp32, 2 under bf16 / bf16-autocast),
+  r = bytes of the residual stream (2 under pure bf16, else 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from memlm.config import ModelConfig, TrainConfig
+from memlm.errors import MemlmError
+
+MiB = 2**20
+GiB = 2**30
+
+# ------------------------------------------------------------------------------ measured once
+
+# The resident memory of a memlm process that holds no model: the Python interpreter, torch's
+# shared libraries and, once a step has run, the pages of the kernels it touched, OpenMP/oneDNN
+# thread state and autograd's engine. Measured ONCE on the dev box with
+# `python bench/memory_accuracy.py --overhead` (torch 2.13.0+cpu, Python 3.11, 1 torch thread,
+# MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=65536; a fresh process; median of 3 runs):
+#   import      RSS after `import torch, memlm` (+ memlm.model, memlm.train)
+#   train       peak RSS of a 2-step training run of a ~50k-parameter model, whose tensors
+#               are < 1 MiB: the cost of having run forward, backward and an optimizer
+#   train-bf16  the same under bf16 autocast: the bf16 kernels bring their own code and scratch
+#               (used for both bf16 precisions)
+#   infer       peak RSS of one generation with the same model
+# CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
+# CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
+# leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
+RUNTIME_BYTES: dict[str, dict[str, int]] = {
+    "cpu": {"import": 233 * MiB, "train": 317 * MiB, "train-bf16": 332 * MiB, "infer": 243 * MiB},
+    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0},
+}
+RUNTIME_NOTE = "measured once: bench/memory_accuracy.py --overhead (torch 2.13 CPU, 1 thread)"
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
+WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
+
+# Constants of the code the estimate follows (kept in sync by tests/test_memory_estimate.py).
+ADAMW8BIT_BLOCK = 256  # memlm.train.lowbit.BLOCK: values per fp32 absmax scale
+ADAMW8BIT_MIN_NUMEL = 4096  # memlm.train.lowbit.MIN_QUANTIZED_NUMEL: smaller tensors keep fp32 states
+ADAMW8BIT_SLICE = 1 << 20  # memlm.train.lowbit.SLICE: values decoded at once in a step
+ADAMW8BIT_SCRATCH_PER_VALUE = 42  # bytes of fp32/int64 temporaries per decoded value (profiled)
+INT4_GROUP_SIZES = (128, 64, 32)  # memlm.compress.quantize.GROUP_SIZES
+DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's default bucket_cap_mb
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:,.1f} MiB"
+
+
+# ------------------------------------------------------------------------------ the result
+
+
+@dataclass
+class Term:
+    """One named amount of memory at the peak moment, with the formula that gives it."""
+
+    name: str
+    bytes: int
+    formula: str
+
+
+@dataclass
+class Breakdown:
+    """Predicted peak memory as a sum of named terms (those live at the peak phase).
+
+    `phases` holds the total of every phase of the timeline; the peak is the largest.
+    """
+
+    task: str  # "train" | "infer"
+    device: str
+    terms: list[Term]
+    peak_phase: str
+    phases: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    phase_terms: dict[str, list[Term]] = field(default_factory=dict)  # every phase's own terms
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+    def __getitem__(self, name: str) -> int:
+        """Bytes of the term `name` at the peak (0 when the term is absent)."""
+        return sum(t.bytes for t in self.terms if t.name == name)
+
+    def term(self, name: str, phase: str | None = None) -> int:
+        """Bytes of term `name` in `phase` (default: the peak phase); 0 when absent."""
+        terms = self.terms if phase is None else self.phase_terms[phase]
+        return sum(t.bytes for t in terms if t.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "device": self.device,
+            "total_bytes": self.total,
+            "peak_phase": self.peak_phase,
+            "terms": [{"name": t.name, "bytes": t.bytes, "formula": t.formula} for t in self.terms],
+            "phases": dict(self.phases),
+            "settings": dict(self.settings),
+            "notes": list(self.notes),
+        }
+
+    def table(self, title: str | None = None):
+        """A rich Table: one row per term, its share of the peak, and its formula."""
+        from rich.table import Table
+
+        from memlm.memory.measure import format_bytes
+
+        table = Table(title=title or f"predicted peak memory ({self.task}, {self.device}): phase '{self.peak_phase}'")
+        table.add_column("term")
+        table.add_column("bytes", justify="right")
+        table.add_column("share", justify="right")
+        table.add_column("formula", overflow="fold")
+        total = max(self.total, 1)
+        for t in self.terms:
+            table.add_row(t.name, format_bytes(t.bytes), f"{100 * t.bytes / total:.0f}%", t.formula)
+        table.add_row("[bold]total[/]", f"[bold]{format_bytes(self.total)}[/]", "100%", "")
+        return table
+
+    def __rich__(self):
+        return self.table()
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class ParamShape:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_matrix(self) -> bool:  # weight decay and Adafactor's factoring go by dim >= 2
+        return len(self.shape) >= 2
+
+
+def param_shapes(cfg: ModelConfig) -> list[ParamShape]:
+    """Every parameter of `memlm.model.Decoder(cfg)`, in `named_parameters()` order (tied once)."""
+    d, f, hd, b = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim, cfg.bias
+    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
+    out = [ParamShape("tok_emb.weight", (cfg.vocab_size, d))]
+    if cfg.positions == "learned":
+        out.append(ParamShape("pos_emb.weight", (cfg.block_size, d)))
+
+    def norm(prefix: str) -> list[ParamShape]:
+        shapes = [ParamShape(f"{prefix}.weight", (d,))]
+        if cfg.norm == "layernorm" and b:
+            shapes.append(ParamShape(f"{prefix}.bias", (d,)))
+        return shapes
+
+    def linear(prefix: str, n_in: int, n_out: int) -> list[ParamShape]:
+        shapes = [ParamShape(f"{prefix}.weight", (n_out, n_in))]
+        if b:
+            shapes.append(ParamShape(f"{prefix}.bias", (n_out,)))
+        return shapes
+
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}"
+        out += norm(f"{p}.attn_norm")
+        out += linear(f"{p}.attn.q_proj", d, qd) + linear(f"{p}.attn.k_proj", d, kvd)
+        out += linear(f"{p}.attn.v_proj", d, kvd) + linear(f"{p}.attn.o_proj", qd, d)
+        out += norm(f"{p}.mlp_norm")
+        if cfg.mlp == "swiglu":
+            out += linear(f"{p}.mlp.gate_proj", d, f)
+        out += linear(f"{p}.mlp.up_proj", d, f) + linear(f"{p}.mlp.down_proj", f, d)
+    out += norm("norm")
+    if not cfg.tied_embeddings:
+        out.append(ParamShape("lm_head.weight", (cfg.vocab_size, d)))
+    return out
+
+
+def block_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of every Linear in one block (what weight-only quantization converts)."""
+    d, f, hd = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
+    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
+    mlp = [(d, f), (d, f), (f, d)] if cfg.mlp == "swiglu" else [(d, f), (f, d)]
+    return [(d, qd), (d, kvd), (d, kvd), (qd, d)] + mlp
+
+
+# ------------------------------------------------------------------------------ optimizer states
+
+
+def optimizer_state_bytes(shape: ParamShape, optimizer: str) -> int:
+    """Bytes of the optimizer state of one fp32 parameter after its first step (exact).
+
+    adamw      exp_avg + exp_avg_sq: 2 * n * 4, plus the step counter (a 0-d fp32 tensor: 4)
+    adamw8bit  n >= 4096: int8 m + uint8 sqrt(v): 2 * n, plus 2 * ceil(n / 256) fp32 scales,
+               plus step; smaller tensors: as adamw
+    adafactor  matrix (R, C): row factor R * 4 + column factor C * 4 (+ step);
+               vector: full second moment n * 4 (+ step)
+    sgd        momentum buffer n * 4
+    """
+    n = shape.numel
+    if optimizer == "adamw":
+        return 2 * n * 4 + 4
+    if optimizer == "adamw8bit":
+        if n < ADAMW8BIT_MIN_NUMEL:
+            return 2 * n * 4 + 4
+        return 2 * n + 2 * math.ceil(n / ADAMW8BIT_BLOCK) * 4 + 4
+    if optimizer == "adafactor":
+        if shape.is_matrix:
+            rows = math.prod(shape.shape[:-1])
+            cols = math.prod(shape.shape[:-2]) * shape.shape[-1]
+            return (rows + cols) * 4 + 4
+        return n * 4 + 4
+    if optimizer == "sgd":
+        return n * 4
+    raise MemlmError(f"unknown optimizer '{optimizer}'", "choose one of: adamw, adamw8bit, adafactor, sgd")
+
+
+OPTIMIZER_FORMULAS = {
+    "adamw": "2 fp32 moments: 8*P (+4 B step per tensor)",
+    "adamw8bit": "int8 m + uint8 sqrt(v): 2*P + 2*4*ceil(n/256) scales per tensor (tensors < 4096 values: 8*n)",
+    "adafactor": "matrices: 4*(rows+cols) factored 2nd moment; vectors: 4*n (+4 B step)",
+    "sgd": "momentum: 4*P",
+}
+
+
+def optimizer_step_workspace(shapes: list[ParamShape], optimizer: str, device: str, precision: str,
+                             stochastic_rounding: bool = True, per_param: bool = False) -> tuple[int, str]:
+    """Temporaries of one optimizer step at its worst moment, and the formula.
+
+    On CPU torch's optimizers run their single-tensor path (foreach kernels are CUDA-only), so
+    the temporaries are those of the LARGEST parameter n_max:
+      adamw      denom = (exp_avg_sq.sqrt() / bias_correction).add_(eps): 2 * n_max * 4
+      adafactor  var_estimate = row_var @ col_var, the full matrix: n_max * 4
+      sgd        grad.add(param, alpha=weight_decay): n_max * 4 (decayed tensors)
+      adamw8bit  decodes at most 2^20 values at a time: 42 B per value of fp32/int64 scratch
+    CUDA: fused AdamW has none; foreach SGD/Adafactor take the whole decayed group at once.
+    Pure bf16 (and fused backward) step each weight on an fp32 copy that exists only during its
+    own step (memlm.train.optim.PerParamOptimizer): + 4*n (weight) + 4*n (grad) for bf16, and
+    stochastic rounding needs ~17*n of int32/bf16/bool scratch (noise, rounded bits, the bf16 result,
+    isfinite's temporaries) after the inner step has freed its own.
+    """
+    if not shapes:
+        return 0, "0"
+    n_max = max(s.numel for s in shapes)
+    decayed = [s for s in shapes if s.is_matrix]
+    n_max_decayed = max((s.numel for s in decayed), default=0)
+    cuda_foreach = device == "cuda" and not per_param
+    if optimizer == "adamw":
+        inner = 0 if device == "cuda" else 2 * n_max * 4
+        formula = "0 (fused)" if device == "cuda" else "2*4*n_max"
+    elif optimizer == "adafactor":
+        inner = (sum(s.numel for s in decayed) if cuda_foreach else n_max_decayed) * 4
+        formula = "4*sum(decayed n)" if cuda_foreach else "4*n_max"
+    elif optimizer == "sgd":
+        inner = (sum(s.numel for s in decayed) if cuda_foreach else n_max_decayed) * 4
+        formula = "4*sum(decayed n)" if cuda_foreach else "4*n_max"
+    elif optimizer == "adamw8bit":
+        inner = min(n_max, ADAMW8BIT_SLICE) * ADAMW8BIT_SCRATCH_PER_VALUE
+        formula = f"{ADAMW8BIT_SCRATCH_PER_VALUE}*min(n_max, 2^20)"
+    else:
+        raise MemlmError(f"unknown optimizer '{optimizer}'")
+    if precision == "bf16":
+        rounding = 17 * n_max if stochastic_rounding else 0
+        return 8 * n_max + max(inner, rounding), f"8*n_max (fp32 copies) + max({formula}, 17*n_max rounding)"
+    return inner, formula.replace("n_max", f"n_max({n_max:,})")
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A tensor autograd keeps for backward (or the loop keeps alive), in bytes."""
+
+    what: str
+    bytes: int
+    formula: str
+
+
+def _dtypes(precision: str) -> tuple[int, int, int]:
+    """(a, r, stats): bytes of matmul activations, of the residual stream, of norm statistics."""
+    if precision == "bf16":
+        return 2, 2, 2
+    if precision == "bf16-autocast":
+        return 2, 4, 4
+    return 4, 4, 4
+
+
+def _attention_math_path(cfg: ModelConfig, training: bool) -> bool:
+    """SDPA on CPU takes the flash kernel (saves q, k, v, out, logsumexp) unless dropout is on,
+    which only the math path does: it materialises the (T, T) attention weights."""
+    return training and cfg.dropout > 0
+
+
+def block_activations(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "fp32") -> list[Saved]:
+    """What autograd saves in one `Block.forward` (training mode), op by op.
+
+    Found by walking the autograd graph of a real block (each node's `_saved_*` tensors,
+    deduplicated by storage); tests/test_memory_estimate.py checks the sum against
+    saved_tensors_hooks for several flavours. Parameters and the RoPE tables are not counted:
+    they exist anyway.
+    """
+    B, T, d, f, nh = batch, seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    N = B * T
+    a, r, st = _dtypes(precision)
+    autocast = precision == "bf16-autocast"
+    out: list[Saved] = []
+
+    def norm(name: str, consumers: int) -> None:
+        if cfg.norm == "rmsnorm":
+            # composite on CPU: x.pow(2) saves x, x * rstd saves x and rstd, (x * rstd) * w saves
+            # x * rstd; it computes in fp32 whatever the input (a bf16 input is upcast first)
+            out.append(Saved(f"{name}: input (fp32)", N * d * 4, "N*d*4"))
+            out.append(Saved(f"{name}: x*rstd (fp32)", N * d * 4, "N*d*4"))
+            out.append(Saved(f"{name}: rstd", N * 4, "N*4"))
+        else:  # native_layer_norm saves input, mean, rstd
+            out.append(Saved(f"{name}: input", N * d * r, "N*d*r"))
+            out.append(Saved(f"{name}: mean + rstd", 2 * N * st, "2*N*s"))
+        if autocast:  # each Linear saves its own bf16 cast of the (fp32) norm output
+            out.append(Saved(f"{name}: output, one bf16 cast per Linear", consumers * N * d * 2,
+                             f"{consumers}*N*d*2"))
+        else:  # one tensor, shared by the Linears that read it
+            out.append(Saved(f"{name}: output (Linear input)", N * d * a, "N*d*a"))
+
+    norm("attn_norm", 3)
+    if _attention_math_path(cfg, training=True):
+        # math SDPA: q*scale, k and v (repeated to nh heads under GQA), softmax weights, the
+        # dropout mask and the dropped weights (B, nh, T, T each); output copied for o_proj
+        # (on CPU the math path upcasts bf16 inputs and computes in fp32: m = 4 whatever the
+        # precision; its output is cast back, so o_proj saves it in the activation dtype)
+        kv_width = qd if cfg.n_kv_heads != cfg.n_head else kvd
+        m = 4
+        out.append(Saved("sdpa(math): q*scale", N * qd * m, "N*qd*m"))
+        out.append(Saved("sdpa(math): k, v", 2 * N * kv_width * m, "2*N*kvd*m (qd under GQA)"))
+        out.append(Saved("sdpa(math): softmax, dropout mask, dropped weights", 3 * B * nh * T * T * m,
+                         "3*B*nh*T^2*m"))
+        out.append(Saved("o_proj input (attention output)", N * qd * a, "N*qd*a"))
+    else:
+        # flash SDPA saves q, k, v (after RoPE: new tensors; else views of the projections),
+        # its output (which o_proj reads: same storage) and the logsumexp (fp32)
+        out.append(Saved("q (after RoPE)" if cfg.positions == "rope" else "q", N * qd * a, "N*qd*a"))
+        out.append(Saved("k, v", 2 * N * kvd * a, "2*N*kvd*a"))
+        out.append(Saved("sdpa output = o_proj input", N * qd * a, "N*qd*a"))
+        out.append(Saved("sdpa logsumexp", B * nh * T * 4, "B*nh*T*4"))
+    if cfg.dropout > 0:
+        out.append(Saved("attn residual dropout mask", N * d * a, "N*d*a"))
+    norm("mlp_norm", 2 if cfg.mlp == "swiglu" else 1)
+    if cfg.mlp == "swiglu":
+        # silu saves gate_proj's output; the product saves silu's output and up_proj's output;
+        # down_proj saves the product
+        out.append(Saved("swiglu: gate, silu(gate), up, product", 4 * N * f * a, "4*N*f*a"))
+    else:  # gelu saves up_proj's output, down_proj saves gelu's output
+        out.append(Saved("gelu: input and output", 2 * N * f * a, "2*N*f*a"))
+    if cfg.dropout > 0:
+        out.append(Saved("mlp residual dropout mask", N * d * a, "N*d*a"))
+    return out
+
+
+def block_linear_params(cfg: ModelConfig) -> int:
+    return sum(i * o for i, o in block_linears(cfg))
+
+
+def outside_activations(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",
+                        loss_chunk: int = 0) -> list[Saved]:
+    """Saved outside the blocks: token ids, embedding dropout mask, the final norm, the head's
+    input (full loss only: the chunked loss saves its own gradients instead), the batch."""
+    N, d = batch * seq_len, cfg.n_embd
+    a, r, st = _dtypes(precision)
+    out = [Saved("batch: inputs (= the embedding's saved ids) and targets, int64", 2 * N * 8, "2*N*8")]
+    if cfg.dropout > 0:
+        out.append(Saved("embedding dropout mask", N * d * r, "N*d*r"))
+    if cfg.norm == "rmsnorm":
+        out.append(Saved("final norm: input, x*rstd (fp32), rstd", N * d * 8 + N * 4, "N*d*8 + N*4"))
+    else:
+        out.append(Saved("final norm: input, mean + rstd", N * d * r + 2 * N * st, "N*d*r + 2*N*s"))
+    if loss_chunk <= 0:
+        out.append(Saved("lm_head input", N * d * a, "N*d*a"))
+    return out
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",
+                     checkpoint_every: int = 0, loss_chunk: int = 0) -> int:
+    """Bytes autograd keeps at the end of forward (what tests compare with saved_tensors_hooks).
+
+    Without checkpointing: L * block + outside. With checkpointing every k-th block (blocks
+    i % k == 0, as Decoder does): those blocks keep only their input (N*d*r), the others all.
+    """
+    per_block = sum(s.bytes for s in block_activations(cfg, batch, seq_len, precision))
+    n_ckpt = checkpointed_blocks(cfg.n_layer, checkpoint_every)
+    _, r, _ = _dtypes(precision)
+    kept = n_ckpt * batch * seq_len * cfg.n_embd * r + (cfg.n_layer - n_ckpt) * per_block
+    return kept + sum(s.bytes for s in outside_activations(cfg, batch, seq_len, precision, loss_chunk))
+
+
+def checkpointed_blocks(n_layer: int, every: int) -> int:
+    """How many blocks Decoder recomputes: those with index i % every == 0."""
+    return 0 if every <= 0 else len(range(0, n_layer, every))
+
+
+def autocast_weight_copy_bytes(cfg: ModelConfig, loss_chunk: int = 0, checkpoint_every: int = 0) -> int:
+    """bf16 copies of weights that bf16 autocast saves for backward: 2 bytes per weight of every
+    block Linear (not of recomputed blocks, whose saved tensors are dropped) and of lm_head
+    (full loss only: the chunked loss casts the head itself, inside its forward)."""
+    n_ckpt = checkpointed_blocks(cfg.n_layer, checkpoint_every)
+    head = cfg.vocab_size * cfg.n_embd * 2 if loss_chunk <= 0 else 0
+    return (cfg.n_layer - n_ckpt) * block_linear_params(cfg) * 2 + head
+
+
+def saved_for_backward_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
+    """Bytes autograd (and the loss) hold at the end of forward, as saved_tensors_hooks sees them:
+    the activations, the bf16 weight copies of autocast, and what the loss saves
+    (full: log_softmax's output N*V*4; chunked: its gradients N*d + V*d)."""
+    B, T = train_cfg.micro_batch, train_cfg.seq_len or model_cfg.block_size
+    prec = train_cfg.precision
+    p = 2 if prec == "bf16" else 4
+    total = activation_bytes(model_cfg, B, T, prec, train_cfg.activation_checkpointing, train_cfg.loss_chunk)
+    if prec == "bf16-autocast":
+        total += autocast_weight_copy_bytes(model_cfg, train_cfg.loss_chunk, train_cfg.activation_checkpointing)
+    return total + _loss_terms(model_cfg, B * T, prec, train_cfg.loss_chunk, p)["held"][0]
+
+
+def buffer_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    """The model's non-trained tables: RoPE cos + sin (2*block_size*head_dim) or the sinusoidal
+    table (block_size*d); fp32 (training keeps them fp32 under pure bf16 too)."""
+    if cfg.positions == "rope":
+        return 2 * cfg.block_size * cfg.head_dim * dtype_bytes
+    if cfg.positions == "sinusoidal":
+        return cfg.block_size * cfg.n_embd * dtype_bytes
+    return 0
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _loss_terms(cfg: ModelConfig, N: int, precision: str, loss_chunk: int, p: int) -> dict[str, tuple[int, str]]:
+    """Memory of the head + loss in three moments: 'fwd' (peak inside the loss), 'held'
+    (kept from the end of forward into backward), 'bwd' (peak of the loss's backward)."""
+    V, d = cfg.vocab_size, cfg.n_embd
+    a, r, _ = _dtypes(precision)
+    if loss_chunk <= 0:
+        # logits (N, V) in the matmul dtype, an fp32 copy when that is bf16 (.float()),
+        # log_softmax's output (fp32, saved); backward: nll's grad, log_softmax's grad, both fp32
+        logits = N * V * a + (N * V * 4 if a != 4 else 0)
+        fwd = logits + N * V * 4
+        return {
+            "fwd": (fwd, f"N*V*{fwd // (N * V)} (logits{' + fp32 copy' if a != 4 else ''} + log_softmax)"),
+            "held": (N * V * 4, "N*V*4 (log_softmax output, saved)"),
+            "bwd": (3 * N * V * 4, "N*V*12 (saved log_softmax + its grad in + grad out, fp32)"),
+        }
+    c = min(loss_chunk, N)
+    # memlm.train.loss: grad_h (N, d) and an fp32 grad_w (V, d) are written during forward.
+    # Inside one chunk, on top of its fp32 logits (c, V), the largest of:
+    #   logsumexp's own (c, V) fp32 temporary;
+    #   the matmul's bf16 result before .float() (bf16 matmuls only);
+    #   bf16 d_logits + the (V, d) product d_logits.T @ h (bf16, then its fp32 copy).
+    h_bytes = r if precision != "bf16-autocast" else 4  # grad_h is like h (fp32 under autocast)
+    bf16_mm = a == 2
+    w_cast = V * d * 2 if precision == "bf16-autocast" else 0  # weight.to(bf16) for the matmuls
+    logits = c * V * 4
+    inner = max(c * V * 4, c * V * 2 if bf16_mm else 0,
+                (c * V * 2 + V * d * 2 + V * d * 4) if bf16_mm else V * d * 4)
+    fwd = N * d * h_bytes + V * d * 4 + w_cast + logits + inner
+    held = N * d * h_bytes + V * d * p  # saved: grad_h, grad_w in the weight's dtype
+    if p != 4:
+        fwd = max(fwd, N * d * h_bytes + V * d * 4 + V * d * p)  # the final cast of grad_w
+    return {
+        "fwd": (fwd, f"N*d*{h_bytes} grad_h + V*d*4 grad_w + c*V*4 logits + max(c*V*4 logsumexp, "
+                     f"V*d*{6 if bf16_mm else 4} chunk grad_w{' + c*V*2' if bf16_mm else ''})"
+                     f"{' + V*d*2 weight cast' if w_cast else ''} (c={c})"),
+        "held": (held, f"N*d*{h_bytes} + V*d*{p} (saved gradients)"),
+        "bwd": (2 * held, f"2*(N*d*{h_bytes} + V*d*{p}) (saved and scaled gradients)"),
+    }
+
+
+def _train_settings(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
+    seq_len = cfg.seq_len or model_cfg.block_size
+    return {
+        "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "seq_len": seq_len,
+        "precision": cfg.precision, "optimizer": cfg.optimizer, "fused_backward": cfg.fused_backward,
+        "activation_checkpointing": cfg.activation_checkpointing, "loss_chunk": cfg.loss_chunk,
+    }
+
+
+def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
+                      world_size: int = 1, strategy: str | None = None) -> Breakdown:
+    """Peak memory of one process of a training step (steady state: the optimizer has its state).
+
+    `strategy` defaults to train_cfg.strategy; it only matters when world_size > 1.
+    """
+    cfg, mc = train_cfg, model_cfg
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    strategy = strategy or cfg.strategy
+    world = max(1, int(world_size))
+    B = cfg.micro_batch
+    T = cfg.seq_len or mc.block_size
+    N, L, d, V = B * T, mc.n_layer, mc.n_embd, mc.vocab_size
+    precision = cfg.precision
+    p = 2 if precision == "bf16" else 4
+    a, r, _ = _dtypes(precision)
+    shapes = param_shapes(mc)
+    P = sum(s.numel for s in shapes)
+    fsdp = world > 1 and strategy == "fsdp"
+    shard = world if fsdp else 1
+
+    # -- persistent: weights (+ the position tables, fp32 buffers), optimizer states, runtime
+    runtime = RUNTIME_BYTES[device]["train" if precision == "fp32" else "train-bf16"]
+    weights = P * p // shard + buffer_bytes(mc)
+    states = sum(optimizer_state_bytes(s, cfg.optimizer) for s in shapes) // shard
+    grads = P * p // shard
+    block_params = sum(s.numel for s in shapes if s.name.startswith("blocks.0."))
+    head_grad = V * d * p // shard  # the head's weight gradient (tied: summed with the embedding's)
+    sharding = 0
+    sharding_formula = ""
+    if fsdp:
+        # FSDP2 per Block: all-gathered full params of the current block and the prefetched next
+        # one, plus one block's unsharded gradient before its reduce-scatter; the root module's
+        # params (embeddings, final norm) stay unsharded from forward to backward.
+        root = (P - L * block_params)
+        sharding = 2 * block_params * p + block_params * p + root * p * (world - 1) // world
+        sharding_formula = "3*P_block*p (2 gathered blocks + 1 unsharded grad) + root params unsharded"
+    elif world > 1:  # DDP with gradient_as_bucket_view: one 25 MiB bucket in flight
+        sharding = DDP_BUCKET_BYTES
+        sharding_formula = "25 MiB DDP bucket"
+
+    # -- activations
+    per_block = sum(s.bytes for s in block_activations(mc, B, T, precision))
+    outside_bytes = sum(s.bytes for s in outside_activations(mc, B, T, precision, cfg.loss_chunk))
+    n_ckpt = checkpointed_blocks(L, cfg.activation_checkpointing)
+    kept = activation_bytes(mc, B, T, precision, cfg.activation_checkpointing, cfg.loss_chunk) - outside_bytes
+    recompute = per_block if n_ckpt else 0  # backward recomputes ONE checkpointed block at a time
+    act_formula = (f"{L}*A_block({_mib(per_block)}) + outside({_mib(outside_bytes)})" if not n_ckpt else
+                   f"{n_ckpt} ckpt inputs*N*d*r + {L - n_ckpt}*A_block({_mib(per_block)}) + outside")
+    # bf16 autocast keeps a bf16 copy of every Linear weight it used (its cast cache) until it
+    # exits; the copies saved for backward live on (those of recomputed blocks are made again)
+    autocast_copies = autocast_weight_copy_bytes(mc, cfg.loss_chunk, 0) if precision == "bf16-autocast" else 0
+    autocast_bwd = 0
+    if precision == "bf16-autocast":
+        autocast_bwd = (autocast_weight_copy_bytes(mc, cfg.loss_chunk, cfg.activation_checkpointing)
+                        + (block_linear_params(mc) * 2 if n_ckpt else 0))
+
+    loss = _loss_terms(mc, N, precision, cfg.loss_chunk, p)
+
+    # -- transients of one block (not saved; they come and go inside an op sequence)
+    f, qd = mc.ffn_hidden, mc.n_head * mc.head_dim
+    kvd = mc.n_kv_heads * mc.head_dim
+    # Backward through one block, net of the saved tensors each node releases once it has run:
+    # swiglu's product backward makes grad(silu) and grad(up) while grad(product) is alive, after
+    # down_proj released the product: +2*N*f; gelu's backward: +1*N*f. Attention: o_proj's
+    # grad (N*qd) + SDPA's grad q, k, v + its fp32 accumulator (N*qd*4). Plus the residual's
+    # incoming gradient and the one being summed (2*N*d*r).
+    mlp_k = 2 if mc.mlp == "swiglu" else 1
+    mlp_bwd = mlp_k * N * f * a
+    attn_bwd = N * (2 * qd + 2 * kvd) * a + N * qd * 4
+    block_bwd = max(mlp_bwd, attn_bwd) + 2 * N * d * r
+    block_bwd_formula = f"max({mlp_k}*N*f*a, N*(2qd+2kvd)*a + N*qd*4) + 2*N*d*r"
+
+    per_param = cfg.fused_backward or precision == "bf16"
+    opt_ws, opt_ws_formula = optimizer_step_workspace(shapes, cfg.optimizer, device, precision,
+                                                      cfg.stochastic_rounding, per_param)
+    opt_ws //= 1 if not fsdp else world
+    held_grads = grads if (cfg.grad_accum > 1 and not cfg.fused_backward) else 0
+    fused = cfg.fused_backward
+
+    base = {
+        "runtime": (runtime, RUNTIME_NOTE),
+        "weights": (weights, f"P({P:,})*{p}" + (f"/{shard}" if shard > 1 else "")
+                    + (" + position tables" if buffer_bytes(mc) else "")),
+        "optimizer_states": (states, OPTIMIZER_FORMULAS[cfg.optimizer] + (f" /{shard}" if shard > 1 else "")),
+    }
+    if sharding:
+        base["sharding_buffers"] = (sharding, sharding_formula)
+    if held_grads:
+        base["gradients"] = (held_grads, f"P*{p} (accumulated over {cfg.grad_accum} micro-batches)")
+
+    def phase(**terms: tuple[int, str]) -> dict[str, tuple[int, str]]:
+        merged = dict(base)
+        for k, v in terms.items():
+            if v[0] > 0:
+                merged[k] = v
+        return merged
+
+    act_all = (kept + outside_bytes, act_formula)
+    phases: dict[str, dict[str, tuple[int, str]]] = {}
+    phases["forward: loss"] = phase(
+        activations=act_all,
+        autocast_weight_copies=(autocast_copies, "2*L*P_linear_block + 2*V*d (bf16 cast cache)"),
+        logits_loss=loss["fwd"],
+    )
+    phases["backward: loss"] = phase(
+        activations=act_all,
+        autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
+        logits_loss=loss["bwd"],
+    )
+    # Gradients during backward. The head's weight gradient comes first (tied: it waits in
+    # autograd's input buffer until the embedding's backward adds its own, at the very end).
+    tied_extra = head_grad if mc.tied_embeddings else 0
+    if fused:  # each gradient is stepped and freed at once; the tied head's waits for the embedding
+        grads_first = (tied_extra, "tied head grad V*d*p, waiting for the embedding's")
+        grads_end = (head_grad, "the embedding's grad V*d*p")
+    elif held_grads:
+        grads_first = (grads + head_grad, f"P*{p} accumulated + the new head grad V*d*p")
+        grads_end = (grads + head_grad + 2 * tied_extra, f"P*{p} + new embedding grad (+ tied: head grad, sum)")
+    else:
+        # tied: the head's grad and the embedding's dense grad are summed out of place: for a
+        # moment both exist next to their sum (which becomes the weight's .grad, inside P*p)
+        grads_first = (head_grad, "head weight grad V*d*p")
+        grads_end = (grads + 2 * tied_extra, f"P*{p}" + (" + 2*V*d*p (head and embedding grads, summed)"
+                                                        if tied_extra else ""))
+    last_block_ckpt = n_ckpt > 0 and (L - 1) % max(cfg.activation_checkpointing, 1) == 0
+    # freed before the blocks' backward: the head's input (full loss) and the final norm's saved
+    head_input = sum(x.bytes for x in outside_activations(mc, B, T, precision, cfg.loss_chunk)
+                     if x.what.startswith(("final norm", "lm_head input")))
+    phases["backward: last block"] = phase(
+        activations=(kept + outside_bytes - head_input + (recompute if last_block_ckpt else 0),
+                     act_formula + (" + 1 recomputed block" if last_block_ckpt else "")),
+        autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
+        gradients=grads_first,
+        workspace=(block_bwd + (opt_ws if fused and not mc.tied_embeddings else 0),
+                   block_bwd_formula + (" + head's optimizer step" if fused and not mc.tied_embeddings else "")),
+    )
+    if n_ckpt and not last_block_ckpt:  # the first checkpointed block met going backward
+        phases["backward: recomputed block"] = phase(
+            activations=(kept + outside_bytes - head_input + recompute, act_formula + " + 1 recomputed block"),
+            autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
+            gradients=grads_first,
+            workspace=(block_bwd, block_bwd_formula),
+        )
+    # fused: the embedding's grad is stepped at the very end; before that (tied) the head's and
+    # the embedding's grads are summed out of place, two more V*d*p next to the sum
+    phases["backward: end"] = phase(
+        gradients=grads_end,
+        workspace=(max(opt_ws, 2 * tied_extra) if fused else 0,
+                   f"max({opt_ws_formula}, 2*V*d*p tied grads being summed)" if fused else ""),
+    )
+    if not fused:
+        phases["optimizer step"] = phase(
+            gradients=(grads, f"P*{p}"),
+            workspace=(opt_ws, opt_ws_formula),
+        )
+    totals = {name: sum(v[0] for v in terms.values()) for name, terms in phases.items()}
+    peak_phase = max(totals, key=lambda k: totals[k])
+    phase_terms = {name: [Term(k, int(v[0]), v[1]) for k, v in terms.items()] for name, terms in phases.items()}
+    notes = []
+    if world > 1:
+        notes.append(f"{strategy} over {world} processes: per-process memory")
+    return Breakdown("train", device, phase_terms[peak_phase], peak_phase, totals,
+                     {**_train_settings(mc, cfg), "world_size": world, "strategy": strategy}, notes, phase_terms)
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def int4_group_size(in_features: int, requested: int = 128) -> int:
+    """memlm.compress.quantize.choose_group_size: largest of 128/64/32 <= requested dividing in."""
+    for g in INT4_GROUP_SIZES:
+        if g <= requested and in_features % g == 0:
+            return g
+    raise MemlmError(f"int4 needs in_features divisible by 32, got {in_features}")
+
+
+def int4_uses_kernel(out_features: int, group: int) -> bool:
+    """Whether memlm.compress's Int4Linear runs the CPU int4 kernel for this shape (when available)."""
+    return out_features % 64 == 0 and group in (32, 64, 128)
+
+
+def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = True) -> int:
+    """Stored bytes of one (n_out, n_in) Linear weight in `fmt` (bias not included).
+
+    fp32 4*n, bf16 2*n; int8: n + 4*out (fp32 scale per row);
+    int4: n/2 + (2+2)*out*in/g (fp16 scale and min per group of g inputs); the CPU int4 kernel
+    also caches a bf16 (scale, zero) pair per group on first use: + 4*out*in/g.
+    """
+    n = n_in * n_out
+    if fmt in ("fp32", "bf16"):
+        return n * DTYPE_BYTES[fmt]
+    if fmt == "int8":
+        return n + 4 * n_out
+    if fmt == "int4":
+        g = int4_group_size(n_in)
+        groups = n_out * (n_in // g)
+        kernel = 4 * groups if (int4_kernel and int4_uses_kernel(n_out, g)) else 0
+        return n // 2 + 4 * groups + kernel
+    raise MemlmError(f"unknown weight format '{fmt}'", "use fp32, bf16, int8 or int4")
+
+
+def inference_weight_bytes(cfg: ModelConfig, weight_format: str = "fp32", quantize_embedding: bool = False,
+                           int4_kernel: bool = True) -> int:
+    """Weights of a model for generation: block Linears in `weight_format`; embeddings, norms and
+    biases fp32 (bf16 for the bf16 format); the embedding int8 + fp32 row scales if asked."""
+    other = 2 if weight_format == "bf16" else 4
+    total = 0
+    lin_shapes = {(i, o) for i, o in block_linears(cfg)}
+    for s in param_shapes(cfg):
+        if s.name.startswith("blocks.") and s.name.endswith("_proj.weight"):
+            n_out, n_in = s.shape
+            assert (n_in, n_out) in lin_shapes
+            total += linear_weight_bytes(n_in, n_out, weight_format, int4_kernel)
+        elif s.name in ("tok_emb.weight", "lm_head.weight") and quantize_embedding:
+            total += s.numel + 4 * s.shape[0]
+        else:
+            total += s.numel * other
+    return total + buffer_bytes(cfg, other)
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, kv_dtype: str = "fp32") -> int:
+    """KVCache: 2 (k, v) * L * B * n_kv_heads * max_len * head_dim * bytes."""
+    return 2 * cfg.n_layer * batch * cfg.n_kv_heads * context * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+
+
+def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: str = "fp32",
+                      int4_kernel: bool = True) -> tuple[int, str]:
+    """Peak of the temporaries of a no-grad forward over `tokens` new tokens per sequence.
+
+    Liveness in Block.forward: the caller's x, the residual after attention, the MLP's input
+    norm, then swiglu's silu(gate), up and their product (gelu: up and gelu(up)):
+      mlp  3*N*d*a + (3 swiglu | 2 gelu)*N*f*a
+      attn 2*N*d*a + N*(2*qd + 2*kvd)*a + RoPE's rotate-half temporaries (3*N*qd*a)
+    plus, for a quantized Linear, its dequantized weight for the call (int8: out*in*4, the
+    fp32 copy of w_int8) or, with the int4 kernel, bf16 copies of input and output (without
+    it: unpacked codes + fp32 dequantization, ~13 bytes per weight of one layer).
+    """
+    a = 2 if weight_format == "bf16" else 4
+    N, d, f = batch * tokens, cfg.n_embd, cfg.ffn_hidden
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    mlp = 3 * N * d * a + (3 if cfg.mlp == "swiglu" else 2) * N * f * a
+    rope = 3 * N * qd * a if cfg.positions == "rope" else 0
+    attn = 2 * N * d * a + N * (2 * qd + 2 * kvd) * a + rope
+    quant = 0
+    lins = block_linears(cfg)
+    if weight_format == "int8":  # the output's scaling takes the place of an activation
+        quant = max(i * o * 4 for i, o in lins)
+    elif weight_format == "int4":
+        if int4_kernel and all(int4_uses_kernel(o, int4_group_size(i)) for i, o in lins):
+            quant = max(N * i * 2 + N * o * 2 for i, o in lins)
+        else:  # unpack (1 B) + to fp32 + q*scale + min: ~13 bytes per weight of one layer
+            quant = max(13 * i * o for i, o in lins)
+    final = N * d * a + batch * cfg.vocab_size * 4  # final norm over all positions, last logits
+    peak = max(mlp, attn) + quant
+    return max(peak, final), (f"max(mlp 3*N*d*a + {3 if cfg.mlp == 'swiglu' else 2}*N*f*a, "
+                              f"attn 2*N*d*a + N*(2qd+2kvd)*a{' + 3*N*qd*a' if rope else ''})"
+                              + (" + dequantized layer" if quant else "") + f", N={N}")
+
+
+def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | None = None,
+                       weight_format: str = "fp32", kv_dtype: str | None = None, prompt_len: int | None = None,
+                       device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True) -> Breakdown:
+    """Peak memory of generation: weights + KV cache for `batch` sequences of `context` tokens +
+    the larger of the prefill and decode temporaries + the runtime.
+
+    context: the cache's length (prompt + new tokens; default block_size). prompt_len: tokens
+    prefilled at once (default: context // 2). kv_dtype: default like generate_ids: the
+    weights' float dtype (bf16 for bf16 weights, else fp32).
+    """
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    context = context or model_cfg.block_size
+    if context > model_cfg.block_size:
+        raise MemlmError(f"context {context} exceeds the model's block_size {model_cfg.block_size}")
+    kv_dtype = kv_dtype or ("bf16" if weight_format == "bf16" else "fp32")
+    prompt_len = prompt_len or max(1, context // 2)
+    weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel)
+    kv = kv_cache_bytes(model_cfg, batch, context, kv_dtype)
+    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context), weight_format, int4_kernel)
+    dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
+    base = [
+        Term("runtime", RUNTIME_BYTES[device]["infer"], RUNTIME_NOTE),
+        Term("weights", weights, f"{weight_format} block Linears"
+             + (", int8 embedding" if quantize_embedding else ", embeddings/norms "
+                + ("bf16" if weight_format == "bf16" else "fp32"))),
+        Term("kv_cache", kv, f"2*L*B*n_kv*ctx*hd*{DTYPE_BYTES[kv_dtype]} (B={batch}, ctx={context})"),
+    ]
+    phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}
+    peak_phase = "prefill" if pre >= dec else "decode"
+    terms = base + [Term("workspace", max(pre, dec), pre_f if pre >= dec else dec_f)]
+    settings = {"batch": batch, "context": context, "weight_format": weight_format, "kv_dtype": kv_dtype,
+                "prompt_len": prompt_len, "quantize_embedding": quantize_embedding}
+    return Breakdown("infer", device, terms, peak_phase, phases, settings)

@@ -1,0 +1,413 @@
+"""Choose the settings that fit a memory budget: the fastest plan whose predicted peak fits.
+
+Training: the global batch (tokens per optimizer step) is kept; the planner searches the
+micro-batch (and with it the gradient accumulation), activation checkpointing (every k-th
+block), the chunked loss (chunk size), the optimizer (AdamW -> 8-bit AdamW / Adafactor),
+fused backward, and a lower precision. Every candidate gets a predicted peak from
+`memlm.memory.estimate` and a relative cost from the simple model below; candidates are tried
+cheapest first and the first that fits (with `SAFETY_MARGIN` to spare) is the plan. So the
+knobs that only cost memory (bigger micro-batches, bigger loss chunks, fewer recomputed blocks)
+are turned up as far as the budget allows, and the plan uses most of it.
+
+Cost model (relative time per token; 1.0 is the unconstrained run; the factors multiply):
+  micro-batch b of T tokens  (1 + t0 / (b*T)) / (1 + t0 / (B_max*T)): a fixed cost per
+                             micro-batch (Python, kernel launches) worth t0 tokens
+                             (CPU 64, CUDA 2048)
+  checkpointing              1 + 1/3 * (recomputed blocks / n_layer): a block's forward is
+                             about a third of its forward + backward
+  chunked loss               1 + 0.002 + 0.0005 * chunks (~0: a Python loop over the chunks)
+  8-bit AdamW / Adafactor    1.05 / 1.03 (decode/encode of states; factored statistics)
+  fused backward             1.01 (and no gradient clipping)
+  lower precision            1.10 on CPU (bf16 matmuls are not faster on most CPUs), 1.02 on
+                             CUDA (charged for the numerics, not the speed)
+
+Inference: the weight formats (fp32 > bf16 > int8 > int4, by fidelity; the KV cache in the
+activations' dtype) are tried best-first; the first that holds at least one sequence of the context is taken, and
+the rest of the budget goes to concurrent sequences. Without a context the model's full
+context is the goal; when even the most compact format cannot hold it, the longest context
+that fits one sequence is planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from memlm.config import ModelConfig, TrainConfig
+from memlm.errors import MemlmError
+from memlm.memory.estimate import Breakdown, estimate_inference, estimate_training
+from memlm.memory.measure import format_bytes, parse_size
+
+SAFETY_MARGIN = 0.04  # a plan's predicted peak stays below (1 - margin) * budget: estimate error
+CHECKPOINT_COST = 1 / 3
+MICRO_BATCH_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
+LOSS_CHUNK_COST, LOSS_CHUNK_COST_PER_CHUNK = 0.002, 0.0005
+OPTIMIZER_COST = {"adamw": 1.0, "sgd": 1.0, "adamw8bit": 1.05, "adafactor": 1.03}
+FUSED_BACKWARD_COST = 1.01
+LOWER_PRECISION_COST = {"cpu": 1.10, "cuda": 1.02}
+MIN_LOSS_CHUNK = 64
+# Cheaper-to-store alternatives the planner may switch to, per optimizer and precision asked for.
+OPTIMIZER_FALLBACKS = {"adamw": ["adamw", "adamw8bit", "adafactor"], "adamw8bit": ["adamw8bit", "adafactor"],
+                       "adafactor": ["adafactor"], "sgd": ["sgd"]}
+PRECISION_FALLBACKS = {"fp32": ["fp32", "bf16-autocast", "bf16"], "bf16-autocast": ["bf16-autocast", "bf16"],
+                       "bf16": ["bf16"]}
+WEIGHT_FORMATS = {"cpu": ["fp32", "bf16", "int8", "int4"], "cuda": ["bf16", "int8", "int4"]}
+
+
+@dataclass
+class Plan:
+    """The chosen settings, their predicted memory, and what was given up for them."""
+
+    task: str  # "train" | "finetune" | "infer"
+    feasible: bool
+    budget_bytes: int
+    device: str
+    settings: dict[str, Any]
+    predicted_peak: int
+    breakdown: Breakdown | None
+    tradeoffs: list[str] = field(default_factory=list)
+    cost: float = 1.0  # relative time per token, 1.0 = unconstrained (training)
+    min_budget: int | None = None  # when infeasible: the smallest budget any plan fits in
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)
+    train_config: TrainConfig | None = None
+
+    @property
+    def headroom(self) -> int:
+        return self.budget_bytes - self.predicted_peak
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "feasible": self.feasible, "device": self.device, "world_size": self.world_size,
+            "budget_bytes": self.budget_bytes, "predicted_peak_bytes": self.predicted_peak,
+            "headroom_bytes": self.headroom, "min_budget_bytes": self.min_budget,
+            "cost": round(self.cost, 4), "settings": self.settings, "tradeoffs": self.tradeoffs,
+            "notes": self.notes, "safety_margin": SAFETY_MARGIN,
+            "breakdown": self.breakdown.to_dict() if self.breakdown is not None else None,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def _fits(total: int, budget: int) -> bool:
+    return total <= budget * (1 - SAFETY_MARGIN)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    micro_batch: int
+    grad_accum: int
+    checkpoint_every: int
+    loss_chunk: int
+    optimizer: str
+    precision: str
+    fused_backward: bool
+    cost: float
+
+
+def _divisors(n: int) -> list[int]:
+    return sorted({d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)})
+
+
+def _checkpoint_options(n_layer: int) -> list[int]:
+    """0 (off) and, per distinct number of recomputed blocks, the largest k giving it."""
+    by_count: dict[int, int] = {}
+    for k in range(1, n_layer + 1):
+        by_count[len(range(0, n_layer, k))] = k  # larger k with the same count: later wins
+    return [0] + sorted(by_count.values())
+
+
+def _chunk_options(tokens: int) -> list[int]:
+    out, c = [0], MIN_LOSS_CHUNK
+    while c < tokens:
+        out.append(c)
+        c *= 2
+    return out
+
+
+def _candidates(model_cfg: ModelConfig, base: TrainConfig, sequences: int, seq_len: int, device: str,
+                allow: dict[str, list] | None) -> list[_Candidate]:
+    t0 = MICRO_BATCH_OVERHEAD_TOKENS[device]
+    allow = allow or {}
+    L = model_cfg.n_layer
+    out = []
+    optimizers = allow.get("optimizer", OPTIMIZER_FALLBACKS[base.optimizer])
+    precisions = allow.get("precision", PRECISION_FALLBACKS[base.precision])
+    fused_opts = allow.get("fused_backward", [False, True])
+    ckpts = allow.get("activation_checkpointing", _checkpoint_options(L))
+    full_rate = 1 + t0 / (sequences * seq_len)
+    for b in _divisors(sequences):
+        accum = sequences // b
+        mb_cost = (1 + t0 / (b * seq_len)) / full_rate
+        chunks = allow.get("loss_chunk", _chunk_options(b * seq_len))
+        for k, chunk, opt, prec, fused in itertools.product(ckpts, chunks, optimizers, precisions, fused_opts):
+            if fused and accum > 1:
+                continue  # the optimizer steps inside backward: nothing could accumulate
+            cost = mb_cost
+            if k:
+                cost *= 1 + CHECKPOINT_COST * len(range(0, L, k)) / L
+            if chunk:
+                cost *= 1 + LOSS_CHUNK_COST + LOSS_CHUNK_COST_PER_CHUNK * math.ceil(b * seq_len / chunk)
+            cost *= OPTIMIZER_COST[opt] / OPTIMIZER_COST[base.optimizer]
+            if prec != base.precision:
+                cost *= LOWER_PRECISION_COST[device]
+            if fused:
+                cost *= FUSED_BACKWARD_COST
+            out.append(_Candidate(b, accum, k, chunk, opt, prec, fused, cost))
+    # cheapest first; at equal cost, the one with fewer savers switched on
+    def savers(c: _Candidate) -> int:
+        return (bool(c.checkpoint_every) + bool(c.loss_chunk) + (c.optimizer != base.optimizer)
+                + (c.precision != base.precision) + c.fused_backward)
+
+    out.sort(key=lambda c: (round(c.cost, 9), savers(c)))
+    return out
+
+
+def _apply(base: TrainConfig, c: _Candidate, seq_len: int) -> TrainConfig:
+    return dataclasses.replace(
+        base, micro_batch=c.micro_batch, grad_accum=c.grad_accum, seq_len=seq_len,
+        activation_checkpointing=c.checkpoint_every, loss_chunk=c.loss_chunk, optimizer=c.optimizer,
+        precision=c.precision, fused_backward=c.fused_backward,
+        grad_clip=0.0 if c.fused_backward else base.grad_clip,
+        seq_len_warmup=[], batch_ramp=[],  # the plan sizes the full shape; ramps only ever use less
+    )
+
+
+def _tradeoffs(base: TrainConfig, c: _Candidate, sequences: int, n_layer: int, tokens: int) -> list[str]:
+    out = []
+    if c.micro_batch < sequences:
+        out.append(f"micro-batch {c.micro_batch} x {c.grad_accum} accumulation steps instead of "
+                   f"{sequences} x 1 (same global batch, slower per token)")
+    if c.checkpoint_every:
+        n = len(range(0, n_layer, c.checkpoint_every))
+        out.append(f"activation checkpointing of {n}/{n_layer} blocks: "
+                   f"+{100 * CHECKPOINT_COST * n / n_layer:.0f}% compute")
+    if c.loss_chunk:
+        out.append(f"chunked loss ({c.loss_chunk} tokens x {math.ceil(tokens / c.loss_chunk)} chunks): "
+                   "same result, ~no cost")
+    if c.optimizer != base.optimizer:
+        out.append({"adamw8bit": "8-bit AdamW states (block-wise quantized moments)",
+                    "adafactor": "Adafactor (factored second moments, no first moment)"}[c.optimizer])
+    if c.precision != base.precision:
+        out.append({"bf16-autocast": "bf16 autocast (bf16 matmuls, fp32 weights)",
+                    "bf16": "pure bf16 weights and activations (fp32 optimizer math, stochastic rounding)"}
+                   [c.precision])
+    if c.fused_backward:
+        out.append("fused backward (optimizer step inside backward)"
+                   + ("; gradient clipping off" if base.grad_clip > 0 else ""))
+    return out
+
+
+def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_bytes: int | str,
+                  device: str = "cpu", world_size: int = 1, global_batch_tokens: int | None = None,
+                  allow: dict[str, list] | None = None, task: str = "train") -> Plan:
+    """The fastest training settings whose predicted peak fits `budget_bytes` per process.
+
+    global_batch_tokens: tokens per optimizer step over all processes (default: what
+    base_train_cfg gives: micro_batch * grad_accum * seq_len * world_size); it is rounded to
+    whole sequences per process. `allow` restricts the search, e.g. {"optimizer": ["adamw"]}.
+    """
+    budget = parse_size(budget_bytes)
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    world = max(1, int(world_size))
+    seq_len = base_train_cfg.seq_len or model_cfg.block_size
+    if seq_len > model_cfg.block_size:
+        raise MemlmError(f"seq_len {seq_len} is longer than the model's block_size {model_cfg.block_size}",
+                         "lower --seq-len")
+    if global_batch_tokens is None:
+        global_batch_tokens = base_train_cfg.micro_batch * base_train_cfg.grad_accum * seq_len * world
+    sequences = max(1, round(global_batch_tokens / (seq_len * world)))
+    notes = []
+    if sequences * seq_len * world != global_batch_tokens:
+        notes.append(f"global batch rounded to {sequences * seq_len * world:,} tokens "
+                     f"({sequences} sequences of {seq_len} per process)")
+    if task == "finetune":
+        notes.append("full fine-tuning: every weight is trained (LoRA is not planned)")
+    candidates = _candidates(model_cfg, base_train_cfg, sequences, seq_len, device, allow)
+
+    def estimate(c: _Candidate) -> tuple[TrainConfig, Breakdown]:
+        tc = _apply(base_train_cfg, c, seq_len)
+        return tc, estimate_training(model_cfg, tc, device=device, world_size=world)
+
+    for c in candidates:
+        tc, b = estimate(c)
+        if _fits(b.total, budget):
+            return Plan(task, True, budget, device, _train_settings(tc, sequences * seq_len * world), b.total, b,
+                        _tradeoffs(base_train_cfg, c, sequences, model_cfg.n_layer, c.micro_batch * seq_len),
+                        c.cost, None, world, notes, tc)
+    # Nothing fits: the smallest need is among the candidates with every saver at its strongest
+    # (micro-batch 1, every block recomputed, the smallest chunk); try those for each optimizer,
+    # precision and fused choice.
+    smallest = [c for c in candidates if c.micro_batch == 1 and c.checkpoint_every in (0, 1)
+                and c.loss_chunk in (0, MIN_LOSS_CHUNK)] or candidates
+    best_c, best_tc, best_b = None, None, None
+    for c in smallest:
+        tc, b = estimate(c)
+        if best_b is None or b.total < best_b.total:
+            best_c, best_tc, best_b = c, tc, b
+    assert best_c is not None and best_tc is not None and best_b is not None
+    min_budget = math.ceil(best_b.total / (1 - SAFETY_MARGIN))
+    notes.append(f"nothing fits {format_bytes(budget)}; the leanest plan needs {format_bytes(min_budget)}")
+    return Plan(task, False, budget, device, _train_settings(best_tc, sequences * seq_len * world), best_b.total,
+                best_b, _tradeoffs(base_train_cfg, best_c, sequences, model_cfg.n_layer, seq_len), best_c.cost,
+                min_budget, world, notes, best_tc)
+
+
+def _train_settings(tc: TrainConfig, global_tokens: int) -> dict[str, Any]:
+    keys = ("micro_batch", "grad_accum", "seq_len", "precision", "optimizer", "fused_backward",
+            "activation_checkpointing", "loss_chunk", "grad_clip")
+    return {**{k: getattr(tc, k) for k in keys}, "global_batch_tokens": global_tokens}
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def _formats(model_cfg: ModelConfig, device: str) -> list[str]:
+    """Weight formats in order of fidelity that memlm.compress can build for this model."""
+    from memlm.memory.estimate import block_linears, int4_group_size
+
+    out = []
+    for fmt in WEIGHT_FORMATS[device]:
+        if fmt == "int4":
+            try:
+                for n_in, _ in block_linears(model_cfg):
+                    int4_group_size(n_in)
+            except MemlmError:
+                continue
+        out.append(fmt)
+    return out
+
+
+def _max_int(lo: int, hi: int, ok) -> int:
+    """Largest x in [lo, hi] with ok(x), assuming ok is monotone (true then false); lo - 1 if none."""
+    if not ok(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int | None = None,
+                   device: str = "cpu", max_batch: int = 256, prompt_len: int | None = None) -> Plan:
+    """Weight format, KV-cache dtype and concurrent sequences (x context) that fit the budget."""
+    budget = parse_size(budget_bytes)
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    target = context or model_cfg.block_size
+    if target > model_cfg.block_size:
+        raise MemlmError(f"context {target} exceeds the model's block_size {model_cfg.block_size}",
+                         f"ask for at most {model_cfg.block_size} tokens")
+    formats = _formats(model_cfg, device)
+    # The cache holds keys/values in the activations' dtype: Attention hands SDPA fp32 queries
+    # with the cached keys as they are, so a bf16 cache under fp32 compute is not an option.
+    combos = [(fmt, "bf16" if fmt == "bf16" or device == "cuda" else "fp32") for fmt in formats]
+
+    def est(fmt: str, kv: str, batch: int, ctx: int) -> Breakdown:
+        return estimate_inference(model_cfg, batch=batch, context=ctx, weight_format=fmt, kv_dtype=kv,
+                                  prompt_len=min(prompt_len, ctx) if prompt_len else None, device=device)
+
+    def tradeoffs(fmt: str, kv: str, ctx: int) -> list[str]:
+        out = []
+        best = formats[0]
+        if fmt != best:
+            out.append({"bf16": "bf16 weights", "int8": "int8 weights (per-row scales)",
+                        "int4": "int4 weights (group-wise, largest quantization error)"}[fmt])
+        if ctx < target:
+            out.append(f"context limited to {ctx} of the {target} asked for")
+        return out
+
+    for fmt, kv in combos:
+        batch = _max_int(1, max_batch, lambda b: _fits(est(fmt, kv, b, target).total, budget))
+        if batch >= 1:
+            b = est(fmt, kv, batch, target)
+            settings = {"weight_format": fmt, "kv_dtype": kv, "context": target, "concurrent_sequences": batch}
+            notes = [f"{batch} sequence(s) of {target} tokens at once" + (" (the cap)" if batch == max_batch else "")]
+            return Plan("infer", True, budget, device, settings, b.total, b, tradeoffs(fmt, kv, target), 1.0,
+                        notes=notes)
+    # Not even one sequence of the target context: with no context asked for, shorten it, in
+    # the format that allows the longest context (the best format among equals).
+    if context is None:
+        longest = [(_max_int(1, target, lambda c, f=f, k=k: _fits(est(f, k, 1, c).total, budget)), -i, f, k)
+                   for i, (f, k) in enumerate(combos)]
+        ctx, _, fmt, kv = max(longest)
+        if ctx >= 1:
+            b = est(fmt, kv, 1, ctx)
+            settings = {"weight_format": fmt, "kv_dtype": kv, "context": ctx, "concurrent_sequences": 1}
+            return Plan("infer", True, budget, device, settings, b.total, b, tradeoffs(fmt, kv, ctx), 1.0,
+                        notes=[f"one sequence of at most {ctx} tokens"])
+    ctx = target if context is not None else 1
+    b = min((est(f, k, 1, ctx) for f, k in combos), key=lambda x: x.total)
+    min_budget = math.ceil(b.total / (1 - SAFETY_MARGIN))
+    settings = {**{k: b.settings[k] for k in ("weight_format", "kv_dtype", "context")}, "concurrent_sequences": 1}
+    return Plan("infer", False, budget, device, settings, b.total, b,
+                tradeoffs(settings["weight_format"], settings["kv_dtype"], ctx), 1.0, min_budget,
+                notes=[f"nothing fits {format_bytes(budget)}; the leanest plan needs {format_bytes(min_budget)}"])
+
+
+# ------------------------------------------------------------------------------ CLI and display
+
+
+def plan_for_cli(model_cfg: ModelConfig, task: str, budget_bytes: int | str, seq_len: int | None = None,
+                 global_batch_tokens: int | None = None, world_size: int = 1, device: str = "cpu") -> Plan:
+    """Everything `memlm plan` does besides reading its arguments.
+
+    train / finetune: seq_len defaults to the model's block_size, the global batch to 8
+    sequences per process (TrainConfig's default micro-batch). infer: seq_len is the context
+    (default: block_size).
+    """
+    if task in ("train", "finetune"):
+        seq = seq_len or model_cfg.block_size
+        base = TrainConfig(seq_len=seq, nproc=max(1, world_size))
+        return plan_training(model_cfg, base, budget_bytes, device=device, world_size=world_size,
+                             global_batch_tokens=global_batch_tokens, task=task)
+    if task == "infer":
+        return plan_inference(model_cfg, budget_bytes, context=seq_len, device=device)
+    raise MemlmError(f"unknown task '{task}'", "use train, finetune or infer")
+
+
+def render_plan(plan: Plan):
+    """A rich renderable: verdict, settings, trade-offs and the breakdown of the peak."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    if plan.feasible:
+        head = Text.assemble(
+            ("fits: ", "bold green"),
+            f"predicted peak {format_bytes(plan.predicted_peak)} of {format_bytes(plan.budget_bytes)} "
+            f"(headroom {format_bytes(plan.headroom)})",
+            (f", relative cost x{plan.cost:.2f}" if plan.task != "infer" else ""),
+        )
+    else:
+        head = Text.assemble(
+            ("does not fit: ", "bold red"),
+            f"the leanest plan needs {format_bytes(plan.min_budget or 0)} "
+            f"(budget {format_bytes(plan.budget_bytes)})",
+        )
+    settings = Table(title=f"{plan.task} plan ({plan.device}"
+                           + (f", {plan.world_size} processes" if plan.world_size > 1 else "") + ")")
+    settings.add_column("setting")
+    settings.add_column("value")
+    for k, v in plan.settings.items():
+        settings.add_row(k, str(v))
+    parts: list[Any] = [head, settings]
+    if plan.tradeoffs:
+        parts.append(Text("traded away:\n" + "\n".join(f"  - {t}" for t in plan.tradeoffs)))
+    else:
+        parts.append(Text("traded away: nothing"))
+    for n in plan.notes:
+        parts.append(Text(f"note: {n}", style="dim"))
+    if plan.breakdown is not None:
+        parts.append(plan.breakdown.table())
+    return Group(*parts)

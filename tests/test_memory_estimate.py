@@ -1,0 +1,320 @@
+"""The estimator's terms against the bytes of real tensors (memlm.memory.estimate)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from memlm.config import ModelConfig, TrainConfig, preset
+from memlm.memory import estimate as est
+from memlm.memory.estimate import (
+    Breakdown,
+    activation_bytes,
+    estimate_inference,
+    estimate_training,
+    inference_weight_bytes,
+    kv_cache_bytes,
+    optimizer_state_bytes,
+    param_shapes,
+    saved_for_backward_bytes,
+)
+from memlm.model import Decoder, KVCache
+from memlm.train.loop import compute_loss
+from memlm.train.optim import build_optimizer
+
+# Small models of every flavour: (name, ModelConfig)
+SMALL = {
+    "llama": preset("tiny", n_layer=2, n_embd=64, n_head=4, n_kv_heads=2, ffn_hidden=160, vocab_size=300,
+                    block_size=64),
+    "gpt2": preset("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=300, block_size=64),
+    "untied-sinusoidal": ModelConfig(vocab_size=300, block_size=64, n_layer=3, n_head=4, n_embd=64,
+                                     positions="sinusoidal", tied_embeddings=False, bias=False, mlp="swiglu"),
+    "mha-rope-layernorm": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=64,
+                                      positions="rope", norm="layernorm", head_dim=48),
+}
+
+
+def _model(cfg: ModelConfig, precision: str = "fp32") -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    if precision == "bf16":  # as memlm.train.loop does it
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+@pytest.mark.parametrize("name", list(SMALL) + ["tiny", "gpt2", "smollm2-135m"])
+def test_param_shapes_are_the_models(name):
+    cfg = SMALL[name] if name in SMALL else preset(name)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    real = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert [(s.name, s.shape) for s in param_shapes(cfg)] == real
+    assert sum(s.numel for s in param_shapes(cfg)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_weights_and_gradients_are_exact(name, precision):
+    cfg = SMALL[name]
+    model = _model(cfg, precision)
+    tc = TrainConfig(micro_batch=2, seq_len=16, precision=precision)
+    b = estimate_training(cfg, tc)
+    tensors = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    assert b.term("weights", "optimizer step") == tensors
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    compute_loss(model, x, x, tc).backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    assert b.term("gradients", "optimizer step") == grads
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "sgd"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "untied-sinusoidal"])
+def test_optimizer_states_are_exact_after_a_real_step(name, optimizer):
+    cfg = SMALL[name]
+    if optimizer == "adamw8bit":  # make some tensors big enough to get 8-bit states
+        cfg = dataclasses.replace(cfg, vocab_size=1000)
+    model = _model(cfg)
+    tc = TrainConfig(micro_batch=2, seq_len=16, optimizer=optimizer)
+    opt = build_optimizer(model, tc)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    compute_loss(model, x, x, tc).backward()
+    opt.step()
+    real = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+               if torch.is_tensor(t))
+    assert real > 0
+    assert sum(optimizer_state_bytes(s, optimizer) for s in param_shapes(cfg)) == real
+    assert estimate_training(cfg, tc).term("optimizer_states", "optimizer step") == real
+
+
+def test_adamw8bit_constants_follow_the_optimizer():
+    from memlm.train import lowbit
+
+    assert (est.ADAMW8BIT_BLOCK, est.ADAMW8BIT_MIN_NUMEL, est.ADAMW8BIT_SLICE) == (
+        lowbit.BLOCK, lowbit.MIN_QUANTIZED_NUMEL, lowbit.SLICE)
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+def saved_tensor_bytes(model: Decoder, run) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` executes (parameters and
+    buffers excluded: they exist anyway). Checkpointed blocks hide their saved tensors behind
+    their own hooks and keep only their input, which a pre-hook records instead."""
+    exclude = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: dict[int, int] = {}
+
+    def record(t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        if s.nbytes() and s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+
+    def pack(t):
+        record(t)
+        return t
+
+    def block_input(module, args):
+        if model.checkpoint_every:
+            record(args[0])
+
+    handles = [b.register_forward_pre_hook(block_input) for i, b in enumerate(model.blocks)
+               if model.checkpoint_every and i % model.checkpoint_every == 0]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    del out
+    return sum(seen.values())
+
+
+ACTIVATION_CASES = [
+    ("llama", {}),
+    ("gpt2", {}),
+    ("untied-sinusoidal", {}),
+    ("mha-rope-layernorm", {}),
+    ("gpt2", {"dropout": 0.1}),  # SDPA's math path: (T, T) weights, dropout masks
+    ("llama", {"dropout": 0.1}),  # ... with GQA: k, v repeated to every head
+]
+
+
+@pytest.mark.parametrize("train", [
+    {},
+    {"precision": "bf16-autocast"},
+    {"precision": "bf16"},
+    {"activation_checkpointing": 1},
+    {"activation_checkpointing": 2},
+    {"loss_chunk": 24},
+    {"precision": "bf16-autocast", "activation_checkpointing": 2, "loss_chunk": 32},
+])
+@pytest.mark.parametrize("name,overrides", ACTIVATION_CASES)
+def test_saved_activations_match_autograd(name, overrides, train):
+    cfg = dataclasses.replace(SMALL[name], **overrides)
+    tc = TrainConfig(micro_batch=3, seq_len=40, **train)
+    model = _model(cfg, tc.precision)
+    model.train()
+    model.checkpoint_every = tc.activation_checkpointing
+    torch.manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (3, 40))
+    y = torch.randint(0, cfg.vocab_size, (3, 40))
+    measured = saved_tensor_bytes(model, lambda: compute_loss(model, x, y, tc))
+    predicted = saved_for_backward_bytes(cfg, tc)
+    assert predicted == pytest.approx(measured, rel=0.03)
+
+
+def test_checkpointing_keeps_only_block_inputs():
+    cfg = SMALL["gpt2"]
+    B, T = 4, 64
+    per_block = sum(s.bytes for s in est.block_activations(cfg, B, T))
+    full = activation_bytes(cfg, B, T)
+    every = activation_bytes(cfg, B, T, checkpoint_every=1)
+    assert full - every == cfg.n_layer * (per_block - B * T * cfg.n_embd * 4)
+    assert every < full / 3
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+@pytest.mark.parametrize("kv_dtype,torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mha-rope-layernorm"])
+def test_kv_cache_is_exact(name, kv_dtype, torch_dtype):
+    cfg = SMALL[name]
+    cache = KVCache(cfg, batch_size=3, max_len=50, dtype=torch_dtype)
+    assert kv_cache_bytes(cfg, 3, 50, kv_dtype) == cache.nbytes()
+    b = estimate_inference(cfg, batch=3, context=50, kv_dtype=kv_dtype)
+    assert b["kv_cache"] == cache.nbytes()
+
+
+def _module_bytes(model: torch.nn.Module) -> int:
+    total = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    for m in model.modules():  # the int4 kernel's cached (scale, zero) pairs
+        sz = getattr(m, "_scale_zeros", None)
+        if torch.is_tensor(sz):
+            total += sz.numel() * sz.element_size()
+    return total
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_inference_weights_are_exact(name, fmt):
+    cfg = dataclasses.replace(SMALL[name], n_embd=128, n_head=4, head_dim=None, ffn_hidden=256,
+                              n_kv_heads=2 if name == "llama" else 4)
+    model = _model(cfg).eval()
+    kernel = True
+    if fmt == "bf16":
+        model.to(torch.bfloat16)
+    elif fmt in ("int8", "int4"):
+        from memlm.compress import int4_kernel_available, quantize_model
+
+        quantize_model(model, fmt, progress=False)
+        with torch.no_grad():  # the int4 kernel caches its (scale, zero) pairs on first use
+            model(torch.zeros(1, 2, dtype=torch.long))
+        kernel = int4_kernel_available()
+    assert inference_weight_bytes(cfg, fmt, int4_kernel=kernel) == _module_bytes(model)
+
+
+def test_quantized_embedding_bytes():
+    from memlm.compress import quantize_model
+
+    cfg = dataclasses.replace(SMALL["gpt2"], n_embd=128, ffn_hidden=256)
+    model = _model(cfg).eval()
+    quantize_model(model, "int8", quantize_embedding="int8", progress=False)
+    assert inference_weight_bytes(cfg, "int8", quantize_embedding=True) == _module_bytes(model)
+
+
+def test_inference_workspace_tracks_prompt_and_batch():
+    cfg = preset("gpt2")
+    small = estimate_inference(cfg, batch=1, context=1024, prompt_len=64)
+    big = estimate_inference(cfg, batch=4, context=1024, prompt_len=512)
+    assert big["workspace"] > 20 * small["workspace"]
+    assert big["kv_cache"] == 4 * small["kv_cache"]
+    assert small["weights"] == big["weights"]
+
+
+# ------------------------------------------------------------------------------ the breakdown
+
+
+def test_breakdown_total_is_the_peak_phase():
+    b = estimate_training(preset("tiny"), TrainConfig(micro_batch=8, seq_len=256))
+    assert b.total == max(b.phases.values()) == b.phases[b.peak_phase]
+    assert sum(t.bytes for t in b.terms) == b.total
+    for name, terms in b.phase_terms.items():
+        assert sum(t.bytes for t in terms) == b.phases[name]
+    assert all(t.formula for t in b.terms)
+
+
+def test_peak_phase_moves_with_the_settings():
+    tiny, gpt2 = preset("tiny"), preset("gpt2")
+    # many tokens through a small model: the loss (logits) is the peak
+    assert estimate_training(tiny, TrainConfig(micro_batch=8, seq_len=256)).peak_phase == "backward: loss"
+    # one short sequence through a big model: weights + grads + states + the step's temporaries
+    untied = dataclasses.replace(gpt2, tied_embeddings=False)
+    assert estimate_training(untied, TrainConfig(micro_batch=1, seq_len=64)).peak_phase == "optimizer step"
+    # fused backward has no optimizer phase and no full set of gradients
+    fused = estimate_training(gpt2, TrainConfig(micro_batch=1, seq_len=64, fused_backward=True, grad_clip=0.0))
+    plain = estimate_training(gpt2, TrainConfig(micro_batch=1, seq_len=64))
+    assert "optimizer step" not in fused.phases
+    assert fused.total < plain.total
+    # at the end only the (tied) embedding's gradient is left, next to its own optimizer step
+    head = gpt2.vocab_size * gpt2.n_embd * 4
+    assert fused.term("gradients", "backward: end") == head < plain.term("gradients", "optimizer step")
+
+
+def test_savers_save():
+    cfg = preset("w3")
+    base = TrainConfig(micro_batch=8, seq_len=256)
+    total = estimate_training(cfg, base).total
+    for change in ({"loss_chunk": 512}, {"activation_checkpointing": 1}, {"optimizer": "adamw8bit"},
+                   {"optimizer": "adafactor"}, {"micro_batch": 2, "grad_accum": 4}):
+        assert estimate_training(cfg, dataclasses.replace(base, **change)).total < total, change
+
+
+def test_sharding_divides_states():
+    cfg = preset("gpt2")
+    tc = TrainConfig(micro_batch=1, seq_len=128)
+    one = estimate_training(cfg, tc)
+    fsdp = estimate_training(cfg, tc, world_size=4, strategy="fsdp")
+    ddp = estimate_training(cfg, tc, world_size=4, strategy="ddp")
+    phase = "optimizer step"
+    assert fsdp.term("optimizer_states", phase) == one.term("optimizer_states", phase) // 4
+    assert fsdp.term("gradients", phase) == one.term("gradients", phase) // 4
+    assert ddp.term("optimizer_states", phase) == one.term("optimizer_states", phase)
+    assert ddp.term("sharding_buffers", phase) == est.DDP_BUCKET_BYTES
+    assert fsdp.total < ddp.total
+
+
+def test_breakdown_renders_and_serialises():
+    b = estimate_inference(preset("gpt2"), batch=2, context=512, weight_format="int8")
+    console = Console(record=True, width=120)
+    console.print(b.table())
+    text = console.export_text()
+    assert "kv_cache" in text and "weights" in text and "total" in text
+    d = json.loads(json.dumps(b.to_dict()))
+    assert d["total_bytes"] == b.total and isinstance(b, Breakdown)
+
+
+def test_runtime_overhead_is_the_recorded_constant():
+    b = estimate_training(preset("tiny"), TrainConfig(micro_batch=1, seq_len=16))
+    assert b["runtime"] == est.RUNTIME_BYTES["cpu"]["train"]
+    assert estimate_inference(preset("tiny"), context=32)["runtime"] == est.RUNTIME_BYTES["cpu"]["infer"]
+    assert estimate_training(preset("tiny"), TrainConfig(micro_batch=1, seq_len=16), device="cuda")["runtime"] == 0
+
+
+@pytest.mark.slow
+def test_predicted_peak_matches_a_fresh_process():
+    """One row of bench/memory_accuracy.py: predicted vs measured peak RSS within 10%."""
+    from bench.memory_accuracy import predict, run_worker
+
+    row = {"name": "t", "task": "train", "model": "gpt2", "overrides": {"n_layer": 2},
+           "train": {"micro_batch": 2, "seq_len": 128}}
+    measured = run_worker(row)["peak"]
+    assert predict(row).total == pytest.approx(measured, rel=0.10)
