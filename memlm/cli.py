@@ -79,15 +79,19 @@ def train(
     init_from: Annotated[Optional[str], typer.Option(help="Fine-tune from this model name or path.")] = None,
     memory_budget: Annotated[Optional[str], typer.Option(help="Let the planner fit the run in e.g. 2GiB.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(help="Processes on this machine (started through torchrun).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="With several processes: ddp | fsdp.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder's last checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any key: model.n_layer=4, train.eval_every=50.")] = None,
 ):
     """Train a model from scratch or fine-tune one (flags override the config file)."""
+    from memlm.train import distributed
     from memlm.train.loop import train as run_training
 
     flags = {"out_dir": out_dir, "corpus": corpus, "steps": steps, "micro_batch": micro_batch,
              "grad_accum": grad_accum, "seq_len": seq_len, "lr": lr, "precision": precision,
-             "optimizer": optimizer, "init_from": init_from, "memory_budget": memory_budget, "device": device}
+             "optimizer": optimizer, "init_from": init_from, "memory_budget": memory_budget, "device": device,
+             "nproc": nproc, "strategy": strategy}
     overrides = _parse_set(set_ or [])
     overrides["train"].update({k: v for k, v in flags.items() if v is not None})
     if config is None and preset is None and "preset" not in overrides["model"] and not resume:
@@ -95,9 +99,50 @@ def train(
     if resume and config is None and out_dir:  # the run folder remembers everything
         config = Path(out_dir) / "config.toml"
     model_cfg, train_cfg = resolve_configs(config, preset, overrides)
+    if (train_cfg.nproc > 1 or train_cfg.cpu_offload) and not distributed.launched_by_torchrun():
+        _launch_torchrun(train_cfg, config, preset, flags, set_ or [], resume)
     result = run_training(train_cfg, model_cfg, resume=resume, console=console)
-    out.print(f"trained {result.final_step} steps: last loss {result.last_loss:.4f}, "
-              f"{result.tokens_per_s:,.0f} tokens/s; run saved in {result.run_dir}")
+    distributed.shutdown()
+    if distributed.is_main_process():
+        out.print(f"trained {result.final_step} steps: last loss {result.last_loss:.4f}, "
+                  f"{result.tokens_per_s:,.0f} tokens/s; run saved in {result.run_dir}")
+
+
+def _launch_torchrun(train_cfg, config: Optional[Path], preset: Optional[str], flags: dict, sets: list[str],
+                     resume: bool) -> None:
+    """Replace this process by torchrun running `memlm train` once per rank, with the same settings.
+
+    The ranks get the settings as --config/--preset/--set, so this works however memlm was started;
+    they find themselves under torchrun (RANK, WORLD_SIZE) and train instead of launching again.
+    """
+    import os
+
+    from memlm.train import distributed
+    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.train.loop import resolve_device
+
+    # The mistakes we can see from here fail now, with one message, not once per rank.
+    distributed.check_config(train_cfg, train_cfg.nproc, resolve_device(train_cfg.device))
+    if not resume and latest_checkpoint(train_cfg.out_dir) is not None:
+        raise MemlmError(f"run folder {train_cfg.out_dir} already has checkpoints",
+                         "pass --resume to continue it or choose another --out")
+    args = ["train"]
+    if config is not None:
+        args += ["--config", str(config)]
+    if preset is not None:
+        args += ["--preset", preset]
+    for item in sets:
+        args += ["--set", item]
+    for key, value in flags.items():
+        if value is not None and key != "nproc":
+            args += ["--set", f"train.{key}={json.dumps(value)}"]  # a JSON string or number is TOML too
+    if resume:
+        args.append("--resume")
+    cmd = distributed.torchrun_command(train_cfg.nproc, args)
+    console.print(f"starting {train_cfg.nproc} processes: {' '.join(cmd[1:])}", style="dim", markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
 
 
 # ---- generate / chat ---------------------------------------------------------------------------
@@ -240,6 +285,32 @@ def evaluate(
                   f"peak memory {format_bytes(pm.peak_bytes)}")
 
 
+# ---- plan ----------------------------------------------------------------------------------------
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset (gpt2, tiny, ...), known model or path.")],
+    budget: Annotated[str, typer.Option(help="Memory per process, e.g. 2GiB, 512MiB, 1.5GB.")],
+    task: Annotated[str, typer.Option(help="train | finetune | infer.")] = "train",
+    seq_len: Annotated[Optional[int], typer.Option(help="Training length, or the context for infer.")] = None,
+    global_batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per optimizer step.")] = None,
+    world_size: Annotated[int, typer.Option(help="Processes (data parallel).")] = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+):
+    """Predict peak memory and pick the fastest settings that fit a budget."""
+    from memlm.loading import model_config_of
+    from memlm.memory.plan import plan_for_cli, render_plan
+
+    chosen = plan_for_cli(model_config_of(model), task, budget, seq_len, global_batch_tokens, world_size, device)
+    if as_json:
+        out.print_json(json.dumps(chosen.to_json()))
+    else:
+        out.print(render_plan(chosen))
+    if not chosen.feasible:
+        raise typer.Exit(1)
+
+
 # ---- models in and out ---------------------------------------------------------------------------
 
 @app.command()
@@ -277,6 +348,78 @@ def models():
         where = str(path) if path else f"not installed: {BUILTIN[name][1]}"
         out.print(f"{name:28s} {where}", markup=False)
     out.print(f"(model folders are looked up in {', '.join(str(d) for d in models_dirs())})", style="dim")
+
+
+# ---- compress / distill --------------------------------------------------------------------------
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="A known model name or a path.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (loads with memlm.load).")],
+    method: Annotated[list[str], typer.Option(
+        "--method", help="int8 | int4 | int3 | gptq4 | gptq3 | prune | prune24 | prune-ffn | prune-heads | lowrank; "
+                         "repeat to compose (applied in order, a quantization last).")],
+    group_size: Annotated[int, typer.Option(help="int4/int3/gptq group size: 128, 64 or 32 (an upper bound).")] = 128,
+    sparsity: Annotated[float, typer.Option(help="prune: fraction of weights zeroed.")] = 0.5,
+    keep: Annotated[float, typer.Option(help="prune-ffn / prune-heads: fraction of neurons / KV heads kept.")] = 0.75,
+    rank: Annotated[Optional[int], typer.Option(help="lowrank: one rank for every layer.")] = None,
+    energy: Annotated[Optional[float], typer.Option(help="lowrank: keep this fraction of the spectrum (default 0.9).")] = None,
+    act_order: Annotated[bool, typer.Option("--act-order", help="gptq: columns with the most input energy first.")] = False,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens for gptq / prune-ffn / prune-heads.")] = 16384,
+    calib_corpus: Annotated[str, typer.Option(help="Calibration text: 'default' or a path (its train split).")] = "default",
+    quantize_embedding: Annotated[Optional[str], typer.Option(help="int8: quantize the embedding (and tied head) too.")] = None,
+    eval_tokens: Annotated[Optional[int], typer.Option(help="Perplexity on the first N eval tokens only (default: all).")] = None,
+    eval_corpus: Annotated[str, typer.Option(help="Perplexity text: 'default' or a path (its eval split).")] = "default",
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the perplexity before and after.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Compress a model (quantize, prune, factor) and save it; prints sizes, perplexity and memory."""
+    from memlm.compress.pipeline import CompressOptions, compress_to_folder
+
+    options = CompressOptions(
+        group_size=group_size, sparsity=sparsity, keep=keep, rank=rank, energy=energy, act_order=act_order,
+        calib_tokens=calib_tokens, calib_corpus=calib_corpus, quantize_embedding=quantize_embedding,
+        eval=not no_eval, eval_corpus=eval_corpus, eval_tokens=eval_tokens, progress=not as_json,
+    )
+    summary = compress_to_folder(model, out_path, method, options, console=console)
+    if as_json:
+        out.print_json(json.dumps(summary.to_dict()))
+        return
+    out.print(summary.table())
+    for note in summary.notes:
+        out.print(f"note: {note}", style="dim")
+    out.print(f"saved to {summary.out} ({summary.seconds:.1f} s compressing)")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str, typer.Option(help="The teacher: a known model name or a path.")],
+    student_config: Annotated[Optional[Path], typer.Option(help="TOML file with the student's [model] (and [train]).")] = None,
+    student_preset: Annotated[Optional[str], typer.Option(help="The student's model preset: tiny, ...")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder of the student.")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="'default', a file, folder, glob or .jsonl.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Sequences per forward pass.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Training context length.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the soft targets.")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (1 - alpha: cross-entropy).")] = 0.5,
+    teacher_quant: Annotated[Optional[str], typer.Option(help="int8 | int4: quantize the teacher to save memory.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any key: model.n_layer=4, train.eval_every=50.")] = None,
+):
+    """Train a small student on a teacher's softened predictions (knowledge distillation)."""
+    from memlm.train.distill import distill as run_distill
+
+    if student_config is None and student_preset is None:
+        raise MemlmError("no student model given", "pass --student-config FILE.toml or --student-preset NAME")
+    flags = {"out_dir": out_dir, "corpus": corpus, "steps": steps, "micro_batch": micro_batch, "seq_len": seq_len,
+             "lr": lr}
+    overrides = _parse_set(set_ or [])
+    overrides["train"].update({k: v for k, v in flags.items() if v is not None})
+    model_cfg, train_cfg = resolve_configs(student_config, student_preset, overrides)
+    result = run_distill(teacher, train_cfg, model_cfg, temperature, alpha, teacher_quant, console=console)
+    out.print(f"distilled {result.final_step} steps: last loss {result.last_loss:.4f}, "
+              f"{result.tokens_per_s:,.0f} tokens/s; student saved in {result.run_dir}")
 
 
 # ---- demo ----------------------------------------------------------------------------------------

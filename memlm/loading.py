@@ -107,6 +107,28 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     return load_run(path, dtype)
 
 
+def model_config_of(name_or_path: str | Path):
+    """The ModelConfig of a preset, known model or path, without loading any weights."""
+    import json
+
+    from memlm.config import PRESETS, ModelConfig, load_toml, preset
+
+    if str(name_or_path) in PRESETS:
+        return preset(str(name_or_path))
+    kind, path = resolve(name_or_path)
+    if kind == "gguf":
+        from memlm.interop.gguf import read_gguf_config
+
+        return read_gguf_config(path)
+    if kind == "hf":
+        from memlm.interop.hf import config_from_hf
+
+        return config_from_hf(json.loads((path / "config.json").read_text()))
+    if kind == "compressed":
+        return ModelConfig.from_dict(json.loads((path / "memlm_model.json").read_text())["config"])
+    return ModelConfig.from_dict(load_toml(path / "config.toml")["model"])
+
+
 def load_run(run_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, Tokenizer]:
     """The latest checkpoint of a memlm training run."""
     from safetensors.torch import load_file

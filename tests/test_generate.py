@@ -149,3 +149,12 @@ def test_strided_windows_score_every_token_once():
     assert scored == set(range(1, plan[-1][0] + 40))
     with pytest.raises(MemlmError):
         window_plan(10, window=40)
+
+
+def test_bf16_kv_cache_with_fp32_compute(model):
+    """A half-size cache for an fp32 model: same greedy tokens as the fp32 cache on this model."""
+    prompt = [5, 17, 99, 3, 42]
+    s = SamplingSettings(max_new_tokens=8, temperature=0, ignore_eos=True)
+    fp32 = list(generate_ids(model, prompt, s, 256))
+    bf16 = list(generate_ids(model, prompt, s, 256, cache_dtype=torch.bfloat16))
+    assert len(bf16) == 8 and sum(a == b for a, b in zip(fp32, bf16)) >= 6

@@ -28,7 +28,10 @@ class KVCache:
             )
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if keys.dtype != k.dtype:  # a low-precision cache for higher-precision compute: widen per layer
+            keys, values = keys.to(k.dtype), values.to(k.dtype)
+        return keys, values
 
     def reset(self) -> None:
         self.length = 0
