@@ -304,7 +304,7 @@ def plan(
 
     chosen = plan_for_cli(model_config_of(model), task, budget, seq_len, global_batch_tokens, world_size, device)
     if as_json:
-        out.print_json(json.dumps(chosen.to_json()))
+        out.print_json(chosen.to_json())
     else:
         out.print(render_plan(chosen))
     if not chosen.feasible:

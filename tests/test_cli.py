@@ -121,3 +121,23 @@ def test_resume_with_a_different_model_config_is_refused(tiny_run):
 def test_existing_run_is_not_overwritten(tiny_run):
     proc = memlm("train", "--corpus", "corpus.txt", "--out", "runs/small", "--steps", "2", cwd=tiny_run)
     assert_user_error(proc, "already has checkpoints", "--resume")
+
+
+def test_memory_budget_applies_the_plan_or_refuses(tiny_run):
+    from memlm.config import ModelConfig, TrainConfig, load_toml
+    from memlm.memory.plan import fit_training
+
+    args = ["train", "--corpus", "corpus.txt", "--steps", "2", "--micro-batch", "8", "--seq-len", "64",
+            "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=4",
+            "--set", "model.block_size=64", "--set", "train.tokenizer=\"runs/small/tokenizer.json\""]
+    proc = memlm(*args, "--out", "runs/budget-none", "--memory-budget", "10MiB", cwd=tiny_run)
+    assert_user_error(proc, "nothing fits the memory budget 10.0 MiB", "memlm plan")
+    assert not (tiny_run / "runs" / "budget-none" / "checkpoints").exists()
+
+    proc = memlm(*args, "--out", "runs/budget", "--memory-budget", "1GiB", cwd=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    saved = load_toml(tiny_run / "runs" / "budget" / "config.toml")
+    expected, _ = fit_training(ModelConfig.from_dict(saved["model"]),
+                               TrainConfig.from_dict({**saved["train"], "micro_batch": 8, "grad_accum": 1}))
+    for key in ("micro_batch", "grad_accum", "optimizer", "precision", "activation_checkpointing", "loss_chunk"):
+        assert saved["train"][key] == getattr(expected, key)

@@ -411,3 +411,21 @@ def render_plan(plan: Plan):
     if plan.breakdown is not None:
         parts.append(plan.breakdown.table())
     return Group(*parts)
+
+
+def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu") -> tuple[TrainConfig, Plan]:
+    """Apply `train_cfg.memory_budget`: the run's config with the chosen plan's settings.
+
+    The global batch of the given config is kept; the plan is a pure function of the two
+    configs, so a resumed run re-derives the same settings.
+    """
+    plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
+                         world_size=max(1, train_cfg.nproc))
+    if not plan.feasible:
+        raise MemlmError(
+            f"nothing fits the memory budget {format_bytes(plan.budget_bytes)}: "
+            f"the leanest plan needs {format_bytes(plan.min_budget)}",
+            "raise --memory-budget, shorten --seq-len or pick a smaller model (see: memlm plan)",
+        )
+    keys = [k for k in plan.settings if k in {f.name for f in dataclasses.fields(TrainConfig)}]
+    return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys}), plan
