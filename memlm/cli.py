@@ -145,6 +145,21 @@ def _launch_torchrun(train_cfg, config: Optional[Path], preset: Optional[str], f
     os.execv(cmd[0], cmd)
 
 
+def estimate_inference_of(model, batch: int, context: int, prompt_len: int):
+    from memlm.memory.estimate import estimate_for_model
+
+    return estimate_for_model(model, batch, context, prompt_len).total
+
+
+def _report_peak(predicted: int) -> None:
+    """Predicted vs measured whole-process peak (VmHWM on CPU), on stderr."""
+    from memlm.memory.measure import format_bytes, peak_rss_bytes
+
+    measured = peak_rss_bytes()
+    console.print(f"peak memory: predicted {format_bytes(predicted)}, measured {format_bytes(measured)} "
+                  f"({(measured - predicted) / max(predicted, 1):+.0%})", style="dim")
+
+
 # ---- generate / chat ---------------------------------------------------------------------------
 
 def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed):
@@ -187,6 +202,9 @@ def generate(
     for piece in lm.stream_pieces(text, **vars(settings)):
         out.print(piece.text, end="", markup=False)
     out.print()
+    n_prompt = len(lm.tokenizer.encode(text))
+    context = min(n_prompt + max_new_tokens, lm.config.block_size)
+    _report_peak(estimate_inference_of(lm.model, 1, context, n_prompt))
 
 
 @app.command()
@@ -277,12 +295,14 @@ def evaluate(
               "tokens": len(ids), "windows": result.n_windows, "scored": result.n_scored,
               "ppl": result.ppl, "nll": result.nll, "tokens_per_s": result.tokens_per_s,
               "peak_bytes": pm.peak_bytes}
+    predicted = estimate_inference_of(lm.model, batch_size, window, window)
+    record["predicted_peak_bytes"] = predicted
     if as_json:
         out.print_json(json.dumps(record))
     else:
         out.print(f"perplexity {result.ppl:.3f} (nll {result.nll:.4f}) over {result.n_scored:,} tokens in "
-                  f"{result.n_windows} windows of {window}; {result.tokens_per_s:,.0f} tokens/s; "
-                  f"peak memory {format_bytes(pm.peak_bytes)}")
+                  f"{result.n_windows} windows of {window}; {result.tokens_per_s:,.0f} tokens/s")
+        _report_peak(predicted)
 
 
 # ---- plan ----------------------------------------------------------------------------------------
@@ -394,7 +414,7 @@ def compress(
 @app.command()
 def distill(
     teacher: Annotated[str, typer.Option(help="The teacher: a known model name or a path.")],
-    student_config: Annotated[Optional[Path], typer.Option(help="TOML file with the student's [model] (and [train]).")] = None,
+    student_config: Annotated[Optional[Path], typer.Option(help="TOML file with the student's model (and train) sections.")] = None,
     student_preset: Annotated[Optional[str], typer.Option(help="The student's model preset: tiny, ...")] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder of the student.")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="'default', a file, folder, glob or .jsonl.")] = None,

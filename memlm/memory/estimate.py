@@ -798,3 +798,18 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
     settings = {"batch": batch, "context": context, "weight_format": weight_format, "kv_dtype": kv_dtype,
                 "prompt_len": prompt_len, "quantize_embedding": quantize_embedding}
     return Breakdown("infer", device, terms, peak_phase, phases, settings)
+
+
+def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None) -> Breakdown:
+    """`estimate_inference` for a loaded model: its weight format read off its modules."""
+    import torch
+
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "Int4Linear" in kinds:
+        fmt = "int4"
+    elif "Int8Linear" in kinds:
+        fmt = "int8"
+    else:
+        fmt = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
+    return estimate_inference(model.config, batch, context, fmt, prompt_len=prompt_len,
+                              quantize_embedding="Int8Embedding" in kinds)
