@@ -167,8 +167,11 @@ class TrainConfig:
     fused_backward: bool = False  # optimizer step inside backward, each grad freed at once
     activation_checkpointing: int = 0  # 0 off; k: checkpoint every k-th block
     loss_chunk: int = 0  # 0: full logits; n: cross-entropy over chunks of n tokens
+    stochastic_rounding: bool = True  # precision "bf16": round each update to bf16 at random, unbiased
     seq_len_warmup: list[int] = field(default_factory=list)  # e.g. [64, 128]: short contexts first
     seq_len_warmup_steps: int = 0  # steps spent on each warmup length
+    batch_ramp: list[int] = field(default_factory=list)  # e.g. [2, 4]: smaller micro-batches first
+    batch_ramp_steps: int = 0  # steps spent on each ramp micro-batch size
     eval_every: int = 200
     eval_batches: int = 10
     save_every: int = 500
@@ -177,8 +180,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # 0: torch's default
     memory_budget: str | None = None  # e.g. "2GiB": let the planner pick the savers
-    nproc: int = 1
+    nproc: int = 1  # processes on this machine (`memlm train --nproc N` starts torchrun)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    cpu_offload: bool = False  # fsdp on GPU: keep parameter/gradient/optimizer shards in CPU memory
+    dist_timeout_s: int = 600  # how long a collective waits for the other processes before failing
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,6 +210,32 @@ class TrainConfig:
                 "train config: fused_backward cannot be combined with grad_clip",
                 "clipping needs every gradient at once; set grad_clip = 0 or drop fused_backward",
             )
+        for name in ("loss_chunk", "activation_checkpointing", "seq_len_warmup_steps", "batch_ramp_steps"):
+            if getattr(self, name) < 0:
+                raise MemlmError(f"train config: {name} must not be negative, got {getattr(self, name)}",
+                                 "0 switches it off")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise MemlmError(f"train config: seq_len must be at least 1, got {self.seq_len}")
+        self._check_ramp("seq_len_warmup", self.seq_len_warmup, self.seq_len_warmup_steps, "seq_len", self.seq_len)
+        self._check_ramp("batch_ramp", self.batch_ramp, self.batch_ramp_steps, "micro_batch", self.micro_batch)
+
+    @staticmethod
+    def _check_ramp(name: str, values: list[int], steps: int, full_name: str, full: int | None) -> None:
+        """A warmup list must be positive, strictly increasing, no larger than the full value, and
+        come with a number of steps per entry."""
+        if not values:
+            return
+        if any(v < 1 for v in values):
+            raise MemlmError(f"train config: {name} values must be positive, got {values}")
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise MemlmError(f"train config: {name} must be strictly increasing, got {values}",
+                             "list the phases from shortest to longest, e.g. [64, 128]")
+        if full is not None and values[-1] > full:
+            raise MemlmError(f"train config: {name} {values} goes beyond {full_name} = {full}",
+                             f"every phase must be at most {full_name}; the run ends at {full_name}")
+        if steps < 1:
+            raise MemlmError(f"train config: {name} is set but {name}_steps is {steps}",
+                             f"set {name}_steps to the number of steps each phase lasts")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

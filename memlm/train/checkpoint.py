@@ -12,6 +12,20 @@ Nothing is pickled, so loading a checkpoint can never run code. A checkpoint is 
 `.step-000123.tmp/`, every file is fsynced, and only then is the folder renamed to its final
 name, so a folder called `step-*` is always complete. Leftover `.tmp` folders from a crash are
 ignored and removed by the next save.
+
+A run on several processes (memlm.train.distributed) writes a sharded checkpoint instead:
+
+    dcp/                   torch.distributed.checkpoint: each rank's shard of the weights and
+                           optimizer state (`__<rank>_0.distcp`) plus `.metadata`
+    model.safetensors      the full weights, gathered by rank 0 (so `memlm.load(run)` works)
+    rng.safetensors        rank 0's RNG states
+    trainer_state.json     as above, plus world_size and strategy
+
+Every rank writes its shard into the same `.tmp` folder; after a barrier rank 0 writes the rest
+and renames the folder, so the commit is as atomic as in one process. DCP's `.metadata` file is
+a pickle: load sharded checkpoints only from runs you trust (your own). DCP reshards on load,
+so a run saved by N processes resumes on M (1 included), and a single-process checkpoint
+resumes on several processes.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +51,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+DCP_DIR = "dcp"  # the shards of a checkpoint saved by several processes
 _NAME = re.compile(r"^step-(\d+)$")
 _TMP = re.compile(r"^\.step-.*\.tmp$")
 # Fields that do not change the weights' shapes or meaning; a checkpoint loads across them.
@@ -245,7 +261,8 @@ def _check_model_config(path: Path, state: dict[str, Any], model: nn.Module) -> 
         )
 
 
-def _load_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> None:
+def _read_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state saved in `file`, in torch's layout (state keyed by parameter index)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
@@ -271,8 +288,12 @@ def _load_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> None:
     for name in json.loads(metadata.get("nones", "[]")):
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = None
+    return {"state": state, "param_groups": groups}
+
+
+def _load_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> None:
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict(_read_optimizer(file, optimizer))
     except (ValueError, KeyError) as e:
         raise MemlmError(
             f"the optimizer state in {file} does not fit this optimizer: {e}",
@@ -313,10 +334,252 @@ def load_checkpoint(
                 f"checkpoint {path} has no optimizer state", "it was saved for inference only; start a new run from it"
             )
         _load_optimizer(file, optimizer)
-    if restore_rng and (path / RNG_FILE).is_file():
-        rng = load_file(str(path / RNG_FILE))
-        torch.set_rng_state(rng["torch_cpu"])
-        cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if restore_rng:
+        _restore_rng(path)
     return state
+
+
+def _restore_rng(path: Path) -> None:
+    if not (path / RNG_FILE).is_file():
+        return
+    rng = load_file(str(path / RNG_FILE))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+# ------------------------------------------------------------- sharded (several processes)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint folder was saved by several processes (it holds DCP shards)."""
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` from every process at once; every rank must call it.
+
+    `model` is the FSDP-sharded model or, under DDP, the plain module inside the wrapper.
+    Rank 0 prepares `.step-N.tmp/`; every rank writes its shard into it (DCP, fsynced); the full
+    weights are gathered to rank 0, which writes model.safetensors, the RNG states and
+    trainer_state.json, fsyncs, renames the folder to `step-N` and prunes old checkpoints. A
+    last barrier keeps every rank here until the checkpoint is committed.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    if keep_last < 1:
+        raise MemlmError(f"keep_last must be at least 1, got {keep_last}")
+    trainer_state = dict(state)
+    trainer_state["step"] = step
+    config = getattr(model, "config", None)
+    if "model_config" not in trainer_state and hasattr(config, "to_dict"):
+        trainer_state["model_config"] = config.to_dict()
+    if optimizer is not None:
+        trainer_state["optimizer"] = type(optimizer).__name__
+    trainer_state.setdefault("saved_at", time.time())
+    try:  # on every rank, before any collective: a failure here must not leave the others waiting
+        text = json.dumps(trainer_state, indent=2) + "\n"
+    except TypeError as e:
+        raise MemlmError(f"trainer state is not JSON-serializable: {e}") from e
+
+    main = _rank() == 0
+    folder = Path(run_dir) / CHECKPOINTS
+    name = checkpoint_name(step)
+    tmp = folder / f".{name}.tmp"
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
+        tmp.mkdir()
+    _barrier()  # the folder exists (and no stale one) before anyone writes into it
+
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        shards = {"model": model_sd, "optim": optim_sd}
+    else:
+        shards = {"model": get_model_state_dict(model)}
+    # Returns on every rank only after rank 0 has written .metadata, which it does once every
+    # rank reported its shard written, so the shards are complete here.
+    dcp.save(shards, checkpoint_id=tmp / DCP_DIR)
+    del shards
+    # A collective too; with cpu_offload only rank 0 receives the tensors (in CPU memory).
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    final = folder / name
+    if main:
+        if getattr(config, "tied_embeddings", False):  # a shared tensor is stored once
+            full.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / MODEL_FILE),
+                  metadata={"format": "memlm-model-1"})
+        save_file(_rng_tensors(), str(tmp / RNG_FILE))
+        (tmp / STATE_FILE).write_text(text, encoding="utf-8")
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # saving the same step again: move the old one aside first
+            old = folder / f".{name}.old.tmp"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(folder)
+        prune_checkpoints(run_dir, keep_last)
+    del full
+    _barrier()
+    return final
+
+
+def _optimizer_by_name(file: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A single-process optimizer file in the layout of torch.distributed's state-dict helpers:
+    state and param groups keyed by parameter name instead of position.
+
+    Position i is the i-th parameter over the optimizer's groups, which `build_optimizer` makes
+    in the same order for the same model, wrapped or not.
+    """
+    saved = _read_optimizer(file, optimizer)
+    names = {p: n for n, p in model.named_parameters()}  # a tied weight has one name here
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    if sum(len(g["params"]) for g in saved["param_groups"]) != len(order):
+        raise MemlmError(
+            f"the optimizer state in {file} does not fit this optimizer",
+            "resume with the same optimizer and model as the checkpoint",
+        )
+    return {
+        "state": {order[i]: value for i, value in saved["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+
+
+def load_sharded_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = False,
+) -> dict[str, Any]:
+    """Load a checkpoint of either format into a sharded (FSDP), replicated (the module inside
+    DDP) or plain model, in place; return its trainer state.
+
+    With a process group running, every rank must call it. A sharded checkpoint is read through
+    DCP, which gives each rank its part whatever the world size that saved it (without a process
+    group it loads everything into this one process). A single-process checkpoint is read whole
+    by every rank and split with `set_state_dict(full_state_dict=True)`.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    _check_model_config(path, state, model)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise MemlmError(
+            f"cannot load {path} into a {type(optimizer).__name__} through torch.distributed",
+            "this optimizer setup (per-parameter stepping: fused_backward or pure bf16 weights) only "
+            "resumes from single-process checkpoints in one process; use precision fp32 or bf16-autocast",
+        )
+    saved_kind = state.get("optimizer")
+    if optimizer is not None and saved_kind is not None and saved_kind != type(optimizer).__name__:
+        raise MemlmError(
+            f"the optimizer state in {path} is for {saved_kind}, not {type(optimizer).__name__}",
+            "resume with the optimizer the run was trained with",
+        )
+    try:
+        if is_sharded(path):
+            if optimizer is not None:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                shards = {"model": model_sd, "optim": optim_sd}
+            else:
+                shards = {"model": get_model_state_dict(model)}
+            no_dist = not (dist.is_available() and dist.is_initialized())
+            with warnings.catch_warnings():  # DCP warns that no process group means one process: we know
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(shards, checkpoint_id=path / DCP_DIR, no_dist=no_dist)
+            if optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
+            else:
+                set_model_state_dict(model, shards["model"])
+        else:
+            if optimizer is not None and not (path / OPTIMIZER_FILE).is_file():
+                raise MemlmError(f"checkpoint {path} has no optimizer state",
+                                 "it was saved for inference only; start a new run from it")
+            full = load_file(str(path / MODEL_FILE))
+            if getattr(getattr(model, "config", None), "tied_embeddings", False):
+                # safetensors kept one of the two names; torch.distributed expects the first one
+                shared = full.pop("lm_head.weight", None)
+                full.setdefault("tok_emb.weight", shared)
+            options = StateDictOptions(full_state_dict=True)
+            if optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=full,
+                               optim_state_dict=_optimizer_by_name(path / OPTIMIZER_FILE, model, optimizer),
+                               options=options)
+            else:
+                set_model_state_dict(model, full, options=options)
+    except MemlmError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
+        raise MemlmError(
+            f"cannot load checkpoint {path}: {e}",
+            "resume with the model and optimizer it was saved with; if it is damaged, use an older one",
+        ) from e
+    if restore_rng:
+        _restore_rng(path)
+    return state
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> nn.Module:
+    """The full model (a `Decoder`, in eval mode, on CPU) of a checkpoint folder, or of a run
+    folder's latest checkpoint, read in this one process: a sharded checkpoint's DCP shards are
+    put together without any process group. With `out`, also write it as a memlm safetensors
+    file, which `memlm.loading`, the HF and the GGUF exporters read.
+    """
+    from memlm.config import ModelConfig
+    from memlm.model import Decoder
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() and (path / CHECKPOINTS).is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise MemlmError(f"run folder {path} has no checkpoint yet", "train it first (memlm train)")
+        path = ckpt
+    state = read_trainer_state(path)
+    if "model_config" not in state:
+        raise MemlmError(f"{path / STATE_FILE} has no model_config", "point to a checkpoint written by memlm train")
+    model = Decoder(ModelConfig.from_dict(state["model_config"]))
+    if is_sharded(path):
+        load_sharded_checkpoint(path, model)
+    else:
+        load_checkpoint(path, model)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(out), metadata={"format": "memlm-model-1"})
+    return model.eval()

@@ -34,20 +34,21 @@ from torch import nn
 from memlm.config import ModelConfig, TrainConfig, to_toml
 from memlm.errors import MemlmError
 from memlm.memory.measure import PeakMemory, format_bytes
-from memlm.train.checkpoint import (
-    config_differences,
-    latest_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
-    save_checkpoint,
-)
+from memlm.train.checkpoint import config_differences, latest_checkpoint, read_trainer_state
+from memlm.train.distributed import local_state_bytes
+from memlm.train.distributed import setup as setup_distributed
+from memlm.train.loss import chunked_cross_entropy
 from memlm.train.optim import build_optimizer, lr_at, set_lr
+from memlm.train.progressive import step_shape
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CACHE_DIR = "cache"
 # Train-config fields that decide which data each step sees: a resume must not change them.
-_TRAJECTORY_FIELDS = ("corpus", "seed", "micro_batch", "grad_accum", "seq_len")
+_TRAJECTORY_FIELDS = (
+    "corpus", "seed", "micro_batch", "grad_accum", "seq_len",
+    "seq_len_warmup", "seq_len_warmup_steps", "batch_ramp", "batch_ramp_steps",
+)
 
 
 @dataclass
@@ -57,18 +58,45 @@ class TrainResult:
     last_loss: float
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean eval loss)
     tokens_per_s: float = 0.0  # training throughput of this session (eval and saving excluded)
-    peak_bytes: int = 0  # peak memory of this session (process RSS on CPU, allocated on CUDA)
+    peak_bytes: int = 0  # peak memory of this session (process RSS on CPU, allocated on CUDA; max over ranks)
+    state_bytes: int = 0  # weights + gradients + optimizer states one process holds (after its first step)
 
 
-def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                 teacher: Any | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of `model` on inputs `x` and targets `y` (both (B, T)).
 
     Under "bf16-autocast" the matmuls run in bfloat16 while the weights stay fp32; the
-    cross-entropy itself is computed in fp32 (autocast's rule for it).
+    cross-entropy itself is computed in fp32 (autocast's rule for it). With `cfg.loss_chunk`
+    the head and the loss run `loss_chunk` tokens at a time (memlm.train.loss): same value and
+    gradients, without the (tokens x vocab) logits.
+
+    With a `teacher` (memlm.train.distill.Teacher) the loss is its distillation loss instead,
+    which needs the student's full logits (no chunking).
     """
     with _autocast(cfg, x.device):
+        if teacher is not None:
+            return teacher.loss(model, x, y)
+        head = getattr(model, "lm_head", None)
+        # The chunked path needs the head's weight matrix; a head of another kind (quantized,
+        # LoRA-wrapped) computes its own logits, so it takes the plain path.
+        if cfg.loss_chunk > 0 and type(head) is nn.Linear and head.bias is None and hasattr(model, "hidden_states"):
+            h = model.hidden_states(x)  # (B, T, d)
+            return chunked_cross_entropy(h.reshape(-1, h.size(-1)), head.weight, y.reshape(-1), cfg.loss_chunk)
         logits = model(x)  # (B, T, vocab)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+def apply_train_settings(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Set up a model for `cfg` before its optimizer is built: bf16 weights for precision
+    "bf16", activation checkpointing every `cfg.activation_checkpointing` blocks."""
+    if cfg.precision == "bf16":
+        # Pure bf16: the weights themselves (the optimizer keeps fp32 math; see optim.py).
+        # Buffers (RoPE and position tables) stay fp32: they are not trained.
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    model.checkpoint_every = cfg.activation_checkpointing
+    return model
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -79,15 +107,21 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, tokens: np.ndarray, cfg: TrainConfig, seq_len: int, device: torch.device
+    model: nn.Module, tokens: np.ndarray, cfg: TrainConfig, seq_len: int, device: torch.device,
+    rank: int = 0, world_size: int = 1,
 ) -> float:
-    """Mean loss over `cfg.eval_batches` fixed batches spread over the eval stream."""
+    """Mean loss over `cfg.eval_batches` fixed batches spread over the eval stream.
+
+    With several processes each scores its share of every batch's rows (the caller averages).
+    """
     from memlm.data import eval_batches
 
     was_training = model.training
     model.eval()
     losses = []
     for x, y in eval_batches(tokens, cfg.micro_batch, seq_len, cfg.eval_batches):
+        b = x.size(0) // world_size
+        x, y = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
         losses.append(compute_loss(model, x.to(device), y.to(device), cfg).item())
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -104,21 +138,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MemlmError(f"device '{name}' asked for, but no CUDA GPU is available", "use device = 'cpu' or 'auto'")
     return device
-
-
-def _reject_unimplemented(cfg: TrainConfig) -> None:
-    """Settings the config accepts but this loop does not do yet: fail rather than ignore them."""
-    todo = {
-        "precision = 'bf16'": cfg.precision == "bf16",
-        "fused_backward": cfg.fused_backward,
-        "loss_chunk": cfg.loss_chunk > 0,
-        "seq_len_warmup": bool(cfg.seq_len_warmup),
-        "memory_budget": cfg.memory_budget is not None,
-        "nproc > 1": cfg.nproc > 1,
-    }
-    for what, asked in todo.items():
-        if asked:
-            raise MemlmError(f"{what} is not implemented yet", "leave it at its default for now")
 
 
 def _load_pretrained(name_or_path: str) -> tuple[nn.Module, Any]:
@@ -151,12 +170,14 @@ def train(
     resume: bool = False,
     console: Console | None = None,
     stop_after: int | None = None,
+    teacher: Any | None = None,
 ) -> TrainResult:
     """Train a model as `train_cfg` says, in the run folder `train_cfg.out_dir`.
 
     `resume`: continue from the run's latest checkpoint (start fresh when it has none).
     `stop_after`: end (eval and save as at the end) after this step, without changing the
     schedule, which still runs to `train_cfg.steps`: for tests and time-limited jobs.
+    `teacher`: distill from it (memlm.train.distill); evaluation stays plain cross-entropy.
     """
     from memlm.data import Batches, read_corpus, tokenize_corpus
     from memlm.model import Decoder
@@ -164,7 +185,11 @@ def train(
 
     cfg = train_cfg
     cfg.validate()
-    _reject_unimplemented(cfg)
+    # Under torchrun: join the process group (otherwise one process, and ctx does nothing).
+    ctx = setup_distributed(cfg, resolve_device(cfg.device))
+    cfg = dataclasses.replace(cfg, nproc=ctx.world_size)  # config.toml records the world size used
+    if not ctx.is_main:
+        console = None  # rank 0 alone prints
     run_dir = Path(cfg.out_dir)
     say = console.print if console is not None else (lambda *a, **k: None)
 
@@ -179,7 +204,7 @@ def train(
     if resume and ckpt is None:
         say(f"[yellow]nothing to resume in {run_dir}: starting a new run[/]")
     saved_state = read_trainer_state(ckpt) if ckpt is not None else None
-    device = resolve_device(cfg.device)
+    device = ctx.device  # on CUDA, the GPU of this rank
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -199,7 +224,7 @@ def train(
         tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
         say(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.corpus}")
-        tokenizer = train_bpe(read_corpus(cfg.corpus, "train"), cfg.vocab_size)
+        tokenizer = ctx.from_main(lambda: train_bpe(read_corpus(cfg.corpus, "train"), cfg.vocab_size))
     if pretrained is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif tokenizer.vocab_size > model_cfg.vocab_size:
@@ -222,9 +247,17 @@ def train(
             "lower --seq-len or build the model with a larger block_size",
         )
     cfg = dataclasses.replace(cfg, seq_len=seq_len)
+    if cfg.memory_budget is not None:  # the planner picks the savers, keeping the global batch
+        from memlm.memory.plan import fit_training
+
+        cfg, plan = fit_training(model_cfg, cfg, device.type)
+        say(f"memory budget {cfg.memory_budget}: predicted peak {plan.predicted_peak / 2**20:,.0f} MiB; "
+            + ("; ".join(plan.tradeoffs) or "no saver needed"))
+    cfg.validate()  # now that seq_len is known, warmup lengths are checked against it
     if saved_state is not None and "train_config" in saved_state:
+        # Only fields the checkpoint has: runs saved before a field existed still resume.
         saved_train = {k: v for k, v in saved_state["train_config"].items() if k in _TRAJECTORY_FIELDS}
-        changed = config_differences(saved_train, {k: getattr(cfg, k) for k in _TRAJECTORY_FIELDS})
+        changed = config_differences(saved_train, {k: getattr(cfg, k) for k in saved_train})
         if changed:
             raise MemlmError(
                 f"cannot resume {run_dir} with a different data setup ({'; '.join(changed)})",
@@ -232,8 +265,9 @@ def train(
             )
 
     cache = run_dir / CACHE_DIR
-    train_tokens = tokenize_corpus(cfg.corpus, tokenizer, "train", cache).tokens()
-    eval_tokens = tokenize_corpus(cfg.corpus, tokenizer, "eval", cache).tokens()
+    with ctx.main_first():  # rank 0 writes the token cache, the others then read it
+        train_tokens = tokenize_corpus(cfg.corpus, tokenizer, "train", cache).tokens()
+        eval_tokens = tokenize_corpus(cfg.corpus, tokenizer, "eval", cache).tokens()
     for split, tokens in (("train", train_tokens), ("eval", eval_tokens)):
         if len(tokens) < seq_len + 1:
             raise MemlmError(
@@ -241,7 +275,14 @@ def train(
                 f"one sequence needs {seq_len + 1}",
                 "use a bigger corpus or a shorter --seq-len",
             )
-    batches = Batches(train_tokens, cfg.micro_batch, seq_len, cfg.seed)
+    # One Batches per micro-batch size of the batch ramp: each draws its rows from (seed, index),
+    # so every micro-batch is a pure function of its index and the step's shape.
+    batches: dict[int, Batches] = {}
+
+    def micro_batch(index: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        if shape.micro_batch not in batches:
+            batches[shape.micro_batch] = Batches(train_tokens, shape.micro_batch, seq_len, cfg.seed)
+        return batches[shape.micro_batch].get(index, ctx.rank, ctx.world_size, seq_len=shape.seq_len)
 
     # ---- model and optimizer (built before the run folder is written: they can still fail)
     torch.manual_seed(cfg.seed)
@@ -250,13 +291,14 @@ def train(
         model.load_state_dict(pretrained.state_dict())
         del pretrained
     model.to(device)
-    model.checkpoint_every = cfg.activation_checkpointing
+    apply_train_settings(model, ctx.model_settings(cfg))
+    net = ctx.wrap(model)  # forward runs through net: DDP's wrapper, or model itself (FSDP shards it in place)
     optimizer = build_optimizer(model, cfg)
 
     step, tokens_seen, wall_time, last_loss = 0, 0, 0.0, float("nan")
     eval_losses: list[tuple[int, float]] = []
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, restore_rng=True)
+        state = ctx.load_checkpoint(ckpt, model, optimizer)
         step = state["step"]
         tokens_seen = state.get("tokens_seen", 0)
         wall_time = state.get("wall_time", 0.0)
@@ -265,26 +307,30 @@ def train(
     model.train()
 
     # ---- the run folder (only now that everything above has worked)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if saved_state is None:
-        tokenizer.save(run_dir)
-    (run_dir / CONFIG_FILE).write_text(
-        to_toml({"model": model_cfg.to_dict(), "train": cfg.to_dict()}), encoding="utf-8"
-    )
     metrics_path = run_dir / METRICS_FILE
-    if saved_state is None:
-        metrics_path.write_text("", encoding="utf-8")
-    else:
-        _filter_metrics(metrics_path, saved_state["step"])
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if saved_state is None:
+            tokenizer.save(run_dir)
+        (run_dir / CONFIG_FILE).write_text(
+            to_toml({"model": model_cfg.to_dict(), "train": cfg.to_dict()}), encoding="utf-8"
+        )
+        if saved_state is None:
+            metrics_path.write_text("", encoding="utf-8")
+        else:
+            _filter_metrics(metrics_path, saved_state["step"])
 
     end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * seq_len
     say(
         f"model: {model.num_params():,} parameters | device {device} | {cfg.precision} | "
-        f"{len(train_tokens):,} train tokens | {tokens_per_step:,} tokens per step"
+        f"{len(train_tokens):,} train tokens | "
+        f"{cfg.micro_batch * cfg.grad_accum * seq_len:,} tokens per step"
+        + (" (after the warmup phases)" if cfg.seq_len_warmup or cfg.batch_ramp else "")
     )
 
     def log(record: dict[str, Any]) -> None:
+        if not ctx.is_main:
+            return
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -300,29 +346,36 @@ def train(
         }
 
     session_tokens, session_time = 0, 0.0
+    state_bytes = 0
     window_tokens, window_time = 0, 0.0  # since the last log line
     progress = _progress(console)
     task = progress.add_task("train", total=cfg.steps, completed=step, loss=last_loss, tps=0.0, mem="-")
     with PeakMemory(device) as pm, progress:
         while step < end_step:
             step += 1
+            ctx.fault_point(step)
             t0 = time.perf_counter()
             set_lr(optimizer, lr_at(step, cfg))
+            shape = step_shape(step, cfg)
+            tokens_per_step = shape.tokens * cfg.grad_accum
             loss_sum = 0.0
             for k in range(cfg.grad_accum):
-                x, y = batches.get((step - 1) * cfg.grad_accum + k)
+                x, y = micro_batch((step - 1) * cfg.grad_accum + k, shape)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = compute_loss(model, x, y, cfg) / cfg.grad_accum
-                loss.backward()
+                ctx.sync_gradients(net, now=k == cfg.grad_accum - 1)
+                loss = compute_loss(net, x, y, cfg, teacher) / cfg.grad_accum
+                loss.backward()  # with fused_backward, this also steps the optimizer
                 loss_sum += loss.item()
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                grad_norm = ctx.clip_grad_norm(model, cfg.grad_clip)
             optimizer.step()
+            if state_bytes == 0:
+                state_bytes = ctx.max(local_state_bytes(model, optimizer))
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
 
-            last_loss = loss_sum
+            last_loss = ctx.mean(loss_sum)  # the global batch's loss: every rank saw its share
             if not math.isfinite(last_loss):
                 raise MemlmError(
                     f"the loss became {last_loss} at step {step}",
@@ -343,7 +396,7 @@ def train(
                 record = {
                     "step": step,
                     "loss": last_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": lr_at(step, cfg),
                     "tokens_per_s": window_tokens / max(window_time, 1e-9),
                     "peak_bytes": peak,
                     "tokens_seen": tokens_seen,
@@ -354,15 +407,15 @@ def train(
                 window_tokens, window_time = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end_step:
-                eval_loss = evaluate(model, eval_tokens, cfg, seq_len, device)
+                eval_loss = ctx.mean(evaluate(net, eval_tokens, cfg, seq_len, device, ctx.rank, ctx.world_size))
                 eval_losses.append((step, eval_loss))
                 log({"step": step, "eval_loss": eval_loss})
                 say(f"step {step}: eval loss {eval_loss:.4f}")
 
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end_step:
-                save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
+                ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
 
-    peak_bytes = pm.peak_bytes
+    peak_bytes = ctx.max(pm.peak_bytes)
     say(
         f"done: step {step}, loss {last_loss:.4f}, "
         f"{session_tokens / max(session_time, 1e-9):,.0f} tokens/s, peak memory {format_bytes(peak_bytes)}"
@@ -374,6 +427,7 @@ def train(
         eval_losses=eval_losses,
         tokens_per_s=session_tokens / session_time if session_time > 0 else 0.0,
         peak_bytes=peak_bytes,
+        state_bytes=state_bytes,
     )
 
 

@@ -3,17 +3,36 @@
 Parameter groups follow nanoGPT: every tensor with 2 or more dimensions (matmul weights and
 embeddings) gets weight decay; vectors (biases, norm scales) do not, since shrinking them
 towards zero only fights the normalisation.
+
+`build_optimizer` returns a plain torch optimizer unless the run needs per-parameter stepping:
+
+* fused_backward: each parameter has its own optimizer, stepped from a hook the moment its
+  gradient is complete, after which the gradient is freed. A full set of gradients never
+  exists, which saves one copy of the weights' size.
+* precision "bf16": the weights are bfloat16, the optimizer math and states fp32. Each
+  parameter is stepped on an fp32 copy that exists only during its own step, and the result
+  is written back with stochastic rounding (an option, on by default), so small updates are
+  not rounded away.
+Both go through `PerParamOptimizer`, which looks like one optimizer to the loop and to the
+checkpoint code (param_groups, state_dict, load_state_dict, step, zero_grad).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from memlm.config import TrainConfig
 from memlm.errors import MemlmError
+from memlm.train.lowbit import AdamW8bit, stochastic_round_to_bf16
+
+# torch's Adafactor takes a *relative* step: the update is scaled by the parameter's RMS. Our
+# matrices start at RMS 0.02 (the init std), so dividing the schedule's lr by 0.02 makes its
+# first steps as large as AdamW's at the same lr; norm scales start at RMS 1 and need no scale.
+ADAFACTOR_MATRIX_LR_SCALE = 1 / 0.02
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,9 +49,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.optimizer`, at `cfg.lr` (the loop overrides lr every step)."""
-    groups = param_groups(model, cfg.weight_decay)
+def _plain_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by cfg.optimizer over `groups` (no fusing, no bf16 handling)."""
     if cfg.optimizer == "adamw":
         # fused=True only helps on GPU; the default (foreach) is right on CPU.
         on_cuda = any(p.is_cuda for g in groups for p in g["params"])
@@ -41,12 +59,148 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
-    if cfg.optimizer in ("adamw8bit", "adafactor"):
-        raise MemlmError(
-            f"optimizer '{cfg.optimizer}' is not implemented yet",
-            "use optimizer = 'adamw' or 'sgd' for now",
-        )
+    if cfg.optimizer == "adamw8bit":
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                         stochastic_rounding=cfg.stochastic_rounding)
+    if cfg.optimizer == "adafactor":
+        scaled = []
+        for g in groups:
+            scale = ADAFACTOR_MATRIX_LR_SCALE if any(p.dim() >= 2 for p in g["params"]) else 1.0
+            # torch's Adafactor decays by lr * weight_decay: divide so the decay per step stays
+            # what the config asks for, whatever the lr scale.
+            scaled.append({**g, "lr_scale": scale, "lr": cfg.lr * scale, "weight_decay": g["weight_decay"] / scale})
+        return torch.optim.Adafactor(scaled, lr=cfg.lr)
     raise MemlmError(f"unknown optimizer '{cfg.optimizer}'", "choose one of: adamw, sgd, adamw8bit, adafactor")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | PerParamOptimizer:
+    """The optimizer named by `cfg.optimizer`, at `cfg.lr` (the loop overrides lr every step).
+
+    Per-parameter stepping (`PerParamOptimizer`) when cfg.fused_backward is on or any weight is
+    not fp32 (precision "bf16"); a plain torch optimizer otherwise.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if cfg.fused_backward or any(p.dtype != torch.float32 for p in params):
+        return PerParamOptimizer(
+            groups, lambda gs: _plain_optimizer(gs, cfg), fused_backward=cfg.fused_backward,
+            stochastic_rounding=cfg.stochastic_rounding,
+        )
+    return _plain_optimizer(groups, cfg)
+
+
+class PerParamOptimizer:
+    """One inner optimizer per parameter, stepped parameter by parameter.
+
+    `make(groups)` builds an inner optimizer for a one-parameter list of groups. fp32 weights
+    are handed to it directly, and so are bf16 weights when the optimizer does fp32 math on them
+    itself (`handles_low_precision_params`, as AdamW8bit). Otherwise a bf16 weight's optimizer
+    gets an fp32 stand-in tensor whose storage exists only during that weight's step, so its
+    state is fp32 (torch creates state like the parameter it sees, and casts loaded state to
+    that dtype too), and the result is rounded back into the bf16 weight.
+
+    With `fused_backward`, a hook steps each parameter as soon as backward has accumulated its
+    gradient and then drops the gradient; `step()` is then a no-op.
+    """
+
+    def __init__(self, groups: list[dict], make: Callable[[list[dict]], torch.optim.Optimizer],
+                 fused_backward: bool = False, stochastic_rounding: bool = True):
+        self.fused_backward = fused_backward
+        self.stochastic_rounding = stochastic_rounding
+        self.params: list[nn.Parameter] = []
+        self._inner: list[torch.optim.Optimizer] = []
+        self._stand_ins: list[torch.Tensor | None] = []
+        self._hooks = []
+        for group in groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                stand_in = None
+                inner = make([{**options, "params": [p]}])
+                if p.dtype != torch.float32 and not getattr(inner, "handles_low_precision_params", False):
+                    stand_in = nn.Parameter(torch.empty(0, dtype=torch.float32, device=p.device))
+                    inner = make([{**options, "params": [stand_in]}])
+                self.params.append(p)
+                self._inner.append(inner)
+                self._stand_ins.append(stand_in)
+                if fused_backward:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(len(self.params) - 1)))
+        self.kind = type(self._inner[0]).__name__ if self._inner else "none"
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The inner optimizers' own group dicts, so setting lr here sets it where it is used.
+
+        Read afresh each time: torch's load_state_dict replaces an optimizer's group dicts.
+        """
+        return [g for inner in self._inner for g in inner.param_groups]
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def step_now(p: torch.Tensor) -> None:
+            self._step_one(index)
+            p.grad = None  # the point of fusing: this gradient is gone before the next one is made
+
+        return step_now
+
+    @torch.no_grad()
+    def _step_one(self, index: int) -> None:
+        p, inner, stand_in = self.params[index], self._inner[index], self._stand_ins[index]
+        if p.grad is None:
+            return
+        if stand_in is None:
+            inner.step()
+            return
+        stand_in.data = p.detach().float()
+        stand_in.grad = p.grad.float()
+        inner.step()
+        new = stand_in.detach()
+        p.copy_(stochastic_round_to_bf16(new) if self.stochastic_rounding and p.dtype == torch.bfloat16 else new)
+        stand_in.grad = None
+        stand_in.data = torch.empty(0, dtype=torch.float32, device=p.device)  # free the fp32 copy
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        if closure is not None:
+            raise MemlmError("PerParamOptimizer does not take a closure")
+        if self.fused_backward:
+            return  # every parameter already stepped inside backward
+        for i in range(len(self.params)):
+            self._step_one(i)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """In torch's layout: state keyed by the parameter's index here, one group per parameter."""
+        state: dict[int, dict] = {}
+        groups: list[dict] = []
+        for i, inner in enumerate(self._inner):
+            sd = inner.state_dict()
+            if sd["state"]:
+                state[i] = sd["state"][0]
+            (group,) = sd["param_groups"]
+            groups.append({**group, "params": [i], "inner": self.kind})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self._inner):
+            raise ValueError(f"the saved state has {len(groups)} parameters, this optimizer {len(self._inner)}")
+        for i, (inner, group) in enumerate(zip(self._inner, groups)):
+            group = dict(group)
+            if group.pop("inner", self.kind) != self.kind:
+                raise ValueError(f"the saved state is for another optimizer than {self.kind}")
+            if group["params"] != [i]:
+                raise ValueError(f"saved parameter group {i} holds parameters {group['params']}")
+            state = {0: state_dict["state"][i]} if i in state_dict["state"] else {}
+            inner.load_state_dict({"state": state, "param_groups": [{**group, "params": [0]}]})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -64,6 +218,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer | PerParamOptimizer, lr: float) -> None:
+    """Set every group's lr (times its `lr_scale`, which only Adafactor's groups have)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
