@@ -99,7 +99,8 @@ def test_world_size_and_fsdp_lower_the_need():
     one = plan_training(gpt2, base, 1 << 50)
     four = plan_training(gpt2, base, 1 << 50, world_size=4, global_batch_tokens=4 * 128)
     assert four.predicted_peak < one.predicted_peak
-    assert four.settings["micro_batch"] * four.settings["grad_accum"] == 1
+    # TrainConfig.micro_batch is global (split over the processes), so the step covers 4 sequences.
+    assert four.settings["micro_batch"] * four.settings["grad_accum"] * 128 == four.settings["global_batch_tokens"]
 
 
 def test_plan_json_and_render(unconstrained):

@@ -510,12 +510,13 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     """Peak memory of one process of a training step (steady state: the optimizer has its state).
 
     `strategy` defaults to train_cfg.strategy; it only matters when world_size > 1.
+    train_cfg.micro_batch is the global micro-batch, split evenly over the processes (as the loop does).
     """
     cfg, mc = train_cfg, model_cfg
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     strategy = strategy or cfg.strategy
     world = max(1, int(world_size))
-    B = cfg.micro_batch
+    B = max(1, cfg.micro_batch // world)  # micro_batch is global: each process takes its share
     T = cfg.seq_len or mc.block_size
     N, L, d, V = B * T, mc.n_layer, mc.n_embd, mc.vocab_size
     precision = cfg.precision

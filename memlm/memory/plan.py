@@ -171,9 +171,10 @@ def _candidates(model_cfg: ModelConfig, base: TrainConfig, sequences: int, seq_l
     return out
 
 
-def _apply(base: TrainConfig, c: _Candidate, seq_len: int) -> TrainConfig:
+def _apply(base: TrainConfig, c: _Candidate, seq_len: int, world: int = 1) -> TrainConfig:
+    """The candidate as a TrainConfig; its micro-batch is per process, TrainConfig's is global."""
     return dataclasses.replace(
-        base, micro_batch=c.micro_batch, grad_accum=c.grad_accum, seq_len=seq_len,
+        base, micro_batch=c.micro_batch * world, grad_accum=c.grad_accum, seq_len=seq_len,
         activation_checkpointing=c.checkpoint_every, loss_chunk=c.loss_chunk, optimizer=c.optimizer,
         precision=c.precision, fused_backward=c.fused_backward,
         grad_clip=0.0 if c.fused_backward else base.grad_clip,
@@ -234,7 +235,7 @@ def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_by
     candidates = _candidates(model_cfg, base_train_cfg, sequences, seq_len, device, allow)
 
     def estimate(c: _Candidate) -> tuple[TrainConfig, Breakdown]:
-        tc = _apply(base_train_cfg, c, seq_len)
+        tc = _apply(base_train_cfg, c, seq_len, world)
         return tc, estimate_training(model_cfg, tc, device=device, world_size=world)
 
     for c in candidates:
