@@ -447,7 +447,7 @@ def distill(
 @app.command()
 def demo(
     out_dir: Annotated[str, typer.Option("--out", help="Run folder.")] = "runs/demo",
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 600,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: what fits 150 s here).")] = None,
 ):
     """The main job on the embedded default: train `tiny` on the Python reference, evaluate, sample."""
     from memlm.demo import run_demo

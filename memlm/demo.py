@@ -17,16 +17,40 @@ from rich.table import Table
 from memlm.config import TrainConfig, preset
 
 DEMO_PROMPT = "The for statement is used to"
+TRAINING_SECONDS = 150  # the demo's time budget for training: it must finish in 5 minutes on 2 cores
+MEMORY_BUDGET = "1GiB"
 
 
 def demo_configs(out_dir: str, steps: int):
     model_cfg = preset("tiny")
     train_cfg = TrainConfig(
         out_dir=out_dir, corpus="default", vocab_size=model_cfg.vocab_size, steps=steps, micro_batch=16,
-        seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_every=200, eval_batches=8,
-        save_every=steps, keep_last=1, log_every=10, threads=0,
+        seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=min(50, steps // 10), eval_every=max(steps // 3, 1),
+        eval_batches=8, save_every=steps, keep_last=1, log_every=10, memory_budget=MEMORY_BUDGET,
     )
     return model_cfg, train_cfg
+
+
+def steps_that_fit(seconds: float, micro_batch: int = 16, seq_len: int = 128) -> int:
+    """Time two training steps of `tiny` on this machine and size the run to the time budget."""
+    import torch.nn.functional as F
+
+    from memlm.model import Decoder
+
+    cfg = preset("tiny")
+    model = Decoder(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    per_step = min(times[1:])  # the first step pays one-off allocation costs
+    return max(60, min(1000, int(seconds / per_step)))
 
 
 def run_demo(out_dir: str, steps: int, console: Console, out: Console) -> dict:
@@ -40,14 +64,21 @@ def run_demo(out_dir: str, steps: int, console: Console, out: Console) -> dict:
     from memlm.train.checkpoint import latest_checkpoint
     from memlm.train.loop import train
 
-    model_cfg, train_cfg = demo_configs(out_dir, steps)
     t0 = time.perf_counter()
     resume = latest_checkpoint(Path(out_dir)) is not None
     if resume:
         console.print(f"{out_dir} already holds a demo run: continuing it (delete the folder to start over)")
+        from memlm.config import load_toml
+
+        steps = max(steps or 0, load_toml(Path(out_dir) / "config.toml")["train"]["steps"])
+    elif not steps:
+        steps = steps_that_fit(TRAINING_SECONDS)
+        console.print(f"this machine does a training step in ~{TRAINING_SECONDS / steps:.2f} s: "
+                      f"{steps} steps fit the demo's {TRAINING_SECONDS} s of training")
+    model_cfg, train_cfg = demo_configs(out_dir, steps)
     out.print(f"[bold]memlm demo[/]: training [bold]tiny[/] ({model_cfg.num_params() / 1e6:.1f}M parameters) "
               f"on the embedded Python language reference, {steps} steps of "
-              f"{train_cfg.micro_batch}x{train_cfg.seq_len} tokens")
+              f"{train_cfg.micro_batch}x{train_cfg.seq_len} tokens, inside a memory budget of {MEMORY_BUDGET}")
     result = train(train_cfg, model_cfg, resume=resume, console=console)
     model, tokenizer = load_run(Path(out_dir))
 
@@ -63,8 +94,14 @@ def run_demo(out_dir: str, steps: int, console: Console, out: Console) -> dict:
     table.add_row("unigram baseline (same tokenizer)", f"{unigram:.1f}")
     table.add_row(f"tiny after {result.final_step} steps", f"{ppl.ppl:.1f}")
     out.print(table)
+    from memlm.config import ModelConfig, load_toml
+    from memlm.memory.estimate import estimate_training
+
+    saved = load_toml(Path(out_dir) / "config.toml")
+    predicted = estimate_training(ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])).total
     out.print(f"the model is {unigram / ppl.ppl:.1f}x better than the unigram baseline; "
-              f"peak memory {format_bytes(result.peak_bytes)}, {result.tokens_per_s:,.0f} training tokens/s")
+              f"{result.tokens_per_s:,.0f} training tokens/s; peak memory {format_bytes(result.peak_bytes)} "
+              f"(planner: {format_bytes(predicted)}, budget {MEMORY_BUDGET})")
 
     torch.manual_seed(0)
     settings = SamplingSettings(max_new_tokens=80, temperature=0.7, top_k=40, seed=0)
