@@ -24,14 +24,14 @@ MEMORY_BUDGET = "1GiB"
 def demo_configs(out_dir: str, steps: int):
     model_cfg = preset("tiny")
     train_cfg = TrainConfig(
-        out_dir=out_dir, corpus="default", vocab_size=model_cfg.vocab_size, steps=steps, micro_batch=16,
+        out_dir=out_dir, corpus="default", vocab_size=model_cfg.vocab_size, steps=steps, micro_batch=8,
         seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=min(50, steps // 10), eval_every=max(steps // 3, 1),
         eval_batches=8, save_every=steps, keep_last=1, log_every=10, memory_budget=MEMORY_BUDGET,
     )
     return model_cfg, train_cfg
 
 
-def steps_that_fit(seconds: float, micro_batch: int = 16, seq_len: int = 128) -> int:
+def steps_that_fit(seconds: float, micro_batch: int = 8, seq_len: int = 128) -> int:
     """Time two training steps of `tiny` on this machine and size the run to the time budget."""
     import torch.nn.functional as F
 
@@ -50,7 +50,7 @@ def steps_that_fit(seconds: float, micro_batch: int = 16, seq_len: int = 128) ->
         opt.step()
         times.append(time.perf_counter() - t0)
     per_step = min(times[1:])  # the first step pays one-off allocation costs
-    return max(60, min(1000, int(seconds / per_step)))
+    return max(100, min(1500, int(seconds / per_step)))
 
 
 def run_demo(out_dir: str, steps: int, console: Console, out: Console) -> dict:

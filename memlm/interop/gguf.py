@@ -37,6 +37,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from tokenizers import decoders, models, pre_tokenizers
 
+from memlm.compress.lowrank import LowRankLinear
+from memlm.compress.quantize import GroupQuantLinear, Int8Embedding, Int8Linear, dequantize_weight
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 from memlm.model import Decoder
@@ -55,6 +57,7 @@ EXPORT_TYPES: dict[str, tuple[QType, gguf.LlamaFileType]] = {
     "F32": (QType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "Q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "Q4_1": (QType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
 
 # llama.cpp's pre-tokenizers for the "gpt2" tokenizer model that memlm can reproduce exactly.
@@ -502,9 +505,16 @@ def gguf_architecture(config: ModelConfig) -> str:
 def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str = "F32") -> Path:
     """Write `model` and `tokenizer` as a GGUF file llama.cpp can run; returns the path.
 
-    qtype: "F32", "F16" or "Q8_0" for the 2-D weights (a Q8_0 tensor whose rows are not a
-    multiple of 32 falls back to F16); norms and biases always stay F32. Tensors are converted
-    and written one at a time, to a temporary file that replaces `path` only when complete.
+    qtype: "F32", "F16", "Q8_0" or "Q4_1" for the 2-D weights (a quantized tensor whose rows are
+    not a multiple of 32 falls back to F16; under Q4_1 the embeddings and the output head are
+    Q8_0, as llama.cpp keeps them at 8 bits); norms and biases always stay F32. Tensors are
+    converted and written one at a time, to a temporary file that replaces `path` only when complete.
+
+    Compressed models (memlm.compress) export too. Where the formats agree their layers are
+    written from the codes, not re-rounded: int8 layers and an int8 embedding as Q8_0 (see
+    `_int8_to_q8_0`), int4 layers with groups of 32 as Q4_1 (the same q * d + m grid, bit for
+    bit). Anything else (other group sizes, int3, low-rank or 2:4 layers, or a format that does
+    not match `qtype`) is dequantized to float32, then converted to the tensor's type.
     """
     if qtype not in EXPORT_TYPES:
         raise MemlmError(f"cannot export GGUF as '{qtype}'", f"choose one of: {', '.join(EXPORT_TYPES)}")
@@ -522,21 +532,24 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
         _write_metadata(writer, config, arch, file_type, weight_type, meta)
         # Announce every tensor first (the header lists them all), then convert and write each.
         types = []
-        for name, shape, _ in plan:
-            t = _storage_type(shape, weight_type)
+        for item in plan:
+            t = _storage_type(item.name, item.shape, weight_type)
             types.append(t)
             block, size = gguf.GGML_QUANT_SIZES[t]  # (1, 4) for F32, (32, 34) for Q8_0, ...
-            n_bytes = int(np.prod(shape)) // block * size
+            n_bytes = int(np.prod(item.shape)) // block * size
             if t in (QType.F32, QType.F16):
-                writer.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes, raw_dtype=t)
+                writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), n_bytes, raw_dtype=t)
             else:  # the writer takes a quantized tensor's shape in bytes
-                byte_shape = gguf.quant_shape_to_byte_shape(shape, t)
-                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), n_bytes, raw_dtype=t)
+                byte_shape = gguf.quant_shape_to_byte_shape(item.shape, t)
+                writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), n_bytes, raw_dtype=t)
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (_, _, make), t in zip(plan, types):
-            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(make(), dtype=np.float32), t))
+        for item, t in zip(plan, types):
+            data = item.encode(t) if t not in (QType.F32, QType.F16) else None
+            if data is None:  # float values, rounded to the tensor's type here
+                data = gguf.quants.quantize(np.ascontiguousarray(item.make(), dtype=np.float32), t)
+            writer.write_tensor_data(data)
         writer.close()
         os.replace(tmp, path)
     except BaseException:
@@ -546,34 +559,163 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
     return path
 
 
-def _storage_type(shape: tuple[int, ...], weight_type: QType) -> QType:
+# Kept at 8 bits under Q4_1: the embedding rows and the output head are the most sensitive weights.
+_EIGHT_BIT_UNDER_Q4 = ("token_embd.weight", "position_embd.weight", "output.weight")
+
+
+def _storage_type(name: str, shape: tuple[int, ...], weight_type: QType) -> QType:
     if len(shape) == 1:
         return QType.F32  # norms and biases: tiny, and precision-sensitive
-    if weight_type == QType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QType.Q8_0][0]:
+    if weight_type == QType.Q4_1 and name in _EIGHT_BIT_UNDER_Q4:
+        weight_type = QType.Q8_0
+    if weight_type in (QType.Q8_0, QType.Q4_1) and shape[-1] % gguf.GGML_QUANT_SIZES[weight_type][0]:
         return QType.F16
     return weight_type
 
 
-def _export_plan(model: Decoder, arch: str) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
-    """(GGUF name, numpy shape, function producing the float32 values) for every tensor to write.
+def _no_encoding(qtype: QType) -> np.ndarray | None:
+    return None
 
-    The functions run one at a time while writing, so at most one converted tensor is alive.
+
+@dataclass
+class _Export:
+    """One tensor to write: GGUF name, numpy shape, `make()` for its float32 values, and
+    `encode(qtype)` for its exact GGML blocks (rows, bytes per row) when a compressed layer
+    already holds it in that type's grid (None otherwise). Both run only while writing, so at
+    most one converted tensor is alive at a time."""
+
+    name: str
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
+    encode: Callable[[QType], np.ndarray | None] = _no_encoding
+
+
+class _Sources:
+    """A model's tensors by state-dict key, whether its layers are plain or compressed.
+
+    A compressed layer (memlm.compress: it has a `spec()`) holds no `weight` parameter: its float
+    weight is dequantized on demand, and its codes can be re-encoded in a matching GGML type.
     """
+
+    def __init__(self, model: Decoder):
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+
+    def _layer(self, key: str) -> tuple[torch.nn.Module | None, str]:
+        name, _, kind = key.rpartition(".")
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            return None, kind
+        return (module if callable(getattr(module, "spec", None)) else None), kind
+
+    @staticmethod
+    def _bias(module: torch.nn.Module) -> torch.Tensor | None:
+        return module.up.bias if isinstance(module, LowRankLinear) else getattr(module, "bias", None)
+
+    def has(self, key: str) -> bool:
+        if key in self.params:
+            return True
+        module, kind = self._layer(key)
+        return module is not None and (kind == "weight" or (kind == "bias" and self._bias(module) is not None))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self.params:
+            return tuple(self.params[key].shape)
+        module, kind = self._layer(key)
+        if kind == "bias":
+            return tuple(self._bias(module).shape)
+        if isinstance(module, Int8Embedding):
+            return (module.num_embeddings, module.embedding_dim)
+        return (module.out_features, module.in_features)
+
+    def values(self, key: str) -> np.ndarray:
+        if key in self.params:
+            t = self.params[key].detach()
+        else:
+            module, kind = self._layer(key)
+            t = self._bias(module).detach() if kind == "bias" else dequantize_weight(module)
+        return t.to(device="cpu", dtype=torch.float32).numpy()
+
+    def encode(self, key: str, qtype: QType) -> np.ndarray | None:
+        module, kind = self._layer(key)
+        if key in self.params or module is None or kind != "weight":
+            return None
+        if qtype == QType.Q8_0 and isinstance(module, (Int8Linear, Int8Embedding)):
+            return _int8_to_q8_0(module.weight_int8, module.scales)
+        if qtype == QType.Q4_1 and isinstance(module, GroupQuantLinear) and module.bits == 4 and module.group_size == 32:
+            return _int4_to_q4_1(module.codes(), module.scales, module.mins)
+        return None
+
+
+def _int8_to_q8_0(codes: torch.Tensor, scales: torch.Tensor, rows_per_chunk: int = 4096) -> np.ndarray:
+    """memlm int8 (codes (rows, n), one float scale per row) as Q8_0 blocks (rows, n / 32 * 34).
+
+    Q8_0 has one fp16 scale d per 32 values. Each block either keeps its int8 codes under the
+    row's scale rounded to fp16 (exact when the scale is an fp16 number; else each value moves by
+    at most 127 * |d - s|), or takes Q8_0's own rounding of the dequantized values (d = the
+    block's absmax / 127): whichever is closer to memlm's values, by the block's largest error.
+    """
+    q_all = codes.cpu().numpy()
+    s_all = scales.detach().float().cpu().numpy()
+    rows, n = q_all.shape
+    groups = n // 32
+    out = np.empty((rows, groups * 34), dtype=np.uint8)
+    for r0 in range(0, rows, rows_per_chunk):  # bounded temporaries for a large embedding
+        q = q_all[r0:r0 + rows_per_chunk].reshape(-1, groups, 32)
+        s = s_all[r0:r0 + rows_per_chunk]
+        r = len(s)
+        d = s.astype(np.float16)
+        values = q.astype(np.float32) * s[:, None, None]
+        err_keep = np.abs(q.astype(np.float32)).max(axis=-1) * np.abs(d.astype(np.float32) - s)[:, None]
+        keep = np.concatenate([np.broadcast_to(d.view(np.uint8).reshape(r, 1, 2), (r, groups, 2)),
+                               q.view(np.uint8)], axis=-1)
+        requant = gguf.quants.quantize(values.reshape(r, n), QType.Q8_0)
+        back = gguf.quants.dequantize(requant, QType.Q8_0).reshape(r, groups, 32)
+        err_requant = np.abs(back - values).max(axis=-1)
+        chosen = np.where((err_keep <= err_requant)[..., None], keep, requant.reshape(r, groups, 34))
+        out[r0:r0 + r] = chosen.reshape(r, groups * 34)
+    return out
+
+
+def _int4_to_q4_1(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> np.ndarray:
+    """memlm int4 with groups of 32 as Q4_1 blocks (rows, n / 32 * 20), bit for bit.
+
+    Q4_1 stores the same fp16 scale (d) and min (m) per 32 values and the same 4-bit codes,
+    value = q * d + m; only the nibble order differs: memlm packs neighbours (2j, 2j + 1) into a
+    byte, Q4_1 packs value j (low nibble) with value j + 16 (high nibble).
+    """
+    c = codes.cpu().numpy().astype(np.uint8)
+    rows, n = c.shape
+    groups = n // 32
+    blocks = c.reshape(rows, groups, 32)
+    qs = blocks[..., :16] | (blocks[..., 16:] << np.uint8(4))
+    d = scales.detach().cpu().half().numpy().view(np.uint8).reshape(rows, groups, 2)
+    m = mins.detach().cpu().half().numpy().view(np.uint8).reshape(rows, groups, 2)
+    return np.concatenate([d, m, qs], axis=-1).reshape(rows, groups * 20)
+
+
+def _export_plan(model: Decoder, arch: str) -> list[_Export]:
+    """Every tensor to write, in order (see `_Export`)."""
     config = model.config
-    params = dict(model.named_parameters(remove_duplicate=False))
-    plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
+    src = _Sources(model)
+    plan: list[_Export] = []
+    Transform = Callable[[np.ndarray], np.ndarray]
 
-    def source(key: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
+    def add(name: str, shape: tuple[int, ...], make: Callable[[], np.ndarray],
+            encode: Callable[[QType], np.ndarray | None] = _no_encoding) -> None:
+        plan.append(_Export(name, tuple(int(s) for s in shape), make, encode))
+
+    def add_param(name: str, key: str, transform: Transform | None = None) -> None:
         def make() -> np.ndarray:
-            w = params[key].detach().to(device="cpu", dtype=torch.float32).numpy()
+            w = src.values(key)
             return transform(w) if transform else w
-        return make
 
-    def add(name: str, shape: tuple[int, ...], make: Callable[[], np.ndarray]) -> None:
-        plan.append((name, tuple(int(s) for s in shape), make))
+        def encode(qtype: QType) -> np.ndarray | None:
+            raw = src.encode(key, qtype)  # rows of blocks: row permutations apply as they do to values
+            return transform(raw) if raw is not None and transform else raw
 
-    def add_param(name: str, key: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        add(name, tuple(params[key].shape), source(key, transform))
+        add(name, src.shape(key), make, encode)
 
     def zeros(n: int) -> Callable[[], np.ndarray]:
         return lambda: np.zeros(n, dtype=np.float32)
@@ -591,7 +733,7 @@ def _export_plan(model: Decoder, arch: str) -> list[tuple[str, tuple[int, ...], 
         for mine, name in _LAYER_NAMES[arch].items():
             for kind in ("weight", "bias"):
                 key = f"{ours}{mine}.{kind}"
-                if key in params:
+                if src.has(key):
                     transform = None
                     if mine == "attn.q_proj":
                         transform = lambda w: _permute_rope(w, config.n_head)  # noqa: E731
@@ -599,22 +741,25 @@ def _export_plan(model: Decoder, arch: str) -> list[tuple[str, tuple[int, ...], 
                         transform = lambda w: _permute_rope(w, config.n_kv_heads)  # noqa: E731
                     add_param(f"{theirs}{name}.{kind}", key, transform)
                 elif kind == "bias" and need_bias:
-                    rows = params[f"{ours}{mine}.weight"].shape[0]
+                    rows = src.shape(f"{ours}{mine}.weight")[0]
                     add(f"{theirs}{name}.bias", (rows,), zeros(rows))
         if arch == "gpt2":
-            a = f"{ours}attn."
+            keys = [f"{ours}attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
             rows = (config.n_head + 2 * config.n_kv_heads) * config.head_dim
+
+            def fused_encode(qtype: QType, keys=keys) -> np.ndarray | None:
+                parts = [src.encode(f"{k}.weight", qtype) for k in keys]
+                return None if any(p is None for p in parts) else np.concatenate(parts)
+
             add(f"{theirs}attn_qkv.weight", (rows, config.n_embd),
-                lambda a=a: np.concatenate([params[f"{a}{p}.weight"].detach().float().cpu().numpy()
-                                            for p in ("q_proj", "k_proj", "v_proj")]))
+                lambda keys=keys: np.concatenate([src.values(f"{k}.weight") for k in keys]), fused_encode)
             if config.bias:
                 add(f"{theirs}attn_qkv.bias", (rows,),
-                    lambda a=a: np.concatenate([params[f"{a}{p}.bias"].detach().float().cpu().numpy()
-                                                for p in ("q_proj", "k_proj", "v_proj")]))
+                    lambda keys=keys: np.concatenate([src.values(f"{k}.bias") for k in keys]))
             else:
                 add(f"{theirs}attn_qkv.bias", (rows,), zeros(rows))
     add_param("output_norm.weight", "norm.weight")
-    if "norm.bias" in params:
+    if src.has("norm.bias"):
         add_param("output_norm.bias", "norm.bias")
     elif need_bias:
         add("output_norm.bias", (config.n_embd,), zeros(config.n_embd))
