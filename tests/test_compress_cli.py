@@ -1,0 +1,192 @@
+"""`memlm compress` end to end, the pipeline's rules, and GGUF export of compressed models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+
+import memlm
+from memlm.compress import dequantize_weight, quantize_model
+from memlm.compress.pipeline import CompressOptions, check_methods, compress
+from memlm.config import ModelConfig
+from memlm.data import default_split
+from memlm.errors import MemlmError
+from memlm.interop.gguf import load_gguf, save_gguf
+from memlm.interop.hf import load_hf, save_hf
+from memlm.model import Decoder
+from memlm.tokenizer import train_bpe
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA = dict(block_size=64, n_layer=2, n_head=4, n_kv_heads=2, n_embd=64, ffn_hidden=128, norm="rmsnorm",
+             positions="rope", mlp="swiglu", bias=False)
+GPT2 = dict(block_size=64, n_layer=2, n_head=4, n_embd=64, ffn_hidden=128, norm="layernorm", positions="learned",
+            mlp="gelu", gelu_approximate="tanh", bias=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    train, _ = default_split()
+    return train_bpe([train[:40_000]], vocab_size=300)
+
+
+def tiny(tok, flavour=LLAMA, seed=0, tied=True) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(ModelConfig(vocab_size=tok.vocab_size, tied_embeddings=tied, **flavour)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory, tok) -> Path:
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    save_hf(tiny(tok), folder, tok)
+    return folder
+
+
+def memlm_cli(*args, cwd=None):
+    # One thread: on a busy machine several OpenMP threads per process mostly wait for each other.
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "MEMLM_MODELS": str(Path(cwd or ROOT) / "no-models"),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "memlm", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env=env)
+
+
+def ids_of(tok, n=48) -> torch.Tensor:
+    _, evals = default_split()
+    return torch.tensor(tok.encode(evals[:2000])[:n])[None]
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_compress_cli_composed_methods(tmp_path, hf_model, tok):
+    out = tmp_path / "small"
+    proc = memlm_cli("compress", str(hf_model), "-o", str(out), "--method", "prune24", "--method", "int4",
+                     "--group-size", "32", "--quantize-embedding", "int8", "--eval-tokens", "400", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("parameters", "weights in memory", "on disk", "perplexity (", "predicted generation peak"):
+        assert row in proc.stdout, proc.stdout
+    assert "prune24 dense -> int4 g32 -> embedding int8" in proc.stdout
+
+    # The folder loads with memlm.load and computes exactly what the same compression computes here.
+    lm = memlm.load(out)
+    expected = load_hf(hf_model)
+    compress(expected, tok, ["prune24", "int4"], CompressOptions(group_size=32, quantize_embedding="int8",
+                                                                  eval=False, progress=False))
+    x = ids_of(tok)
+    with torch.no_grad():
+        assert torch.equal(lm.model(x), expected(x))
+    assert isinstance(lm.generate("def f(x):", max_new_tokens=8, temperature=0), str)
+
+    text = tmp_path / "text.txt"
+    text.write_text(default_split()[1][:20_000])  # its eval split: the last 2,000 characters
+    proc = memlm_cli("eval", "--model", str(out), "--corpus", str(text), "--window", "64", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ppl"] > 1
+
+
+def test_compress_cli_bad_method_is_one_line_error(tmp_path, hf_model):
+    proc = memlm_cli("compress", str(hf_model), "-o", str(tmp_path / "x"), "--method", "int5", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: unknown compression method 'int5'"], proc.stderr
+    assert "hint: choose from: int8, int4" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_method_order_rules():
+    check_methods(["prune-ffn", "prune-heads", "lowrank", "gptq4"])
+    with pytest.raises(MemlmError, match="must be the last"):
+        check_methods(["int4", "prune24"])
+    with pytest.raises(MemlmError, match="more than one quantization"):
+        check_methods(["int8", "int4"])
+    with pytest.raises(MemlmError, match="no compression method"):
+        check_methods([])
+
+
+def test_pipeline_reports_and_shrinks(tok):
+    model = tiny(tok)
+    summary = compress(model, tok, ["prune-ffn", "gptq4"], CompressOptions(
+        group_size=32, keep=0.5, calib_tokens=256, eval_tokens=300, progress=False))
+    assert model.config.ffn_hidden == 64
+    assert [s["what"] for s in summary.steps] == ["prune-ffn 128->64", "gptq4 g32"]
+    assert summary.memory_after < summary.memory_before / 2
+    assert summary.predicted_after < summary.predicted_before
+    assert summary.ppl_before > 1 and summary.ppl_after > 1 and summary.eval_tokens > 0
+    assert json.dumps(summary.to_dict())  # the --json output
+
+
+# ------------------------------------------------------------------------------ GGUF export
+
+
+def _compressed(tok, flavour, method, embedding, tied=True):
+    model = tiny(tok, flavour, tied=tied)
+    quantize_model(model, method, 32, quantize_embedding=embedding, progress=False, use_kernel=False)
+    return model
+
+
+@pytest.mark.parametrize("flavour", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_gguf_q4_1_export_of_int4_g32_is_exact(tmp_path, tok, flavour):
+    model = _compressed(tok, flavour, "int4", None)
+    path = save_gguf(model, tok, tmp_path / "m.gguf", qtype="Q4_1")
+
+    types = {t.name: QType(int(t.tensor_type)) for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up.weight"] == QType.Q4_1
+    assert types["blk.1.attn_output.weight"] == QType.Q4_1
+    assert types["token_embd.weight"] == QType.Q8_0  # the (tied) head stays at 8 bits
+    assert types["output_norm.weight"] == QType.F32
+
+    back, _ = load_gguf(path)
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and hasattr(module, "spec"):  # every int4 layer, bit for bit
+            assert torch.equal(dequantize_weight(module), back.get_submodule(name).weight), name
+    x = ids_of(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0.05)  # only the embedding was rounded
+
+
+@pytest.mark.parametrize("flavour", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_gguf_q8_0_export_of_int8_model(tmp_path, tok, flavour):
+    model = _compressed(tok, flavour, "int8", "int8", tied=flavour is GPT2)
+    path = save_gguf(model, tok, tmp_path / "m.gguf", qtype="Q8_0")
+    reader = gguf.GGUFReader(path)
+    types = {t.name: QType(int(t.tensor_type)) for t in reader.tensors}
+    assert {t for n, t in types.items() if n.endswith(".weight") and "norm" not in n} == {QType.Q8_0}
+
+    back, _ = load_gguf(path)
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_int8"):
+            ours = dequantize_weight(module)
+            theirs = back.get_submodule(name).weight.detach()
+            # the codes are kept under an fp16 copy of each row's scale: at most 127 * |d - s|
+            step = module.scales.float()[:, None]
+            assert float(((ours - theirs).abs() / step).max()) <= 127 * 2**-11 + 1e-6, name
+    x = ids_of(tok)
+    with torch.no_grad():
+        ours, theirs = model(x), back(x)
+    # gpt2's learned positions are plain floats, rounded to Q8_0 on the way: not exact either
+    assert float((ours - theirs).abs().max()) < 0.01 * float(ours.abs().max())
+
+
+def test_int8_to_q8_0_is_exact_for_fp16_scales():
+    from memlm.interop.gguf import _int8_to_q8_0
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    scales = (torch.rand(8, generator=g) / 100).half().float()  # every scale an fp16 number
+    blocks = _int8_to_q8_0(codes, scales)
+    values = gguf.quants.dequantize(blocks, QType.Q8_0)
+    assert np.array_equal(values, (codes.float() * scales[:, None]).numpy())
