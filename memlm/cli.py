@@ -151,6 +151,14 @@ def estimate_inference_of(model, batch: int, context: int, prompt_len: int):
     return estimate_for_model(model, batch, context, prompt_len).total
 
 
+def _fit(lm, budget: str, context: int | None) -> None:
+    from memlm.memory.plan import fit_inference
+
+    plan = fit_inference(lm, budget, context)
+    console.print(f"memory budget {budget}: {plan.settings['weight_format']} weights, {plan.settings['kv_dtype']} "
+                  f"KV cache, predicted peak {plan.predicted_peak / 2**20:,.0f} MiB", style="dim")
+
+
 def _report_peak(predicted: int) -> None:
     """Predicted vs measured whole-process peak (VmHWM on CPU), on stderr."""
     from memlm.memory.measure import format_bytes, peak_rss_bytes
@@ -190,11 +198,14 @@ def generate(
     stop: Stop = None,
     seed: Seed = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as one user turn of the chat template.")] = False,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
 ):
     """Continue a prompt, streaming the text to the terminal."""
     from memlm.loading import load
 
     lm = load(model)
+    if memory_budget:
+        _fit(lm, memory_budget, None)
     settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:
@@ -255,12 +266,16 @@ def serve(
     model: ModelOpt = "smollm2-135m-instruct",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
     from memlm.loading import load
     from memlm.serve.app import serve as run_server
 
-    run_server(load(model), Path(model).name, host, port)
+    lm = load(model)
+    if memory_budget:
+        _fit(lm, memory_budget, None)
+    run_server(lm, Path(model).name, host, port)
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -338,7 +353,7 @@ def export(
     model: Annotated[str, typer.Argument(help="A known model name or a path.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (hf) or .gguf file (gguf).")],
     to: Annotated[str, typer.Option(help="hf | gguf.")] = "hf",
-    qtype: Annotated[str, typer.Option(help="GGUF tensor type: F32 | F16 | Q8_0.")] = "F32",
+    qtype: Annotated[str, typer.Option(help="GGUF tensor type: F32 | F16 | Q8_0 | Q4_1 (int4-g32 models).")] = "F32",
 ):
     """Write a model as a Hugging Face folder or a GGUF file."""
     from memlm.interop.hf import save_hf

@@ -134,10 +134,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    if name not in PRESETS:
-        raise MemlmError(f"unknown model preset '{name}'", f"known presets: {', '.join(PRESETS)}")
-    return ModelConfig.from_dict({"name": name, **PRESETS[name], **overrides})
+def preset(preset_name: str, /, **overrides: Any) -> ModelConfig:
+    """A preset's config; overrides change any field (even `name`)."""
+    if preset_name not in PRESETS:
+        raise MemlmError(f"unknown model preset '{preset_name}'", f"known presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({"name": preset_name, **PRESETS[preset_name], **overrides})
 
 
 @dataclass

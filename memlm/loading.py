@@ -159,17 +159,18 @@ class LoadedModel:
 
     model: Decoder
     tokenizer: Tokenizer
+    cache_dtype: torch.dtype | None = None  # None: the weights' dtype
 
     @property
     def config(self):
         return self.model.config
 
     def stream(self, prompt: str | list[int], **settings) -> Iterator[str]:
-        for piece in stream_text(self.model, self.tokenizer, prompt, SamplingSettings(**settings)):
+        for piece in self.stream_pieces(prompt, **settings):
             yield piece.text
 
     def stream_pieces(self, prompt: str | list[int], **settings) -> Iterator[Piece]:
-        return stream_text(self.model, self.tokenizer, prompt, SamplingSettings(**settings))
+        return stream_text(self.model, self.tokenizer, prompt, SamplingSettings(**settings), self.cache_dtype)
 
     def generate(self, prompt: str | list[int], **settings) -> str:
         """Generate a continuation; settings are SamplingSettings fields (temperature, top_k, ...)."""

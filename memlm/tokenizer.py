@@ -144,7 +144,7 @@ class Tokenizer:
         if folder.suffix == ".json":
             raise MemlmError(f"tokenizer save path {folder} looks like a file", "pass a folder; tokenizer.json is written inside it")
         folder.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(folder / TOKENIZER_FILE))
+        self._tok.save(str(folder / TOKENIZER_FILE), pretty=False)  # compact: it counts in model sizes
         (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n", encoding="utf-8")
         return folder
 

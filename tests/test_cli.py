@@ -141,3 +141,34 @@ def test_memory_budget_applies_the_plan_or_refuses(tiny_run):
                                TrainConfig.from_dict({**saved["train"], "micro_batch": 8, "grad_accum": 1}))
     for key in ("micro_batch", "grad_accum", "optimizer", "precision", "activation_checkpointing", "loss_chunk"):
         assert saved["train"][key] == getattr(expected, key)
+
+
+def test_generate_memory_budget(tiny_run):
+    proc = memlm("generate", "The for", "--model", "runs/small", "--max-new-tokens", "5", "--memory-budget", "10MiB",
+                 cwd=tiny_run)
+    assert_user_error(proc, "does not fit the memory budget 10.0 MiB", "memlm plan")
+    proc = memlm("generate", "The for", "--model", "runs/small", "--max-new-tokens", "5", "--memory-budget", "2GiB",
+                 cwd=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory budget 2GiB: fp32 weights" in proc.stderr
+
+
+def test_fit_inference_quantizes_when_the_budget_is_tight():
+    import torch
+
+    from memlm.config import ModelConfig
+    from memlm.loading import LoadedModel
+    from memlm.memory.estimate import estimate_inference
+    from memlm.memory.plan import fit_inference
+    from memlm.model import Decoder
+
+    cfg = ModelConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=512, norm="rmsnorm",
+                      positions="rope", mlp="swiglu", bias=False)
+    lm = LoadedModel(Decoder(cfg).eval(), tokenizer=None)
+    fp32 = estimate_inference(cfg, 1, 128, "fp32").total
+    int8 = estimate_inference(cfg, 1, 128, "int8").total
+    plan = fit_inference(lm, (fp32 + int8) // 2, context=128)
+    assert plan.settings["weight_format"] in ("int8", "int4", "bf16")
+    kinds = {type(m).__name__ for m in lm.model.modules()}
+    assert ("Int8Linear" in kinds or "Int4Linear" in kinds or
+            next(lm.model.parameters()).dtype == torch.bfloat16)

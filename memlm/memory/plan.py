@@ -430,3 +430,29 @@ def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
         )
     keys = [k for k in plan.settings if k in {f.name for f in dataclasses.fields(TrainConfig)}]
     return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys}), plan
+
+
+def fit_inference(lm, budget: int | str, context: int | None = None) -> Plan:
+    """Apply an inference plan to a loaded model in place: quantize or cast its weights.
+
+    Returns the plan; its kv_dtype is what generation should allocate the cache in. The model
+    is loaded before it is converted, so loading itself can briefly need the fp32 size.
+    """
+    import torch
+
+    plan = plan_inference(lm.config, budget, context=context)
+    if not plan.feasible:
+        raise MemlmError(
+            f"the model does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
+            f"the leanest plan needs {format_bytes(plan.min_budget)}",
+            "raise --memory-budget or use a smaller model (see: memlm plan --task infer)",
+        )
+    fmt = plan.settings["weight_format"]
+    if fmt in ("int8", "int4"):
+        from memlm.compress import quantize_model
+
+        quantize_model(lm.model, method=fmt, progress=False)
+    elif fmt == "bf16":
+        lm.model.to(torch.bfloat16)
+    lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
+    return plan
