@@ -195,15 +195,19 @@ def save_checkpoint(
         _fsync_file(f)
     _fsync_dir(tmp)
 
-    final = folder / name
+    return _commit(tmp, folder / name, run_dir, keep_last)
+
+
+def _commit(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> Path:
+    """Rename a fully written, fsynced temp folder to its final name, then prune old ones."""
     if final.exists():  # saving the same step again: move the old one aside first
-        old = folder / f".{name}.old.tmp"
+        old = final.parent / f".{final.name}.old.tmp"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(folder)
+    _fsync_dir(final.parent)
     prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -438,15 +442,7 @@ def save_sharded_checkpoint(
             if f.is_file():
                 _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # saving the same step again: move the old one aside first
-            old = folder / f".{name}.old.tmp"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(folder)
-        prune_checkpoints(run_dir, keep_last)
+        _commit(tmp, final, run_dir, keep_last)
     del full
     _barrier()
     return final
