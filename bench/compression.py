@@ -65,6 +65,7 @@ def rows_for(model: str) -> list[dict[str, Any]]:
             row("int4-g32-emb8", ["int4"], group_size=32, quantize_embedding="int8"),
             row("int4-g64", ["int4"], group_size=64),
             row("gptq4-g64", ["gptq4"], group_size=64),
+            row("gptq4-g64-act", ["gptq4"], group_size=64, act_order=True),
             row("int3-g32", ["int3"], group_size=32),
             row("gptq3-g32", ["gptq3"], group_size=32),
         ]
@@ -104,8 +105,9 @@ def worker_main(spec: dict[str, Any]) -> None:
     from memlm.eval.perplexity import perplexity
     from memlm.infer.generate import generate_ids
     from memlm.infer.sampling import SamplingSettings
-    from memlm.memory.measure import peak_rss_bytes
+    from memlm.memory.measure import current_rss_bytes, peak_rss_bytes
 
+    rss_import = current_rss_bytes()  # the runtime every row pays before its weights
     t = time.perf_counter()
     lm = memlm.load(spec["folder"])
     load_s = time.perf_counter() - t
@@ -128,7 +130,7 @@ def worker_main(spec: dict[str, Any]) -> None:
     windows = spec["windows"]
     ppl = perplexity(lm.model, ids[: windows * WINDOW], WINDOW)
     print("RESULT " + json.dumps({
-        "load_s": load_s, "prefill_tok_s": statistics.median(r[0] for r in runs),
+        "rss_import": rss_import, "load_s": load_s, "prefill_tok_s": statistics.median(r[0] for r in runs),
         "decode_tok_s": statistics.median(r[1] for r in runs), "vmhwm": hwm, "ppl": ppl.ppl,
         "scored": ppl.n_scored, "generated": runs[0][2],
     }))
@@ -193,7 +195,7 @@ def measure_model(model: str, args: argparse.Namespace, work: Path) -> list[dict
             "model": model, "row": spec["name"], "what": " + ".join(steps),
             "file_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
             "weights_bytes": weights, "file_mib": weights / MIB,
-            "vmhwm_mib": m["vmhwm"] / MIB, "ppl": m["ppl"], "decode_tok_s": m["decode_tok_s"],
+            "vmhwm_mib": m["vmhwm"] / MIB, "rss_import_mib": m["rss_import"] / MIB, "ppl": m["ppl"], "decode_tok_s": m["decode_tok_s"],
             "prefill_tok_s": m["prefill_tok_s"], "load_s": m["load_s"], "compress_s": seconds,
             "scored_tokens": m["scored"], "generated": m["generated"], "gguf_q4_1_bytes": gguf_bytes,
         }
@@ -241,10 +243,13 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         add("smollm2: RTN int4-g32 reproduces Q4_1 (ppl within 0.1% of fp32)", f"{v:+.3%}", abs(v) <= 0.001)
     for model in ("smollm2", "trained"):
         for rtn, gptq in (("int4-g64", "gptq4-g64"), ("int3-g32", "gptq3-g32")):
-            a, b = increase(model, rtn), increase(model, gptq)
-            if a is not None and b is not None:
-                add(f"{model}: {gptq} at most half of {rtn}'s perplexity increase", f"{b:+.3%} vs {a:+.3%}",
-                    b <= a / 2)
+            a = increase(model, rtn)
+            variants = {n: increase(model, n) for n in (gptq, gptq + "-act") if increase(model, n) is not None}
+            if a is not None and variants:
+                best = min(variants.values())
+                value = ", ".join(f"{n} {v:+.3%}" for n, v in variants.items()) + f" vs {rtn} {a:+.3%}"
+                add(f"{model}: GPTQ ({' or '.join(variants)}) at most half of {rtn}'s perplexity increase", value,
+                    best <= a / 2)
     s = by.get(("smollm2", "int4-g32-emb8"))
     if s is not None:
         add(f"smollm2: int4-g32 + int8 embedding on disk <= {SMOLLM2_GGUF_BYTES:,} bytes",
@@ -275,7 +280,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter(r["file_mib"], r["ppl"], marker=marker, color=color)
             ax.annotate(r["row"], (r["file_mib"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ppls = [r["ppl"] for r in pts]
+        if max(ppls) > 5 * min(ppls):  # a log axis only when collapsed rows would squash the rest
+            ax.set_yscale("log")
         ax.set_xlabel("weights on disk (MiB, model.safetensors)")
         ax.set_ylabel(f"perplexity (first {pts[0]['scored_tokens'] // (WINDOW - 1)} W2 windows)")
         ax.set_title(f"{model}: size vs perplexity (blue RTN, red GPTQ, green pruning/low-rank)")
@@ -299,12 +306,15 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192, help="GPTQ / calibrated pruning tokens")
     parser.add_argument("--trained-run", type=Path, default=TRAINED_RUN, help="run folder of the trained model")
     parser.add_argument("--keep-folders", type=Path, help="keep the compressed folders here")
+    parser.add_argument("--merge", type=Path, nargs=2, metavar=("MAIN_JSON", "PARTIAL_JSON"),
+                        help="add the rows of a partial run that the main run lacks, then rewrite the results")
     args = parser.parse_args()
     if args.worker:
         worker_main(json.loads(args.worker))
         return
-
-    from bench.common import RESULTS, write_results
+    if args.merge:
+        merge(*args.merge)
+        return
 
     t0 = time.perf_counter()
     work = args.keep_folders or Path(tempfile.mkdtemp(prefix="memlm-compression-"))
@@ -313,30 +323,52 @@ def main() -> None:
     rows = []
     for model in models:
         rows += measure_model(model, args, work / model)
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("worker", "merge")}
+    name = "compression" if not args.only and args.model == "both" else "compression-partial"
+    write(name, rows, settings, time.perf_counter() - t0)
+
+
+def merge(main_json: Path, partial_json: Path) -> None:
+    """Rows of a later partial run (e.g. an extra GPTQ variant) join the main run's results; each
+    row keeps the settings of the run that measured it (`run` says which)."""
+    main = json.loads(main_json.read_text())
+    partial = json.loads(partial_json.read_text())
+    have = {(r["model"], r["row"]) for r in main["rows_full"]}
+    rows = [{**r, "run": r.get("run", "main")} for r in main["rows_full"]]
+    rows += [{**r, "run": f"partial {partial['date']}"} for r in partial["rows_full"] if (r["model"], r["row"]) not in have]
+    write("compression", rows, main["settings"], main["seconds"] + partial["seconds"])
+
+
+def write(name: str, rows: list[dict[str, Any]], settings: dict[str, str], seconds: float) -> None:
+    from bench.common import write_results
+
+    args = argparse.Namespace(**{k: settings[k] for k in ("windows", "gen_runs", "calib_tokens")})
     checks = check_targets(rows)
     columns = ["model", "row", "what", "file_mib", "ppl", "ppl_vs_fp32", "vmhwm_mib", "rss_vs_fp32",
                "decode_tok_s", "match_fp32_ids", "compress_s"]
     target_lines = "\n".join(f"| {c['target']} | {c['value']} | {c['status']} |" for c in checks)
     notes = (
         f"Perplexity: W2 protocol on the first {args.windows} windows of 512 tokens of the eval split "
-        f"({args.windows * 511:,} scored tokens; the full split has 43 windows), the same windows for every row. "
+        f"({int(args.windows) * 511:,} scored tokens; the full split has 43 windows), the same windows for every row. "
         f"Decode: W1 (2 threads with OMP_WAIT_POLICY=PASSIVE, 64-token prompt, 128 greedy tokens, EOS banned), 1 warm-up + {args.gen_runs} "
         f"timed runs (W1 says 5; the warm-up generates {WARMUP_TOKENS} tokens), median; the machine was shared with other jobs, so speeds are noisy. "
         f"Resident memory: VmHWM of a fresh worker process after loading the saved folder and generating "
         f"(includes ~200+ MiB of Python/torch runtime). file_mib: model.safetensors. GPTQ and calibrated pruning: "
-        f"{args.calib_tokens:,} calibration tokens from the train split. match_fp32_ids: how many of the 128 "
+        f"{int(args.calib_tokens):,} calibration tokens from the train split. match_fp32_ids: how many of the 128 "
         f"generated ids equal the fp32 row's.\n\n## Targets\n\n| target | measured | status |\n|---|---|---|\n"
         f"{target_lines}\n\n## Rows"
     )
-    extra = {"targets": checks, "settings": {k: str(v) for k, v in vars(args).items() if k != "worker"},
-             "seconds": time.perf_counter() - t0}
-    name = "compression" if not args.only and args.model == "both" else "compression-partial"
+    if any(r.get("run", "main") != "main" for r in rows):
+        columns.append("run")
+        notes = notes.replace("\n\n## Targets", " Rows of a later partial run with the same settings are marked in "
+                              "`run`.\n\n## Targets")
+    extra = {"targets": checks, "settings": settings, "seconds": seconds}
     table = [{k: r.get(k) for k in columns} for r in rows]
     json_path, _ = write_results(name, table, extra={**extra, "rows_full": rows}, columns=columns, notes=notes)
     plot(rows, json_path.with_suffix(".png"))
     for c in checks:
         print(f"{c['status']:7s} {c['target']}: {c['value']}")
-    print(f"done in {time.perf_counter() - t0:.0f} s")
+    print(f"done in {seconds:.0f} s")
 
 
 if __name__ == "__main__":
