@@ -6,8 +6,8 @@ train split tokenized with SmolLM2's tokenizer, AdamW lr 3e-4 constant, betas (0
 them together, and `memlm train`'s default settings. Every row runs in a FRESH subprocess, so
 its peak RSS (VmHWM, whole process) is that row's alone, on the same batches from the same init.
 Columns: measured peak, the planner's prediction (memlm.memory.estimate.estimate_training),
-tokens/s (W3: wall clock of the timed steps, 3 warm-up steps excluded; also by CPU time, which
-other processes on a shared machine disturb less), the loss of the last step.
+tokens/s (W3: wall clock of the timed steps, 3 warm-up steps excluded; also by CPU time), the loss
+of the last step.
 
 Part 2, optimizers on `tiny`: `memlm train` (memlm.train.train) on the default corpus with a
 BPE tokenizer of 4,096 ids, micro-batch 8 x 128, for AdamW, 8-bit AdamW, Adafactor and AdamW fused into backward;
@@ -343,8 +343,9 @@ def main() -> None:
          f"{summary['defaults_vs_baseline_tokens_per_cpu_s']:.3f} (CPU time)." if summary else ""),
         f"Row settings: {json.dumps({k: v for k, v in ROWS.items()})}; 'memlm train defaults' = TrainConfig() "
         f"defaults for {', '.join(_DEFAULT_FIELDS)} with the W3 optimizer recipe.",
-        f"Load average before/after: {load_before} / {_load_average()} (other jobs share these cores; "
-        "compare speeds within this run, CPU-time ratios are the steadier ones).",
+        f"Load average before/after: {load_before} / {_load_average()}. Other jobs share these cores, so "
+        "speeds drift during a run (the repeated rows show by how much); CPU time is no steadier (OpenMP "
+        "threads spin while they wait for a core). Peak memory and losses do not depend on the load.",
         f"Total time {time.time() - started:.0f} s.",
         "",
         f"## Optimizers on `tiny` (`memlm train`, default corpus, BPE 4,096, micro-batch 8 x {TINY_SEQ}, "
