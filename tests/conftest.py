@@ -23,3 +23,34 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is missing")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine they thrash."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """60k characters of the embedded corpus as a real text file."""
+    from memlm.data import default_corpus_text
+
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(default_corpus_text()[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    """A 320-token BPE trained on `corpus`, saved to a folder."""
+    from memlm.tokenizer import train_bpe
+
+    folder = tmp_path_factory.mktemp("tok")
+    train_bpe([corpus.read_text(encoding="utf-8")], vocab_size=320).save(folder)
+    return folder

@@ -35,12 +35,7 @@ STEPS = 10
 LAUNCH_TIMEOUT_S = 240  # a generous bound for one torchrun job on a busy 2-core machine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,37 +12,15 @@ import pytest
 import torch
 
 from memlm.config import ModelConfig, TrainConfig
-from memlm.data import default_corpus_text
 from memlm.errors import MemlmError
 from memlm.model import Decoder
-from memlm.tokenizer import train_bpe
 from memlm.train import build_optimizer, compute_loss, latest_checkpoint, lr_at, train
 from memlm.train.loop import METRICS_FILE
 
 MODEL = ModelConfig(n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=320)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine they thrash.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(default_corpus_text()[:60_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, corpus) -> Path:
-    folder = tmp_path_factory.mktemp("tok")
-    train_bpe([corpus.read_text(encoding="utf-8")], vocab_size=320).save(folder)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: tests/conftest.py
 
 
 def _cfg(out: Path, corpus: Path, tokenizer: Path | None, **overrides) -> TrainConfig:
