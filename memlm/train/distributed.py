@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -308,16 +309,25 @@ def setup(cfg: TrainConfig, device: torch.device) -> Distributed:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
         _created_group = True
-        atexit.register(shutdown)
+        atexit.register(shutdown, wait_for_peers=False)  # after an error: end without waiting on the others
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                        strategy=cfg.strategy, precision=cfg.precision, cpu_offload=cfg.cpu_offload, active=True)
 
 
-def shutdown() -> None:
-    """End the process group setup() started (a no-op otherwise, and when called twice)."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """End the process group setup() started (a no-op otherwise, and when called twice).
+
+    A rank that tears its gloo group down while a peer still talks to it, or leaves the group's
+    C++ threads to interpreter exit (FSDP's device mesh holds a reference), can abort with
+    "terminate called without an active exception". So on the normal path every rank first meets
+    the others, and the group's last references are collected while the interpreter is alive.
+    """
     global _created_group
     if _created_group and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
     _created_group = False
 
 
