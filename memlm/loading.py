@@ -140,8 +140,7 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder
     if ckpt is None:
         raise MemlmError(f"run folder {run_dir} has no checkpoint yet", "train it first (memlm train)")
     config = ModelConfig.from_dict(load_toml(run_dir / "config.toml")["model"])
-    with torch.device("meta"):
-        model = Decoder(config)
+    model = Decoder.empty(config)
     sd = load_file(ckpt / "model.safetensors")
     if config.tied_embeddings:  # safetensors stores a shared tensor once, under either name
         shared = sd.get("tok_emb.weight", sd.get("lm_head.weight"))

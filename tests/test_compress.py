@@ -398,3 +398,71 @@ def test_int4_bytes_on_disk(tmp_path):
     )
     assert stored * 8 / n_block_weights == pytest.approx(4.5)
     assert dataclasses.asdict(model.config) == dataclasses.asdict(load_compressed(save_compressed(model, None, tmp_path / "q"))[0].config)
+
+
+def test_tensor_file_reads_what_safetensors_wrote(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from memlm.compress.storage import TensorFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+        "f16": torch.randn(2, 2, 2, generator=g).half(), "i8": torch.randint(-128, 127, (4, 9), dtype=torch.int8),
+        "u8": torch.randint(0, 255, (33,), dtype=torch.uint8), "i64": torch.arange(6).view(2, 3),
+        "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    reference = load_file(str(tmp_path / "t.safetensors"))
+    with TensorFile(tmp_path / "t.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for key in tensors:
+            got = f.read(key)
+            assert got.dtype == reference[key].dtype and torch.equal(got, reference[key]), key
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 20])  # data shorter than the header says
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for bad in ("cut", "junk"):
+        with pytest.raises(MemlmError, match="not a readable safetensors file"):
+            TensorFile(tmp_path / f"{bad}.safetensors")
+
+
+def test_int8_float_path_converts_a_slice_at_a_time(monkeypatch):
+    """A tied int8 head (vocab x d) is converted in row slices: same result as all at once."""
+    torch.manual_seed(0)
+    w, scales = Q.quantize_int8(torch.randn(1000, 64))
+    x = torch.randn(2, 3, 64)
+    whole = F.linear(x, w.float()) * scales
+    monkeypatch.setattr(Q, "INT8_CHUNK_ELEMENTS", 64 * 97)  # 97 rows per slice: the last one is partial
+    assert torch.allclose(Q._int8_matmul(x, w, scales), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """In a fresh process, loading an int4 folder raises the peak resident set by about the model's
+    own bytes: no mapped second copy of the file, no float copy, no import of dynamo/sympy."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = dict(LLAMA, vocab_size=4096, n_layer=6, n_embd=512, ffn_hidden=2048, n_head=8, n_kv_heads=4)
+    model = quantize_model(tiny(cfg), "int4", group_size=64, quantize_embedding="int8", progress=False)
+    folder = save_compressed(model, None, tmp_path / "m")
+    script = (
+        "import json, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from memlm.compress import load_compressed\n"
+        "from memlm.compress.storage import model_bytes\n"
+        "from memlm.compress.quantize import int4_kernel_available\n"
+        "from memlm.memory.measure import current_rss_bytes, peak_rss_bytes\n"
+        "int4_kernel_available()  # maps the kernel library's code: the runtime's, not the model's\n"
+        "before = current_rss_bytes()\n"
+        "model, _ = load_compressed(sys.argv[1])\n"
+        "print(json.dumps({'added': peak_rss_bytes() - before, 'model': model_bytes(model),\n"
+        "                  'sympy': 'sympy' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not m["sympy"]
+    assert m["model"] > 10 * 2**20
+    assert m["added"] <= 1.25 * m["model"] + 8 * 2**20, m

@@ -43,6 +43,7 @@ from memlm.errors import MemlmError
 
 Scheme = Literal["int8", "int4", "int3"]
 GROUP_SIZES = (128, 64, 32)  # allowed group sizes, largest first
+INT8_CHUNK_ELEMENTS = 1 << 20  # weights converted to float at once by the fp32 int8 path (4 MB)
 INT8_KERNEL_MAX_ROWS = 8  # `_weight_int8pack_mm` beats convert-then-matmul only for a few rows (bf16)
 
 
@@ -131,8 +132,17 @@ def _int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) ->
     ):
         y = torch._weight_int8pack_mm(x.reshape(rows, -1), w_int8, scales.to(x.dtype))
         return y.view(*x.shape[:-1], -1)
-    # fp32 activations: the int8 kernel is a slow reference path there (0.9 ms vs 0.13 ms)
-    return F.linear(x, w_int8.to(x.dtype)) * scales.to(x.dtype)
+    # fp32 activations: the int8 kernel is a slow reference path there (0.9 ms vs 0.13 ms).
+    # A large table (a tied head: vocab x d) is converted a slice of rows at a time, so no float
+    # copy of more than INT8_CHUNK_ELEMENTS weights exists at once.
+    scales = scales.to(x.dtype)
+    step = max(1, INT8_CHUNK_ELEMENTS // w_int8.shape[1])
+    if w_int8.shape[0] <= step:
+        return F.linear(x, w_int8.to(x.dtype)) * scales
+    y = x.new_empty(*x.shape[:-1], w_int8.shape[0])
+    for i in range(0, w_int8.shape[0], step):
+        y[..., i:i + step] = F.linear(x, w_int8[i:i + step].to(x.dtype)) * scales[i:i + step]
+    return y
 
 
 class Int8Linear(_KeepsScaleDtype):
@@ -381,9 +391,12 @@ class GroupQuantLinear(_KeepsScaleDtype):
             destination[prefix + "weight_packed"] = pack_int4(self.codes())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.kernel_layout = False  # what comes in is the portable layout
+        incoming = prefix + "weight_packed" in state_dict
+        if incoming:
+            self.kernel_layout = False  # what comes in is the portable layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._adopt_kernel_layout()
+        if incoming:
+            self._adopt_kernel_layout()
 
     # compute
 

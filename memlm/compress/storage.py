@@ -16,8 +16,10 @@ No pickle anywhere.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from memlm.compress.prune import Sparse24Linear
 from memlm.compress.quantize import GROUP_CLASSES, Int8Embedding, Int8Linear, Int8TiedHead, set_module
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
+from memlm.memory.measure import return_free_heap
 
 FORMAT = "memlm-compressed"
 VERSION = 1
@@ -96,6 +99,68 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
     return folder
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorFile:
+    """Reads tensors of a safetensors file one at a time, each into fresh process memory.
+
+    safetensors' own loader maps the file: every page a tensor touched stays charged to the
+    process for as long as any tensor of the file is alive, so a layer converted on load (or a
+    model that outlives its load) counts its bytes twice. Plain reads land each byte once.
+    The format: an 8-byte little-endian header length, a JSON header
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the data.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close / the with block)
+        try:
+            size = self.path.stat().st_size
+            (n,) = struct.unpack("<Q", self._file.read(8))
+            if n > size - 8:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(self._file.read(n))
+            self._data_start = 8 + n
+            self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            for key, e in self._entries.items():
+                begin, end = e["data_offsets"]
+                numel = math.prod(e["shape"])
+                if e["dtype"] not in _DTYPES or not 0 <= begin <= end <= size - self._data_start \
+                        or end - begin != numel * _DTYPES[e["dtype"]].itemsize:
+                    raise ValueError(f"entry {key!r} is inconsistent: {e}")
+        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
+            self._file.close()
+            raise MemlmError(f"{self.path} is not a readable safetensors file: {err}",
+                             "the folder is damaged; save the model again") from None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def read(self, key: str) -> torch.Tensor:
+        e = self._entries[key]
+        begin, end = e["data_offsets"]
+        t = torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
+        if end > begin:
+            self._file.seek(self._data_start + begin)
+            if self._file.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise MemlmError(f"{self.path} is truncated", "the folder is damaged; save the model again")
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module, use_kernel: bool | None) -> nn.Module:
     """A module of the recorded kind with meta tensors of the placeholder's shape."""
     kind = spec.get("kind")
@@ -122,8 +187,6 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
     `use_kernel` as in `quantize_model`: None runs int4 layers on the CPU int4 kernel where it is
     available (bf16 compute, so logits match a model quantized with the same setting).
     """
-    from safetensors.torch import load_file
-
     from memlm.model import Decoder
 
     folder = Path(folder)
@@ -140,8 +203,7 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
         raise MemlmError(f"{folder} uses format version {meta['version']}, newer than this memlm", "upgrade memlm")
 
     config = ModelConfig.from_dict(meta["config"])
-    with torch.device("meta"):
-        model = Decoder(config)
+    model = Decoder.empty(config)
     # Parents before children (a low-rank layer's factors may be quantized), the tied head last.
     order = sorted(meta["layers"].items(), key=lambda kv: (kv[1].get("kind") == "int8_tied_head", kv[0].count("."), kv[0]))
     for name, spec in order:
@@ -151,16 +213,25 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
             raise MemlmError(f"{meta_path}: layer {name!r} does not exist in the model its config describes") from None
         set_module(model, name, _empty_module(spec, placeholder, model, use_kernel))
 
-    state = load_file(str(weights_path))
     tied = bool(meta.get("tied_embeddings")) and isinstance(model.lm_head, nn.Linear)
-    if tied:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise MemlmError(
-            f"{weights_path} does not match its description: missing {missing[:5]}, unexpected {unexpected[:5]}",
-            "the folder is damaged or was not written by save_compressed",
-        )
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+    with TensorFile(weights_path) as f:
+        missing, unexpected = sorted(expected - set(f.keys())), sorted(set(f.keys()) - expected)
+        if missing or unexpected:
+            raise MemlmError(
+                f"{weights_path} does not match its description: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                "the folder is damaged or was not written by save_compressed",
+            )
+        # One module at a time: a layer converted on load (int4 into the CPU kernel's layout)
+        # drops its portable copy before the next is read.
+        by_owner: dict[str, list[str]] = {}
+        for key in f.keys():
+            by_owner.setdefault(key.rpartition(".")[0], []).append(key)
+        for owner, keys in by_owner.items():
+            module = model.get_submodule(owner)
+            module.load_state_dict({key.rpartition(".")[2]: f.read(key) for key in keys}, strict=False, assign=True)
+            if getattr(module, "kernel_layout", False):
+                return_free_heap()  # the portable copy just freed
     if tied:
         model.lm_head.weight = model.tok_emb.weight
     model.reset_buffers("cpu")

@@ -340,8 +340,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Dec
             f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
             "the file is inconsistent; re-export it",
         )
-    with torch.device("meta"):
-        model = Decoder(config)
+    model = Decoder.empty(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     arch = f.get_str("general.architecture")
     sd: dict[str, torch.Tensor] = {}

@@ -185,8 +185,7 @@ def state_dict_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
 def model_from_hf_state_dict(config: ModelConfig, hf_sd: dict[str, torch.Tensor],
                              dtype: torch.dtype = torch.float32) -> Decoder:
     """Build on the meta device and assign the converted tensors: no throw-away random init."""
-    with torch.device("meta"):
-        model = Decoder(config)
+    model = Decoder.empty(config)
     sd = {k: v.to(dtype) for k, v in state_dict_from_hf(config, hf_sd).items()}
     model.load_state_dict(sd, strict=True, assign=True)
     if config.tied_embeddings:

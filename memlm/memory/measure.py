@@ -65,6 +65,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def return_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed blocks of up to 32 MB in its heap once it has seen one that size, so a
+    process that converts many tensors one after another (a model loading) holds the transient
+    copies' pages as well as the results, unless told to give them back.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 class _RssSampler(threading.Thread):
     """Polls VmRSS until stopped, keeping the maximum (the fallback when VmHWM cannot be reset)."""
 

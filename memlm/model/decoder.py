@@ -13,11 +13,23 @@ import math
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from memlm.config import ModelConfig
 from memlm.model.kv_cache import KVCache
 from memlm.model.layers import Block, make_norm, rope_tables, sinusoidal_table
+
+
+class _SkipInit(TorchFunctionMode):
+    """Inside, torch.nn.init functions leave their tensor as it is. Filling meta tensors is
+    pointless, and the meta kernel of normal_ imports dynamo and sympy (+70 MB resident)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 class Decoder(nn.Module):
@@ -40,16 +52,26 @@ class Decoder(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def empty(cls, config: ModelConfig) -> Decoder:
+        """A Decoder of meta tensors (no memory, no init), to be filled by load_state_dict(assign=True)."""
+        with torch.device("meta"), _SkipInit():
+            return cls(config)
+
     def reset_buffers(self, device=None) -> None:
         """(Re)compute the fixed position tables; needed after building on the meta device."""
         c = self.config
-        with torch.device(device or self.norm.weight.device):
+        device = device or self.norm.weight.device
+        with torch.device("cpu"):  # small tables; computing them on meta would import dynamo's kernels
             if c.positions == "rope":
                 cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
-                self.register_buffer("rope_cos", cos, persistent=False)
-                self.register_buffer("rope_sin", sin, persistent=False)
+                tables = {"rope_cos": cos, "rope_sin": sin}
             elif c.positions == "sinusoidal":
-                self.register_buffer("pos_table", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
+                tables = {"pos_table": sinusoidal_table(c.block_size, c.n_embd)}
+            else:
+                tables = {}
+        for name, table in tables.items():
+            self.register_buffer(name, table.to(device), persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
