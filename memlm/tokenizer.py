@@ -30,7 +30,10 @@ DEFAULT_EOS = "<|endoftext|>"
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus special-token ids, BOS policy and chat template."""
+    """A `tokenizers.Tokenizer` plus special-token ids, BOS policy and chat template.
+
+    Built by `train_bpe`, `Tokenizer.load`, or directly around a `tokenizers.Tokenizer` made
+    elsewhere (the GGUF importer does that)."""
 
     def __init__(
         self,
@@ -57,19 +60,6 @@ class Tokenizer:
         self.pad_id = pad_id
         self.add_bos = add_bos
         self.chat_template = chat_template
-
-    @classmethod
-    def from_tokenizers(
-        cls,
-        tok: tokenizers.Tokenizer,
-        bos_id: int | None = None,
-        eos_id: int | None = None,
-        pad_id: int | None = None,
-        add_bos: bool = False,
-        chat_template: str | None = None,
-    ) -> Tokenizer:
-        """Wrap a `tokenizers.Tokenizer` built elsewhere (e.g. by the GGUF importer)."""
-        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, chat_template=chat_template)
 
     # ----------------------------------------------------------------------------- basics
 

@@ -181,7 +181,7 @@ def test_dtype_choice(tmp_path):
     vocab = {f"w{i}": i for i in range(70_000)}
     big = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     big.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    t = Tokenizer.from_tokenizers(big, eos_id=69_999)
+    t = Tokenizer(big, eos_id=69_999)
     (tmp_path / "c.txt").write_text("w1 w65536 w69998", encoding="utf-8")
     tf = tokenize_corpus(str(tmp_path / "c.txt"), t, None, cache_dir=tmp_path / "cache")
     assert tf.dtype == "uint32"

@@ -62,7 +62,7 @@ def random_model(config: ModelConfig, seed: int = 0) -> Decoder:
 def tok() -> Tokenizer:
     train, _ = default_split()
     base = train_bpe([train[:30_000]], vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return Tokenizer.from_tokenizers(
+    return Tokenizer(
         base.backend, bos_id=1, eos_id=0, pad_id=0, add_bos=True, chat_template=TEMPLATE,
     )
 
@@ -178,7 +178,7 @@ def test_smollm_pre_tokenizer_round_trip(tmp_path, tok):
     backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    digits = Tokenizer.from_tokenizers(backend, eos_id=0)
+    digits = Tokenizer(backend, eos_id=0)
     path = save_gguf(random_model(LLAMA_LIKE), digits, tmp_path / "m.gguf")
     assert read_metadata(path)[0]["tokenizer.ggml.pre"] == "smollm"
     _, tok2 = load_gguf(path)
@@ -306,7 +306,7 @@ def test_unsupported_exports(tmp_path, tok):
         save_gguf(random_model(LLAMA_LIKE), tok, tmp_path / "x.gguf", qtype="Q4_0")
     word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     with pytest.raises(MemlmError, match="WordLevel"):
-        save_gguf(random_model(LLAMA_LIKE), Tokenizer.from_tokenizers(word), tmp_path / "x.gguf")
+        save_gguf(random_model(LLAMA_LIKE), Tokenizer(word), tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
 
 

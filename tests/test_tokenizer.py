@@ -70,7 +70,7 @@ def test_encode_batch_matches_encode(tok):
 
 def test_add_bos():
     base = train_bpe(["hello hello world world"], vocab_size=300, special_tokens=("<s>", "<|endoftext|>"))
-    t = Tokenizer.from_tokenizers(base.backend, bos_id=base.token_to_id("<s>"), eos_id=base.eos_id, add_bos=True)
+    t = Tokenizer(base.backend, bos_id=base.token_to_id("<s>"), eos_id=base.eos_id, add_bos=True)
     ids = t.encode("hello")
     assert ids[0] == t.bos_id and ids[1:] == base.encode("hello")
     assert t.encode("hello", add_bos=False) == base.encode("hello")
@@ -126,7 +126,7 @@ CHATML = (
 
 
 def test_chat_template(tok):
-    t = Tokenizer.from_tokenizers(tok.backend, eos_id=tok.eos_id, chat_template=CHATML)
+    t = Tokenizer(tok.backend, eos_id=tok.eos_id, chat_template=CHATML)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     out = t.apply_chat_template(msgs)
     assert out == (
@@ -142,11 +142,11 @@ def test_chat_template(tok):
 def test_chat_template_errors(tok):
     with pytest.raises(MemlmError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    broken = Tokenizer.from_tokenizers(tok.backend, chat_template="{% for m in messages %}")
+    broken = Tokenizer(tok.backend, chat_template="{% for m in messages %}")
     with pytest.raises(MemlmError, match="chat template failed"):
         broken.apply_chat_template([{"role": "user", "content": "hi"}])
     # The sandbox refuses to reach Python internals from a template shipped in a model file.
-    sneaky = Tokenizer.from_tokenizers(tok.backend, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    sneaky = Tokenizer(tok.backend, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(MemlmError):
         sneaky.apply_chat_template([{"role": "user", "content": "hi"}])
 

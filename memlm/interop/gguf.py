@@ -469,7 +469,7 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
             for i, ty in enumerate(types) if ty == gguf.TokenType.USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
-    return Tokenizer.from_tokenizers(
+    return Tokenizer(
         tok,
         bos_id=f.get_int("tokenizer.ggml.bos_token_id", None),
         eos_id=f.get_int("tokenizer.ggml.eos_token_id", None),
