@@ -74,10 +74,12 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 
 def write_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None,
-                  columns: list[str] | None = None, notes: str = "") -> tuple[Path, Path]:
-    """Write the JSON (everything) and the markdown (a dated table with the machine)."""
+                  columns: list[str] | None = None, notes: str = "", day: str | None = None) -> tuple[Path, Path]:
+    """Write the JSON (everything) and the markdown (a dated table with the machine).
+
+    `day` (YYYY-MM-DD, default today): the date of the files, e.g. to re-render an earlier run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    day = dt.date.today().isoformat()
+    day = day or dt.date.today().isoformat()
     meta = {"name": name, "date": day, "commit": git_commit(), "machine": machine(),
             "corpus_sha256": corpus_hash(), **(extra or {})}
     json_path = RESULTS / f"{name}-{day}.json"

@@ -3,6 +3,9 @@
     python bench/memory_accuracy.py              # the matrix + the plan check (a few minutes)
     python bench/memory_accuracy.py --overhead   # re-measure the runtime overhead (RUNTIME_BYTES)
     python bench/memory_accuracy.py --only train-tiny  # rows whose name contains a string
+    python bench/memory_accuracy.py --only-distributed --merge
+        # the 2-process rows (DDP/FSDP under torchrun, gloo; ~3 minutes), merged into the latest
+        # full results (bench/results/memory_accuracy-<date>.{json,md,png}) without re-running the rest
 
 Every measurement runs in a FRESH subprocess (this script's `--worker` mode), so one row's
 allocator state cannot leak into the next. A worker imports torch + memlm, then measures with
@@ -12,6 +15,11 @@ step, zero_grad), or around one generation (static KV cache, prefill, decode at 
 context) of a model already built (and quantized). The number compared is the process's peak
 RSS, which includes the runtime overhead; the estimate adds the overhead measured once
 (memlm.memory.estimate.RUNTIME_BYTES), the same way.
+
+A distributed row is a torchrun job of 2 such processes (memlm.train.distributed: gloo, DDP or
+FSDP2, each rank half of the global micro-batch); each rank measures its own peak RSS the same
+way, over 3 steps (DDP's rebuilt gradient buckets are first resident in step 3), and the row's
+measured peak is the largest rank's (as the training loop reports it).
 
 Workers run with 1 torch thread and glibc told to return freed memory at once
 (MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=65536, see docs/memory.md): otherwise the heap keeps
@@ -86,6 +94,63 @@ def _train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peak": pm.peak_bytes, "baseline": pm.baseline_bytes, "seconds": time.perf_counter() - t0}
 
 
+def _train_dist_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a torchrun job: the steps of `_train_worker` as memlm.train.loop runs them on
+    several processes (memlm.train.distributed: gloo, the model wrapped by DDP or sharded by
+    FSDP2, this rank's rows of the global micro-batch, the loss averaged over the ranks).
+    Three steps, not two: DDP rebuilds its gradient buckets at the start of step 2 (in the order
+    the gradients arrived in step 1), and the new buckets are first resident during step 3.
+    Returns every rank's numbers on rank 0 (an empty dict on the others)."""
+    import torch
+    import torch.distributed as dist
+
+    from memlm.config import TrainConfig, preset
+    from memlm.memory.measure import PeakMemory, current_rss_bytes
+    from memlm.model import Decoder
+    from memlm.train import distributed
+    from memlm.train.loop import apply_train_settings, compute_loss
+    from memlm.train.optim import build_optimizer, lr_at, set_lr
+
+    cfg = preset(spec["model"], **spec.get("overrides", {}))
+    tc = TrainConfig(**spec["train"])
+    imported = current_rss_bytes()
+    ctx = distributed.setup(tc, torch.device("cpu"))  # joins the gloo group, as the loop does first
+    joined = current_rss_bytes()
+    B, T = tc.micro_batch, tc.seq_len or cfg.block_size
+    b = B // ctx.world_size
+    rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
+    t0 = time.perf_counter()
+    with PeakMemory("cpu") as pm:
+        torch.manual_seed(0)
+        model = Decoder(cfg)
+        apply_train_settings(model, ctx.model_settings(tc))
+        net = ctx.wrap(model)
+        optimizer = build_optimizer(model, tc)
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        for step in (1, 2, 3):
+            set_lr(optimizer, lr_at(step, tc))
+            loss_sum = 0.0
+            for k in range(tc.grad_accum):
+                x = torch.randint(0, cfg.vocab_size, (B, T), generator=g)[rows]
+                y = torch.randint(0, cfg.vocab_size, (B, T), generator=g)[rows]
+                ctx.sync_gradients(net, now=k == tc.grad_accum - 1)
+                loss = compute_loss(net, x, y, tc) / tc.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            if tc.grad_clip > 0:
+                ctx.clip_grad_norm(model, tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ctx.mean(loss_sum)
+    mine = {"rank": ctx.rank, "peak": pm.peak_bytes, "baseline": pm.baseline_bytes, "imported": imported,
+            "joined": joined, "seconds": time.perf_counter() - t0}
+    ranks: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(ranks, mine)
+    distributed.shutdown()
+    return {"ranks": ranks} if ctx.is_main else {}
+
+
 def _infer_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import gc
 
@@ -126,12 +191,19 @@ def _infer_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peak": pm.peak_bytes, "baseline": pm.baseline_bytes, "seconds": time.perf_counter() - t0}
 
 
+OVERHEAD_MODEL = {"model": "tiny", "overrides": dict(n_layer=1, n_embd=64, n_head=2, n_kv_heads=1, ffn_hidden=128,
+                                                    vocab_size=256, block_size=64)}
+DIST_WORLD = 2  # processes of the distributed rows (and of their overhead measurement)
+
+
 def _overhead_worker(task: str) -> dict[str, Any]:
     """The runtime overhead: the same measurement as a row, for a model of ~50k parameters
     (tensors < 1 MiB). task: "train", "train-bf16" (bf16 kernels load their own code and
-    scratch), "infer"."""
-    spec = {"model": "tiny", "overrides": dict(n_layer=1, n_embd=64, n_head=2, n_kv_heads=1, ffn_hidden=128,
-                                               vocab_size=256, block_size=64)}
+    scratch), "infer"; "train-ddp" and "train-fsdp" run as one rank of a 2-process job."""
+    spec = OVERHEAD_MODEL
+    if task in ("train-ddp", "train-fsdp"):
+        return _train_dist_worker({**spec, "train": {"micro_batch": DIST_WORLD, "seq_len": 16,
+                                                     "strategy": task.split("-")[1]}})
     if task.startswith("train"):
         precision = "bf16-autocast" if task == "train-bf16" else "fp32"
         return _train_worker({**spec, "train": {"micro_batch": 1, "seq_len": 16, "precision": precision}})
@@ -154,18 +226,36 @@ def worker_main(spec: dict[str, Any]) -> None:
         out = _overhead_worker(spec["what"])
     elif spec["task"] == "train":
         out = _train_worker(spec)
+    elif spec["task"] == "train-dist":
+        out = _train_dist_worker(spec)
     else:
         out = _infer_worker(spec)
-    print("RESULT " + json.dumps({**out, "imported": imported}))
+    if out:  # a distributed job: rank 0 reports for every rank
+        print("RESULT " + json.dumps({"imported": imported, **out}))
+
+
+def _is_distributed(spec: dict[str, Any]) -> bool:
+    return spec["task"] == "train-dist" or (spec["task"] == "overhead" and spec["what"] in ("train-ddp",
+                                                                                            "train-fsdp"))
 
 
 def run_worker(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    env = {**os.environ, **WORKER_ENV}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=ROOT)
+    """One measurement in a fresh process; a distributed one as a torchrun job of DIST_WORLD fresh
+    processes (each measures its own peak RSS: the row's peak is their maximum, as the loop's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(WORKER_ENV)
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    if _is_distributed(spec):
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={DIST_WORLD}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            out = json.loads(line[len("RESULT "):])
+            if "ranks" in out:
+                ranks = out["ranks"]
+                out.update(peak=max(r["peak"] for r in ranks), imported=max(r["imported"] for r in ranks),
+                           seconds=max(r["seconds"] for r in ranks))
+            return out
     raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
@@ -174,6 +264,13 @@ def run_worker(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
 
 def _train(name: str, model: str, overrides: dict | None = None, **train: Any) -> dict[str, Any]:
     return {"name": name, "task": "train", "model": model, "overrides": overrides or {}, "train": train}
+
+
+def _dist(name: str, strategy: str, model: str, overrides: dict | None = None, **train: Any) -> dict[str, Any]:
+    """A training row on DIST_WORLD processes (torchrun, gloo); micro_batch is the global one."""
+    return {"name": name, "task": "train-dist", "model": model, "overrides": overrides or {},
+            "world_size": DIST_WORLD, "strategy": strategy,
+            "train": {**train, "strategy": strategy, "nproc": DIST_WORLD}}
 
 
 def _infer(name: str, model: str, batch: int, context: int, prompt_len: int, weight_format: str = "fp32",
@@ -225,6 +322,21 @@ def matrix() -> list[dict[str, Any]]:
         _infer("infer-gpt2-b4-ctx512-int4", "gpt2", 4, 512, 256, "int4"),
         _infer("infer-smollm2-b4-ctx2048", "smollm2-135m", 4, 2048, 256),
         _infer("infer-smollm2-b8-ctx4096-int4", "smollm2-135m", 8, 4096, 128, "int4"),
+    ] + distributed_matrix()
+
+
+def distributed_matrix() -> list[dict[str, Any]]:
+    """Rows of the matrix above (same model and global settings) on 2 CPU processes (gloo):
+    each rank takes half of the global micro-batch. Each job takes both cores: they run one at a time."""
+    gpt2_4 = dict(n_layer=4)
+    return [
+        _dist("train-tiny-b8-t256-ddp2", "ddp", "tiny", micro_batch=8, seq_len=256),
+        _dist("train-tiny-b8-t256-fsdp2", "fsdp", "tiny", micro_batch=8, seq_len=256),
+        _dist("train-tiny-b16-t256-ckpt1-fsdp2", "fsdp", "tiny", micro_batch=16, seq_len=256,
+              activation_checkpointing=1),
+        # weights, gradients and AdamW states (1.1 GiB on one process) dominate: what sharding divides
+        _dist("train-gpt2L4-b2-t512-ddp2", "ddp", "gpt2", gpt2_4, micro_batch=2, seq_len=512),
+        _dist("train-gpt2L4-b2-t512-fsdp2", "fsdp", "gpt2", gpt2_4, micro_batch=2, seq_len=512),
     ]
 
 
@@ -235,6 +347,9 @@ def predict(row: dict[str, Any]):
     cfg = preset(row["model"], **row.get("overrides", {}))
     if row["task"] == "train":
         return estimate_training(cfg, TrainConfig(**row["train"]), device="cpu")
+    if row["task"] == "train-dist":
+        return estimate_training(cfg, TrainConfig(**row["train"]), device="cpu", world_size=row["world_size"],
+                                 strategy=row["strategy"])
     i = row["infer"]
     return estimate_inference(cfg, batch=i["batch"], context=i["context"], weight_format=i["weight_format"],
                               kv_dtype=i["kv_dtype"], prompt_len=i["prompt_len"])
@@ -242,6 +357,10 @@ def predict(row: dict[str, Any]):
 
 def _settings_text(row: dict[str, Any]) -> str:
     parts = [f"{k}={v}" for k, v in row.get("overrides", {}).items()]
+    if row["task"] == "train-dist":  # processes and strategy first, then the (global) settings
+        parts = [f"nproc={row['world_size']}", f"strategy={row['strategy']}"] + parts
+        parts += [f"{k}={v}" for k, v in row["train"].items() if k not in ("strategy", "nproc")]
+        return " ".join(parts)
     parts += [f"{k}={v}" for k, v in row.get(row["task"], {}).items()]
     return " ".join(parts)
 
@@ -257,8 +376,16 @@ def run_workers(specs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any] |
         except Exception as e:  # a row that cannot run is reported, not hidden
             return e
 
+    # a distributed job already runs DIST_WORLD processes: those run one at a time, after the rest
+    single = [i for i, sp in enumerate(specs) if not _is_distributed(sp)]
+    multi = [i for i, sp in enumerate(specs) if _is_distributed(sp)]
+    out: list[dict[str, Any] | Exception] = [{} for _ in specs]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(one, specs))
+        for i, m in zip(single, pool.map(one, [specs[i] for i in single])):
+            out[i] = m
+    for i in multi:
+        out[i] = one(specs[i])
+    return out
 
 
 def run_matrix(rows: list[dict[str, Any]], jobs: int = 2) -> list[dict[str, Any]]:
@@ -273,12 +400,17 @@ def run_matrix(rows: list[dict[str, Any]], jobs: int = 2) -> list[dict[str, Any]
             continue
         err = (b.total - m["peak"]) / m["peak"]
         ok = abs(err) <= ERROR_TARGET or m["peak"] < 64 * MIB
-        out.append({
+        full = {
             "name": row["name"], "task": row["task"], "model": row["model"], "settings": _settings_text(row),
             "predicted_mib": b.total / MIB, "measured_mib": m["peak"] / MIB, "error_pct": 100 * err,
             "peak_phase": b.peak_phase, "imported_mib": m["imported"] / MIB, "seconds": m["seconds"],
             "status": "ok" if ok else "MISS", "terms_mib": {t.name: round(t.bytes / MIB, 2) for t in b.terms},
-        })
+        }
+        if "ranks" in m:  # the row's peak is the largest rank's, as memlm.train.loop reports it
+            full.update(world_size=row["world_size"], strategy=row["strategy"],
+                        ranks_measured_mib=[r["peak"] / MIB for r in m["ranks"]],
+                        ranks_imported_mib=[r["imported"] / MIB for r in m["ranks"]])
+        out.append(full)
         print(f"{row['name']:<44} predicted {b.total / MIB:9.1f} MiB  measured {m['peak'] / MIB:9.1f} MiB  "
               f"error {100 * err:+6.2f}%  ({b.peak_phase}, {m['seconds']:.0f} s)", flush=True)
     return out
@@ -339,12 +471,17 @@ def run_plan_check(jobs: int = 2) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ overhead
 
 
-def measure_overhead(runs: int = 3) -> dict[str, int]:
+OVERHEAD_KINDS = ("train", "train-bf16", "infer", "train-ddp", "train-fsdp")
+
+
+def measure_overhead(runs: int = 3, kinds: tuple[str, ...] = OVERHEAD_KINDS) -> dict[str, int]:
+    """Median peak of `runs` overhead workers per kind (train-ddp/-fsdp: the largest rank's)."""
     out = {}
-    for what in ("train", "train-bf16", "infer"):
+    for what in kinds:
         results = [run_worker({"task": "overhead", "what": what}) for _ in range(runs)]
         out[what] = int(statistics.median(r["peak"] for r in results))
-        out["import"] = int(statistics.median(r["imported"] for r in results))
+        if what == "train":
+            out["import"] = int(statistics.median(r["imported"] for r in results))
     return out
 
 
@@ -358,10 +495,11 @@ def scatter_plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 6))
-    for task, marker in (("train", "o"), ("infer", "s")):
+    for task, marker, label in (("train", "o", "train"), ("infer", "s", "infer"),
+                                ("train-dist", "^", f"train, {DIST_WORLD} processes (DDP/FSDP)")):
         pts = [(r["measured_mib"], r["predicted_mib"]) for r in rows if r["task"] == task and r["measured_mib"]]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=task, alpha=0.8)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label, alpha=0.8)
     values = [v for r in rows if r["measured_mib"] for v in (r["measured_mib"], r["predicted_mib"])]
     lo, hi = min(values) / 1.3, max(values) * 1.3
     ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="y = x")
@@ -380,11 +518,109 @@ def scatter_plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+TABLE_COLUMNS = ("name", "settings", "predicted_mib", "measured_mib", "error_pct", "peak_phase", "status")
+
+
+def error_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    big = [r for r in results if r["measured_mib"] and r["measured_mib"] >= 64]
+    return {
+        "rows": len(results),
+        "max_abs_error_pct": max((abs(r["error_pct"]) for r in big), default=0.0),
+        "mean_abs_error_pct": statistics.mean(abs(r["error_pct"]) for r in big) if big else None,
+        "misses": [r["name"] for r in results if r["status"] != "ok"],
+    }
+
+
+def render(name: str, results: list[dict[str, Any]], plans: list[dict[str, Any]], summary: dict[str, Any],
+           day: str | None = None, plot: bool = True, meta: dict[str, Any] | None = None) -> None:
+    """Write bench/results/<name>-<day>.{json,md} (and the scatter plot) from rows and plans.
+    `meta`: header fields to keep (a merge keeps the commit of the run it merges into)."""
+    import datetime as dt
+
+    from bench.common import RESULTS, write_results
+    from memlm.memory.estimate import RUNTIME_BYTES
+
+    day = day or dt.date.today().isoformat()
+    dist = [r for r in results if r["task"] == "train-dist" and r["measured_mib"]]
+    dist_errors = [abs(r["error_pct"]) for r in dist]
+    measured_overhead = summary.get("runtime_overhead_measured_mib", {})
+    table = [{k: r.get(k) for k in TABLE_COLUMNS} for r in results]
+    plan_table = "\n".join(
+        f"| {p['budget_mib']:.0f} | {p['budget_share_of_need']:.2f} | {p.get('predicted_mib') or 0:.0f} | "
+        f"{p.get('measured_mib') or 0:.0f} | {p.get('used_pct') or 0:.0f}% | {p.get('cost', '')} | {p['plan']} | "
+        f"{p.get('tradeoffs', '')} | {p['status']} |" for p in plans)
+    merged = summary.get("merged_runs", [])
+    notes = (
+        f"Predicted (memlm.memory.estimate) vs measured peak RSS of a fresh worker process, CPU, 1 thread, "
+        f"{' '.join(f'{k}={v}' for k, v in WORKER_ENV.items())}. Max |error| over rows >= 64 MiB: "
+        f"{summary['max_abs_error_pct']:.2f}% (target 10%). Misses: {', '.join(summary['misses']) or 'none'}.\n\n"
+        "Every setting runs through memlm's own code (compute_loss, build_optimizer, quantize_model, "
+        "prefill/decode_one_token; for the distributed rows memlm.train.distributed: setup, wrap, "
+        "sync_gradients, clip_grad_norm). Not measured: CUDA (no GPU).\n\n"
+        + (f"Distributed rows (`-ddp{DIST_WORLD}`, `-fsdp{DIST_WORLD}`): {DIST_WORLD} processes under torchrun "
+           "(gloo), each a fresh process with the same environment, 3 steps (DDP's rebuilt gradient buckets "
+           "are first resident in step 3); micro_batch is the global one (each rank takes half); measured = "
+           "the largest rank's peak RSS (every rank's is in the JSON, `ranks_measured_mib`); predicted = "
+           f"estimate_training(..., world_size={DIST_WORLD}, strategy=...). Max |error| "
+           f"{max(dist_errors):.2f}%.\n\n" if dist_errors else "")
+        + "Runtime overhead recorded in estimate.py: "
+        + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in RUNTIME_BYTES['cpu'].items())
+        + "; measured: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in measured_overhead.items()) + "."
+        + "".join(f"\n\nRows {', '.join(m['rows'])} measured on {m['date']} (commit {m['commit']}) and merged "
+                  f"into this run's results ({m['seconds']:.0f} s)." for m in merged)
+        + (f"\n\n## Plans run for real ({PLAN_MODEL}, seq_len {PLAN_SEQ_LEN}, global batch {PLAN_GLOBAL_TOKENS} "
+           f"tokens; a plan must stay within its budget and, below the unconstrained need, use >= 80% of "
+           f"it)\n\n| budget MiB | share of unconstrained need | predicted MiB | measured MiB | used | cost | plan "
+           f"| traded away | status |\n|---|---|---|---|---|---|---|---|---|\n{plan_table}\n\n## Matrix"
+           if plans else "")
+    )
+    write_results(name, table, extra={**(meta or {}), "summary": summary, "rows_full": results, "plans": plans},
+                  notes=notes, day=day)
+    if plot:
+        scatter_plot(results, RESULTS / f"{name}-{day}.png")
+
+
+def latest_results(name: str = "memory_accuracy") -> Path:
+    from bench.common import RESULTS
+
+    found = sorted(RESULTS.glob(f"{name}-[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json"))
+    if not found:
+        raise SystemExit(f"no {RESULTS}/{name}-<date>.json to merge into: run the whole bench first")
+    return found[-1]
+
+
+def merge_into(path: Path, results: list[dict[str, Any]], overhead: dict[str, int], seconds: float) -> None:
+    """Put this run's rows into an earlier full run's results (same name: replaced; new: appended),
+    keep its other rows and its plan check, and re-render its markdown and plot."""
+    import datetime as dt
+
+    from bench.common import git_commit
+    from memlm.memory.estimate import RUNTIME_BYTES
+
+    old = json.loads(path.read_text())
+    new_names = {r["name"] for r in results}
+    rows = [r for r in old["rows_full"] if r["name"] not in new_names] + results
+    summary = {**old["summary"], **error_summary(rows)}
+    summary["runtime_overhead_measured_mib"] = {**old["summary"].get("runtime_overhead_measured_mib", {}),
+                                                **{k: v / MIB for k, v in overhead.items()}}
+    summary["runtime_overhead_recorded_mib"] = {k: v / MIB for k, v in RUNTIME_BYTES["cpu"].items()}
+    runs = [m for m in summary.get("merged_runs", []) if not set(m["rows"]) <= new_names]
+    summary["merged_runs"] = runs + [{"date": dt.date.today().isoformat(), "commit": git_commit(),
+                                      "rows": sorted(new_names), "seconds": seconds}]
+    render(old["name"], rows, old.get("plans", []), summary, day=old["date"], meta={"commit": old["commit"]})
+    print(f"merged {len(results)} rows into {path.name} ({len(rows)} rows in all)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--overhead", action="store_true", help="measure the runtime overhead and exit")
     parser.add_argument("--only", help="run only the matrix rows whose name contains this")
+    parser.add_argument("--only-distributed", action="store_true",
+                        help=f"run only the {DIST_WORLD}-process rows (DDP/FSDP under torchrun; about 3 minutes)")
+    parser.add_argument("--merge", action="store_true",
+                        help="put this run's rows into the latest full results (bench/results/memory_accuracy-"
+                             "<date>.*: rows of the same name replaced, the others and the plan check kept)")
     parser.add_argument("--no-plans", action="store_true", help="skip the plan check")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes at a time (default 2)")
     args = parser.parse_args()
@@ -395,60 +631,34 @@ def main() -> None:
         print(json.dumps({k: f"{v / MIB:.1f} MiB" for k, v in measure_overhead().items()}))
         return
 
-    from bench.common import RESULTS, write_results
     from memlm.memory.estimate import RUNTIME_BYTES
 
     t0 = time.perf_counter()
-    overhead = measure_overhead(runs=1)
-    print("runtime overhead now:", {k: f"{v / MIB:.1f} MiB" for k, v in overhead.items()},
-          "recorded:", {k: f"{v / MIB:.1f} MiB" for k, v in RUNTIME_BYTES["cpu"].items()}, flush=True)
-    rows = matrix()
+    partial = bool(args.only or args.only_distributed)
+    rows = distributed_matrix() if args.only_distributed else matrix()
     if args.only:
         rows = [r for r in rows if args.only in r["name"]]
+    kinds = OVERHEAD_KINDS
+    if args.only_distributed:
+        kinds = ("train", "train-ddp", "train-fsdp")
+    overhead = measure_overhead(runs=1, kinds=kinds)
+    print("runtime overhead now:", {k: f"{v / MIB:.1f} MiB" for k, v in overhead.items()},
+          "recorded:", {k: f"{v / MIB:.1f} MiB" for k, v in RUNTIME_BYTES["cpu"].items()}, flush=True)
     results = run_matrix(rows, args.jobs)
-    plans = [] if (args.no_plans or args.only) else run_plan_check(args.jobs)
+    plans = [] if (args.no_plans or partial) else run_plan_check(args.jobs)
 
-    measured = [r for r in results if r["measured_mib"]]
-    big = [r for r in measured if r["measured_mib"] >= 64]
-    max_err = max((abs(r["error_pct"]) for r in big), default=0.0)
-    misses = [r["name"] for r in results if r["status"] != "ok"]
-    plan_misses = [p for p in plans if p["status"] != "ok"]
     summary = {
-        "rows": len(results), "max_abs_error_pct": max_err,
-        "mean_abs_error_pct": statistics.mean(abs(r["error_pct"]) for r in big) if big else None,
-        "misses": misses, "plan_budgets": len(plans), "plan_misses": len(plan_misses),
+        **error_summary(results), "plan_budgets": len(plans),
+        "plan_misses": len([p for p in plans if p["status"] != "ok"]),
         "runtime_overhead_measured_mib": {k: v / MIB for k, v in overhead.items()},
         "runtime_overhead_recorded_mib": {k: v / MIB for k, v in RUNTIME_BYTES["cpu"].items()},
         "worker_env": WORKER_ENV, "seconds": time.perf_counter() - t0,
     }
-    name = "memory_accuracy" if not args.only else "memory_accuracy-partial"
-    table = [{k: r.get(k) for k in ("name", "settings", "predicted_mib", "measured_mib", "error_pct", "peak_phase",
-                                     "status")} for r in results]
-    plan_table = "\n".join(
-        f"| {p['budget_mib']:.0f} | {p['budget_share_of_need']:.2f} | {p.get('predicted_mib') or 0:.0f} | "
-        f"{p.get('measured_mib') or 0:.0f} | {p.get('used_pct') or 0:.0f}% | {p.get('cost', '')} | {p['plan']} | "
-        f"{p.get('tradeoffs', '')} | {p['status']} |" for p in plans)
-    notes = (
-        f"Predicted (memlm.memory.estimate) vs measured peak RSS of a fresh worker process, CPU, 1 thread, "
-        f"{' '.join(f'{k}={v}' for k, v in WORKER_ENV.items())}. Max |error| over rows >= 64 MiB: "
-        f"{max_err:.2f}% (target 10%). Misses: {', '.join(misses) or 'none'}.\n\n"
-        "Every setting runs through memlm's own code (compute_loss, build_optimizer, quantize_model, "
-        "prefill/decode_one_token). Not measured: DDP/FSDP (nproc > 1 is not implemented in the loop yet; "
-        "their terms are modelled only) and CUDA (no GPU).\n\n"
-        f"Runtime overhead recorded in estimate.py: "
-        + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in RUNTIME_BYTES['cpu'].items())
-        + "; measured in this run: " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in overhead.items()) + "."
-        + (f"\n\n## Plans run for real ({PLAN_MODEL}, seq_len {PLAN_SEQ_LEN}, global batch {PLAN_GLOBAL_TOKENS} "
-           f"tokens; a plan must stay within its budget and, below the unconstrained need, use >= 80% of "
-           f"it)\n\n| budget MiB | share of unconstrained need | predicted MiB | measured MiB | used | cost | plan "
-           f"| traded away | status |\n|---|---|---|---|---|---|---|---|---|\n{plan_table}\n\n## Matrix"
-           if plans else "")
-    )
-    write_results(name, table, extra={"summary": summary, "rows_full": results, "plans": plans}, notes=notes)
-    if not args.only:
-        import datetime as dt
-
-        scatter_plot(results, RESULTS / f"{name}-{dt.date.today().isoformat()}.png")
+    if args.merge:
+        merge_into(latest_results(), results, overhead, summary["seconds"])
+    else:
+        render("memory_accuracy" if not partial else "memory_accuracy-partial", results, plans, summary,
+               plot=not partial)
     print(json.dumps({k: v for k, v in summary.items() if k != "worker_env"}, indent=1))
 
 

@@ -286,6 +286,7 @@ def main() -> None:
     ap.add_argument("--tiny-steps", type=int, default=200, help="steps of each tiny optimizer run (0 skips part 2)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated W3 rows (empty skips part 1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="train_memory", help="results file name (bench/results/NAME-DATE.*)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -355,7 +356,7 @@ def main() -> None:
         "",
         "## W3 rows",
     ])
-    write_results("train_memory", table_rows, extra={"w3": w3, "tiny": tiny, "steps": args.steps, **summary,
+    write_results(args.name, table_rows, extra={"w3": w3, "tiny": tiny, "steps": args.steps, **summary,
                                                       "tiny_steps": args.tiny_steps, "data": source},
                   notes=notes)
 

@@ -143,6 +143,14 @@ def test_two_processes_match_one_process(strategy, single, request):
     assert state["world_size"] == 2 and state["strategy"] == strategy and state["step"] == STEPS
 
 
+def test_fsdp_with_the_chunked_loss_matches_one_process(tmp_path, data, single):
+    """Under FSDP on 2 ranks the chunked loss reads the head's weight after the root's forward:
+    it must be the whole (unsharded) matrix there, or the losses would drift from the reference."""
+    run = tmp_path / "run"
+    _launch(tmp_path, _cfg(run, data, strategy="fsdp", loss_chunk=24))
+    _assert_close(_losses(run), _losses(single[0]), range(1, STEPS + 1), rel=1e-4)
+
+
 def test_fsdp_halves_weights_grads_and_optimizer_per_rank(single, fsdp, ddp):
     one = single[1].state_bytes
     assert one > 0

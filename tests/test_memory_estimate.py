@@ -288,8 +288,42 @@ def test_sharding_divides_states():
     assert fsdp.term("optimizer_states", phase) == one.term("optimizer_states", phase) // 4
     assert fsdp.term("gradients", phase) == one.term("gradients", phase) // 4
     assert ddp.term("optimizer_states", phase) == one.term("optimizer_states", phase)
-    assert ddp.term("sharding_buffers", phase) == est.DDP_BUCKET_BYTES
+    P = sum(s.numel for s in est.param_shapes(cfg))
+    # DDP (gradient_as_bucket_view): the gradients are views into its buckets, which it keeps
+    assert ddp.term("sharding_buffers", phase) == P * 4 and ddp.term("gradients", phase) == 0
     assert fsdp.total < ddp.total
+
+
+def test_two_process_terms_follow_what_ddp_and_fsdp_hold():
+    """Per rank, against one process with the rank's share of the batch (bench/memory_accuracy.py
+    measures these configurations on 2 processes)."""
+    cfg = preset("gpt2", n_layer=4)  # tied embeddings: the root's gradient is summed at the end
+    tc = TrainConfig(micro_batch=2, seq_len=512)
+    one = estimate_training(cfg, dataclasses.replace(tc, micro_batch=1))
+    ddp = estimate_training(cfg, tc, world_size=2, strategy="ddp")
+    fsdp = estimate_training(cfg, tc, world_size=2, strategy="fsdp")
+    shapes = est.param_shapes(cfg)
+    P = sum(s.numel for s in shapes)
+    Pb = sum(s.numel for s in shapes if s.name.startswith("blocks.0."))
+    root = P - cfg.n_layer * Pb
+    vd = cfg.vocab_size * cfg.n_embd * 4
+    cpu = est.RUNTIME_BYTES["cpu"]
+    ddp_rt, fsdp_rt = cpu["train-ddp"] - cpu["train"], cpu["train-fsdp"] - cpu["train"]
+    assert ddp["runtime"] == cpu["train"] + ddp_rt and fsdp["runtime"] == cpu["train"] + fsdp_rt
+    # DDP: one process's step plus the buckets, through forward too; at the end of backward the
+    # tied gradients' sum is a fresh tensor next to the head's and the embedding's (3 instead of 2)
+    for phase in ("forward: loss", "backward: loss"):
+        assert ddp.phases[phase] - one.phases[phase] == P * 4 + ddp_rt
+    assert ddp.phases["backward: end"] - one.phases["backward: end"] == vd + ddp_rt
+    assert ddp.peak_phase == "backward: end"
+    # FSDP: weights and states halved; the root (embeddings) gathered whole for backward, its
+    # gradients unsharded until its reduce-scatter; the blocks' reduce-scattered
+    assert fsdp["weights"] == P * 4 // 2 + est.buffer_bytes(cfg)
+    assert fsdp.term("gradients", "backward: end") == cfg.n_layer * Pb * 4 // 2 + root * 4 + 2 * vd
+    assert fsdp.term("sharding_buffers", "backward: end") == root * 4 + Pb * 4
+    assert fsdp.term("sharding_buffers", "backward: root all-gather") == 2 * root * 4
+    assert fsdp.term("gradients", "optimizer step") == P * 4 // 2
+    assert fsdp.peak_phase == "backward: end" and fsdp.total < ddp.total
 
 
 def test_breakdown_renders_and_serialises():

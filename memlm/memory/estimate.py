@@ -51,9 +51,16 @@ GiB = 2**30
 # CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
 # CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
 # leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
+#   train-ddp   the "train" measurement as one rank of a 2-process job (gloo) under DDP, and
+#   train-fsdp  under FSDP (the largest rank's peak): what the process group adds (gloo's
+#               threads and connection buffers) and, for FSDP, the DTensor/FSDP code. A rank
+#               adds (train-<strategy> - train) to its training overhead. Measured on
+#               2026-11-23 as +2.3 MiB (DDP) and +5.7 MiB (FSDP) over "train" in the same run,
+#               recorded here on top of the recorded "train".
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
-    "cpu": {"import": 233 * MiB, "train": 317 * MiB, "train-bf16": 332 * MiB, "infer": 243 * MiB},
-    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0},
+    "cpu": {"import": 233 * MiB, "train": 317 * MiB, "train-bf16": 332 * MiB, "infer": 243 * MiB,
+            "train-ddp": 319 * MiB, "train-fsdp": 323 * MiB},
+    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "train-ddp": 0, "train-fsdp": 0},
 }
 RUNTIME_NOTE = "measured once: bench/memory_accuracy.py --overhead (torch 2.13 CPU, 1 thread)"
 
@@ -66,7 +73,6 @@ ADAMW8BIT_MIN_NUMEL = 4096  # memlm.train.lowbit.MIN_QUANTIZED_NUMEL: smaller te
 ADAMW8BIT_SLICE = 1 << 20  # memlm.train.lowbit.SLICE: values decoded at once in a step
 ADAMW8BIT_SCRATCH_PER_VALUE = 42  # bytes of fp32/int64 temporaries per decoded value (profiled)
 INT4_GROUP_SIZES = (128, 64, 32)  # memlm.compress.quantize.GROUP_SIZES
-DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's default bucket_cap_mb
 
 
 def _mib(n: float) -> str:
@@ -525,27 +531,24 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     shapes = param_shapes(mc)
     P = sum(s.numel for s in shapes)
     fsdp = world > 1 and strategy == "fsdp"
+    ddp = world > 1 and not fsdp
     shard = world if fsdp else 1
 
     # -- persistent: weights (+ the position tables, fp32 buffers), optimizer states, runtime
     runtime = RUNTIME_BYTES[device]["train" if precision == "fp32" else "train-bf16"]
+    if world > 1:  # the process group (and FSDP's code): measured once, like the rest
+        runtime += RUNTIME_BYTES[device][f"train-{strategy}"] - RUNTIME_BYTES[device]["train"]
     weights = P * p // shard + buffer_bytes(mc)
     states = sum(optimizer_state_bytes(s, cfg.optimizer) for s in shapes) // shard
     grads = P * p // shard
     block_params = sum(s.numel for s in shapes if s.name.startswith("blocks.0."))
-    head_grad = V * d * p // shard  # the head's weight gradient (tied: summed with the embedding's)
-    sharding = 0
-    sharding_formula = ""
-    if fsdp:
-        # FSDP2 per Block: all-gathered full params of the current block and the prefetched next
-        # one, plus one block's unsharded gradient before its reduce-scatter; the root module's
-        # params (embeddings, final norm) stay unsharded from forward to backward.
-        root = (P - L * block_params)
-        sharding = 2 * block_params * p + block_params * p + root * p * (world - 1) // world
-        sharding_formula = "3*P_block*p (2 gathered blocks + 1 unsharded grad) + root params unsharded"
-    elif world > 1:  # DDP with gradient_as_bucket_view: one 25 MiB bucket in flight
-        sharding = DDP_BUCKET_BYTES
-        sharding_formula = "25 MiB DDP bucket"
+    root_params = P - L * block_params  # outside the blocks: embeddings, final norm (FSDP's root)
+    # The head's weight gradient (tied: summed with the embedding's at the end of backward). Under
+    # FSDP it belongs to the root, whose gradients stay unsharded until its reduce-scatter, the
+    # last of the step: full size, not / world.
+    head_grad = V * d * p
+    ddp_buckets = P * p if ddp else 0
+    gathered_root, gathered_block = root_params * p, block_params * p  # FSDP: one group unsharded
 
     # -- activations
     per_block = sum(s.bytes for s in block_activations(mc, B, T, precision))
@@ -583,8 +586,10 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     opt_ws, opt_ws_formula = optimizer_step_workspace(shapes, cfg.optimizer, device, precision,
                                                       cfg.stochastic_rounding, per_param)
     opt_ws //= 1 if not fsdp else world
+    # accumulation: FSDP reduce-scatters every micro-batch (sharded grads are held); DDP skips its
+    # all-reduce (no_sync) and the grads accumulate outside its buckets until the last micro-batch
     held_grads = grads if (cfg.grad_accum > 1 and not cfg.fused_backward) else 0
-    fused = cfg.fused_backward
+    fused = cfg.fused_backward and world == 1  # refused with several processes (check_config)
 
     base = {
         "runtime": (runtime, RUNTIME_NOTE),
@@ -592,8 +597,11 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
                     + (" + position tables" if buffer_bytes(mc) else "")),
         "optimizer_states": (states, OPTIMIZER_FORMULAS[cfg.optimizer] + (f" /{shard}" if shard > 1 else "")),
     }
-    if sharding:
-        base["sharding_buffers"] = (sharding, sharding_formula)
+    if ddp_buckets:
+        # DDP (gradient_as_bucket_view): flat buckets of every gradient, allocated by DDP and
+        # kept after zero_grad(set_to_none=True); the gradients are views into them. They are
+        # resident from the step after DDP rebuilds its buckets (step 2) on.
+        base["sharding_buffers"] = (ddp_buckets, f"P*{p} DDP gradient buckets (the grads are views into them)")
     if held_grads:
         base["gradients"] = (held_grads, f"P*{p} (accumulated over {cfg.grad_accum} micro-batches)")
 
@@ -616,12 +624,42 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
         logits_loss=loss["bwd"],
     )
+    # FSDP2 all-gathers one parameter group at a time (the root module: embeddings and final
+    # norm; each block) into a flat buffer and copies each parameter out of it: 2*size while
+    # that happens; the flat buffer is held until the next group's all-gather. The root is
+    # resharded when its forward returns (the loss itself runs on sharded weights) and gathered
+    # again when the logits' gradient reaches it, until the end of backward.
+    root_f = "P_root*p"
+    if fsdp and cfg.loss_chunk <= 0:  # inside the root's forward, at the head's matmul
+        phases["forward: head"] = phase(
+            activations=act_all,
+            autocast_weight_copies=(autocast_copies, "2*L*P_linear_block + 2*V*d (bf16 cast cache)"),
+            logits_loss=(N * V * a, "logits N*V*a"),
+            sharding_buffers=(gathered_root, f"{root_f} (root params gathered)"),
+        )
+    if fsdp:
+        phases["backward: root all-gather"] = phase(
+            activations=act_all,
+            autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
+            logits_loss=(N * V * 4, "the logits' gradient N*V*4") if cfg.loss_chunk <= 0 else loss["held"],
+            sharding_buffers=(2 * gathered_root, f"2*{root_f} (flat all-gather output + the params copied out)"),
+        )
     # Gradients during backward. The head's weight gradient comes first (tied: it waits in
     # autograd's input buffer until the embedding's backward adds its own, at the very end).
     tied_extra = head_grad if mc.tied_embeddings else 0
     if fused:  # each gradient is stepped and freed at once; the tied head's waits for the embedding
         grads_first = (tied_extra, "tied head grad V*d*p, waiting for the embedding's")
         grads_end = (head_grad, "the embedding's grad V*d*p")
+    elif fsdp:
+        # a block's gradients are reduce-scattered when its backward is done (then 1/W of them
+        # stays); the root's stay unsharded until its own reduce-scatter, the last of the step
+        sharded = grads if held_grads else L * block_params * p // world
+        sharded_f = f"P*{p}/{world} (held)" if held_grads else f"L*P_block*{p}/{world} (blocks, reduce-scattered)"
+        grads_first = ((grads if held_grads else 0) + head_grad,
+                       (f"P*{p}/{world} held + " if held_grads else "") + "head weight grad V*d*p (unsharded)")
+        grads_end = (sharded + root_params * p + 2 * tied_extra,
+                     f"{sharded_f} + root grads unsharded {root_f}"
+                     + (" + 2*V*d*p (head and embedding grads next to their sum)" if tied_extra else ""))
     elif held_grads:
         grads_first = (grads + head_grad, f"P*{p} accumulated + the new head grad V*d*p")
         grads_end = (grads + head_grad + 2 * tied_extra, f"P*{p} + new embedding grad (+ tied: head grad, sum)")
@@ -631,6 +669,19 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         grads_first = (head_grad, "head weight grad V*d*p")
         grads_end = (grads + 2 * tied_extra, f"P*{p}" + (" + 2*V*d*p (head and embedding grads, summed)"
                                                         if tied_extra else ""))
+    if ddp and not held_grads:
+        # DDP's reducer copies each fresh gradient into its bucket, then makes .grad a view of
+        # it: the buckets (sharding_buffers) are the gradients; on top, the gradient being copied
+        # (tied: the head's and the embedding's next to their sum, itself a fresh tensor)
+        grads_first = (head_grad, "head weight grad V*d*p (before its copy into a bucket)")
+        grads_end = ((3 if tied_extra else 1) * head_grad,
+                     "3*V*d*p (head and embedding grads + their sum, before its copy into a bucket)" if tied_extra
+                     else "the embedding's grad V*d*p (before its copy into a bucket)")
+    block_sharding = {}
+    if fsdp:
+        block_sharding = {"sharding_buffers": (gathered_root + 3 * gathered_block,
+                                               f"{root_f} + 3*P_block*p (this block, the prefetched next one "
+                                               "and its all-gather buffer)")}
     last_block_ckpt = n_ckpt > 0 and (L - 1) % max(cfg.activation_checkpointing, 1) == 0
     # freed before the blocks' backward: the head's input (full loss) and the final norm's saved
     head_input = sum(x.bytes for x in outside_activations(mc, B, T, precision, cfg.loss_chunk)
@@ -642,6 +693,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         gradients=grads_first,
         workspace=(block_bwd + (opt_ws if fused and not mc.tied_embeddings else 0),
                    block_bwd_formula + (" + head's optimizer step" if fused and not mc.tied_embeddings else "")),
+        **block_sharding,
     )
     if n_ckpt and not last_block_ckpt:  # the first checkpointed block met going backward
         phases["backward: recomputed block"] = phase(
@@ -649,6 +701,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
             autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
             gradients=grads_first,
             workspace=(block_bwd, block_bwd_formula),
+            **block_sharding,
         )
     # fused: the embedding's grad is stepped at the very end; before that (tied) the head's and
     # the embedding's grads are summed out of place, two more V*d*p next to the sum
@@ -656,11 +709,20 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         gradients=grads_end,
         workspace=(max(opt_ws, 2 * tied_extra) if fused else 0,
                    f"max({opt_ws_formula}, 2*V*d*p tied grads being summed)" if fused else ""),
+        sharding_buffers=(gathered_root + gathered_block,
+                          f"{root_f} + P_block*p (the last block's reduce-scatter input, held until the next)")
+        if fsdp else (0, ""),
     )
+    if fsdp:  # the root resharded, its gradients reduce-scattered from a flat copy
+        phases["backward: root reduce-scatter"] = phase(
+            gradients=(sharded + root_params * p, f"{sharded_f} + root grads {root_f}"),
+            sharding_buffers=(root_params * p + root_params * p // world,
+                              f"{root_f} + {root_f}/{world} (reduce-scatter input and output)"),
+        )
     if not fused:
         phases["optimizer step"] = phase(
-            gradients=(grads, f"P*{p}"),
-            workspace=(opt_ws, opt_ws_formula),
+            gradients=(0, "") if ddp else (grads, f"P*{p}" + (f"/{shard}" if shard > 1 else "")),
+            workspace=(opt_ws, opt_ws_formula + (f"/{shard}" if shard > 1 else "")),
         )
     totals = {name: sum(v[0] for v in terms.values()) for name, terms in phases.items()}
     peak_phase = max(totals, key=lambda k: totals[k])
