@@ -46,6 +46,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages ("unknown" off Linux): how busy the cores were."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -319,7 +319,9 @@ def main() -> None:
         merge(*args.merge)
         return
 
-    t0 = time.perf_counter()
+    from bench.common import load_average
+
+    t0, load_before = time.perf_counter(), load_average()
     work = args.keep_folders or Path(tempfile.mkdtemp(prefix="memlm-compression-"))
     work.mkdir(parents=True, exist_ok=True)
     models = ["smollm2", "trained"] if args.model == "both" else [args.model]
@@ -328,6 +330,7 @@ def main() -> None:
         rows += measure_model(model, args, work / model)
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("worker", "merge")}
     name = "compression" if not args.only and args.model == "both" else "compression-partial"
+    settings["load_average_before_after"] = f"{load_before} / {load_average()}"
     write(name, rows, settings, time.perf_counter() - t0)
 
 
@@ -354,7 +357,9 @@ def write(name: str, rows: list[dict[str, Any]], settings: dict[str, str], secon
         f"Perplexity: W2 protocol on the first {args.windows} windows of 512 tokens of the eval split "
         f"({int(args.windows) * 511:,} scored tokens; the full split has 43 windows), the same windows for every row. "
         f"Decode: W1 (2 threads with OMP_WAIT_POLICY=PASSIVE, 64-token prompt, 128 greedy tokens, EOS banned), 1 warm-up + {args.gen_runs} "
-        f"timed runs (W1 says 5; the warm-up generates {WARMUP_TOKENS} tokens), median; the machine was shared with other jobs, so speeds are noisy. "
+        f"timed runs (W1 says 5; the warm-up generates {WARMUP_TOKENS} tokens), median; load average before / after "
+        f"the run: {settings.get('load_average_before_after', 'not recorded')} (2 cores: above ~2 other jobs shared them "
+        f"and the speeds are noisy). "
         f"Resident memory: vmhwm_mib is the VmHWM (peak resident set) of a fresh worker process after loading "
         f"the saved folder and generating; model_rss_mib is that peak minus the worker's resident set just "
         f"before loading (Python, torch and memlm imported: ~225 MiB, the same for every row), i.e. what the "

@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import markdown_table, write_results  # noqa: E402
+from bench.common import load_average, markdown_table, write_results  # noqa: E402
 
 MiB = 2**20
 W3_BATCH, W3_SEQ, W3_SEED = 8, 256, 1337
@@ -273,13 +273,6 @@ def run_tiny(steps: int, threads: int, folder: Path) -> list[dict]:
 # ------------------------------------------------------------------------------ main
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="W3 steps per row (the loss column is at this step)")
@@ -299,7 +292,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
-    started, load_before = time.time(), _load_average()
+    started, load_before = time.time(), load_average()
     with tempfile.TemporaryDirectory(prefix="memlm-bench-") as tmp:
         w3, source, summary = run_w3(rows, args.steps, args.threads, Path(tmp)) if rows else ([], "", {})
         tiny = run_tiny(args.tiny_steps, args.threads, Path(tmp)) if args.tiny_steps > 0 else []
@@ -344,7 +337,7 @@ def main() -> None:
          f"{summary['defaults_vs_baseline_tokens_per_cpu_s']:.3f} (CPU time)." if summary else ""),
         f"Row settings: {json.dumps({k: v for k, v in ROWS.items()})}; 'memlm train defaults' = TrainConfig() "
         f"defaults for {', '.join(_DEFAULT_FIELDS)} with the W3 optimizer recipe.",
-        f"Load average before/after: {load_before} / {_load_average()}. Other jobs share these cores, so "
+        f"Load average before/after: {load_before} / {load_average()}. Other jobs share these cores, so "
         "speeds drift during a run (the repeated rows show by how much); CPU time is no steadier (OpenMP "
         "threads spin while they wait for a core). Peak memory and losses do not depend on the load.",
         f"Total time {time.time() - started:.0f} s.",

@@ -214,6 +214,21 @@ def test_gptq_beats_rtn_on_real_text(text_tokens):
             assert err(gptq) < 0.9 * err(rtn), (bits, act_order, err(gptq), err(rtn))
 
 
+@pytest.mark.parametrize("flavour, want", [
+    (LLAMA, [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    (GPT2, [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"], ["mlp.up_proj"], ["mlp.down_proj"]]),
+])
+def test_gptq_quantizes_a_block_in_call_order_stages(flavour, want):
+    """True-sequential GPTQ: Linears reading the same tensor form one stage, stages in call order."""
+    from memlm.compress.gptq import _block_args, _block_inputs, _stages
+
+    model = tiny(flavour)
+    xs, rests = _block_inputs(model, [torch.randint(0, 512, (1, 8))])
+    block = model.blocks[0]
+    linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
+    assert _stages(block, linears, xs[0], _block_args(rests[0], 0)) == want
+
+
 def test_gptq_model_end_to_end(text_tokens):
     _, train_ids, eval_ids = text_tokens
     calib, held_out = windows(train_ids, 8, 64), torch.cat(windows(eval_ids, 4, 64))

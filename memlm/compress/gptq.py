@@ -208,30 +208,71 @@ def gptq_quantize_model(
     with progress_bar(n_linears, f"GPTQ int{bits}", progress) as advance:
         for i, block in enumerate(model.blocks):
             linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
-            recorder = _HessianRecorder(linears)
-            try:
-                for x, rest in zip(xs, rests):
-                    block(x, *_block_args(rest, i))
-            finally:
-                recorder.close()
             states = {}
-            for name, linear in linears.items():
-                g = choose_group_size(linear.in_features, group_size)
-                codes, scales, mins = gptq_quantize_weight(
-                    linear.weight, recorder.hessian(name), bits, g, act_order, damp, block_size
-                )
-                states[name] = {"codes": codes, "scales": scales, "mins": mins}
-                advance()
-            del recorder
-            # The next block sees what this block computes now that it is quantized. The dense
-            # Linears hold the dequantized weights meanwhile: no dequantization per batch.
-            for name, linear in linears.items():
-                linear.weight.data = dequantize_groups(**states[name]).to(linear.weight.dtype)
+            # True-sequential: each group of Linears is quantized on the inputs that the groups
+            # before it produce once quantized (o_proj sees quantized q/k/v's attention, and so on).
+            # The dense Linears hold the dequantized weights meanwhile: no dequantization per batch.
+            for stage in _stages(block, linears, xs[0], _block_args(rests[0], i)):
+                recorder = _HessianRecorder({name: linears[name] for name in stage})
+                stop = linears[stage[-1]].register_forward_hook(_stop_forward)  # the rest of the block can wait
+                try:
+                    for x, rest in zip(xs, rests):
+                        try:
+                            block(x, *_block_args(rest, i))
+                        except _StopForward:
+                            pass
+                finally:
+                    recorder.close()
+                    stop.remove()
+                for name in stage:
+                    linear = linears[name]
+                    g = choose_group_size(linear.in_features, group_size)
+                    codes, scales, mins = gptq_quantize_weight(
+                        linear.weight, recorder.hessian(name), bits, g, act_order, damp, block_size
+                    )
+                    states[name] = {"codes": codes, "scales": scales, "mins": mins}
+                    linear.weight.data = dequantize_groups(**states[name]).to(linear.weight.dtype)
+                    advance()
+                del recorder
+            # The next block sees what this block computes now that it is quantized.
             xs = [block(x, *_block_args(rest, i)) for x, rest in zip(xs, rests)]
             for name, linear in linears.items():
                 set_module(block, name, module_from_state(linear, scheme, states[name], use_kernel))
     model.train(was_training)
     return model
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
+def _stages(block: nn.Module, linears: dict[str, nn.Linear], x: torch.Tensor, args: tuple) -> list[list[str]]:
+    """The block's Linears grouped by the tensor they read, in the order the block calls them:
+    [q, k, v], [o], [gate, up], [down] for a Llama block."""
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            if all(name != n for n, _ in calls):
+                calls.append((name, inputs[0]))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
+    try:
+        block(x[:1], *args)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    for k, (name, seen) in enumerate(calls):
+        if k and seen is calls[k - 1][1]:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    missing = set(linears) - {n for n, _ in calls}
+    if missing:
+        raise MemlmError(f"GPTQ: the block never calls {sorted(missing)}", "only Linears the forward uses can be quantized")
+    return stages
 
 
 def _block_args(rest: tuple, layer: int) -> tuple:
