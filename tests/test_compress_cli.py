@@ -97,6 +97,25 @@ def test_compress_cli_composed_methods(tmp_path, hf_model, tok):
     assert json.loads(proc.stdout)["ppl"] > 1
 
 
+def test_pruned_model_fine_tunes_with_memlm_train(tmp_path, hf_model):
+    """The optional fine-tune after pruning is `memlm train --init-from` on the pruned folder: it
+    starts from the smaller matrices (the run's config records them) and lowers the loss."""
+    pruned = tmp_path / "pruned"
+    proc = memlm_cli("compress", str(hf_model), "-o", str(pruned), "--method", "prune-ffn", "--keep", "0.5",
+                     "--calib-tokens", "512", "--no-eval", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = tmp_path / "text.txt"
+    text.write_text(default_split()[0][:20_000])
+    run = tmp_path / "tuned"
+    proc = memlm_cli("train", "--init-from", str(pruned), "--corpus", str(text), "--out", str(run), "--steps", "8",
+                     "--micro-batch", "4", "--seq-len", "32", "--lr", "3e-3", "--set", "train.log_every=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ffn_hidden = 64" in (run / "config.toml").read_text()
+    losses = [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert memlm.load(run).model.blocks[0].mlp.up_proj.out_features == 64
+
+
 def test_compress_cli_bad_method_is_one_line_error(tmp_path, hf_model):
     proc = memlm_cli("compress", str(hf_model), "-o", str(tmp_path / "x"), "--method", "int5", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
