@@ -209,6 +209,26 @@ def test_quantization_round_trip():
     assert (dequantize_unsigned(ucodes, uscale)[v > 0] > 0).all()  # no positive value becomes 0
 
 
+@pytest.mark.parametrize("stochastic, unbiased", [(False, False), (True, True)])
+def test_re_encoded_states_decay_as_beta2_says(stochastic, unbiased):
+    """A state re-encoded every step while it decays (no gradient) and its block's maximum holds
+    (an active entry) must keep its expected value: round-to-nearest snaps each 2.5% decay to a
+    whole grid step; stochastic rounding (what AdamW8bit does) does not."""
+    torch.manual_seed(0)
+    s = torch.rand(256 * 64) * 0.01 + 1e-4
+    s[::256] = 0.02
+    exact, q = s.clone(), s.clone()
+    for _ in range(20):
+        exact = exact * 0.95**0.5
+        x = q * 0.95**0.5
+        x[::256] = 0.02
+        q = dequantize_unsigned(*quantize_unsigned(x, stochastic))
+    others = torch.ones_like(s, dtype=torch.bool)
+    others[::256] = False
+    ratio = (q[others] / exact[others]).mean().item()
+    assert (abs(ratio - 1) < 0.01) == unbiased, ratio
+
+
 def test_adamw8bit_tracks_torch_adamw():
     ours, ref = _model(), _model()
     start = [p.detach().clone() for p in ref.parameters()]
@@ -216,6 +236,7 @@ def test_adamw8bit_tracks_torch_adamw():
     opt, ref_opt = AdamW8bit(ours.parameters(), **kw), torch.optim.AdamW(ref.parameters(), **kw)
     cfg = TrainConfig()
     worst_loss_gap = 0.0
+    gaps = []
     for step in range(1, 151):
         x, y = _batch(step % 10)  # a small repeating data set, so the loss falls a lot
         losses = []
@@ -225,15 +246,20 @@ def test_adamw8bit_tracks_torch_adamw():
             o.step()
             o.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        worst_loss_gap = max(worst_loss_gap, abs(losses[0] - losses[1]) / losses[1])
+        gaps.append((losses[0] - losses[1]) / losses[1])
+        worst_loss_gap = max(worst_loss_gap, abs(gaps[-1]))
         if step == 5:
             # Early on, before the two trajectories drift apart, the updates themselves agree.
             for (name, p), q, p0 in zip(ours.named_parameters(), ref.parameters(), start):
                 assert (p - q).norm() / (q - p0).norm() < 0.05, name
     assert losses[1] < 2.0  # the reference did learn (from ln(320) = 5.77)
-    # At every one of the 150 steps. For scale: torch's AdamW against itself at a 1% higher lr
-    # drifts 1.8% apart on this run; the 8-bit states drift 2.4%.
-    assert worst_loss_gap < 0.04
+    # For scale: torch's AdamW against itself at a 1% higher lr drifts 1.8% apart on this run.
+    # The 8-bit states are re-encoded with stochastic rounding (unbiased, see the test above), so
+    # single steps wander (up to ~5% here) while the trend follows AdamW: over the last 20 steps
+    # the mean gap is under 1% (round-to-nearest gave a smaller wander but a bias that, on W3,
+    # ended 6% below AdamW after 200 steps; stochastic rounding ends within 0.2% there).
+    assert worst_loss_gap < 0.06
+    assert abs(sum(gaps[-20:]) / 20) < 0.02
     # The states of big tensors are one byte per value.
     state = opt.state[ours.tok_emb.weight]
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_sq"].dtype == torch.uint8
