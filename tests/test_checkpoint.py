@@ -21,13 +21,7 @@ from memlm.train.optim import build_optimizer
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine they thrash.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: tests/conftest.py
 
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, block_size=32, vocab_size=97)

@@ -32,9 +32,7 @@ GPT2 = dict(block_size=64, n_layer=2, n_head=4, n_embd=64, ffn_hidden=128, norm=
             mlp="gelu", gelu_approximate="tanh", bias=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,7 @@ SMALL = dict(block_size=32, n_layer=1, n_head=2, n_kv_heads=1, n_embd=32, ffn_hi
              positions="rope", mlp="swiglu", bias=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
