@@ -62,7 +62,7 @@ def _train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from memlm.config import TrainConfig, preset
     from memlm.memory.measure import PeakMemory
     from memlm.model import Decoder
-    from memlm.train.loop import compute_loss
+    from memlm.train.loop import apply_train_settings, compute_loss
     from memlm.train.optim import build_optimizer, lr_at, set_lr
 
     cfg = preset(spec["model"], **spec.get("overrides", {}))
@@ -72,10 +72,7 @@ def _train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     with PeakMemory("cpu") as pm:
         torch.manual_seed(0)
         model = Decoder(cfg)
-        if tc.precision == "bf16":  # as memlm.train.loop: the weights themselves become bf16
-            for p in model.parameters():
-                p.data = p.data.to(torch.bfloat16)
-        model.checkpoint_every = tc.activation_checkpointing
+        apply_train_settings(model, tc)  # as memlm.train.loop: bf16 weights, checkpointing
         model.train()
         optimizer = build_optimizer(model, tc)
         g = torch.Generator().manual_seed(0)
