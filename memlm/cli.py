@@ -296,7 +296,7 @@ def evaluate(
     from memlm.data import read_corpus
     from memlm.eval.perplexity import perplexity, window_plan
     from memlm.loading import load
-    from memlm.memory.measure import PeakMemory, format_bytes
+    from memlm.memory.measure import PeakMemory
 
     lm = load(model)
     window = min(window, lm.config.block_size)
