@@ -178,8 +178,9 @@ def predicted_mib(name: str) -> float | None:
     return estimate_training(preset("w3"), row_config(name)).total / MiB
 
 
-def run_w3(rows: list[str], steps: int, threads: int, folder: Path) -> tuple[list[dict], str, dict[str, float]]:
-    if "baseline" in rows and DEFAULTS_ROW in rows:
+def run_w3(rows: list[str], steps: int, threads: int, folder: Path,
+           repeat: bool = True) -> tuple[list[dict], str, dict[str, float]]:
+    if repeat and "baseline" in rows and DEFAULTS_ROW in rows:
         rows = rows + [DEFAULTS_ROW + REPEAT, "baseline" + REPEAT]
     tokens_path, source = w3_tokens(folder)
     print(f"W3 data: {source}", flush=True)
@@ -278,6 +279,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="W3 steps per row (the loss column is at this step)")
     ap.add_argument("--tiny-steps", type=int, default=200, help="steps of each tiny optimizer run (0 skips part 2)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated W3 rows (empty skips part 1)")
+    ap.add_argument("--no-repeat", action="store_true",
+                    help="do not run the baseline and the defaults a second time (their A B B A speed ratio)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="train_memory", help="results file name (bench/results/NAME-DATE.*)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -294,7 +297,7 @@ def main() -> None:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
     started, load_before = time.time(), load_average()
     with tempfile.TemporaryDirectory(prefix="memlm-bench-") as tmp:
-        w3, source, summary = run_w3(rows, args.steps, args.threads, Path(tmp)) if rows else ([], "", {})
+        w3, source, summary = run_w3(rows, args.steps, args.threads, Path(tmp), not args.no_repeat) if rows else ([], "", {})
         tiny = run_tiny(args.tiny_steps, args.threads, Path(tmp)) if args.tiny_steps > 0 else []
 
     try:
