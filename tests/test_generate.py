@@ -158,3 +158,58 @@ def test_bf16_kv_cache_with_fp32_compute(model):
     fp32 = list(generate_ids(model, prompt, s, 256))
     bf16 = list(generate_ids(model, prompt, s, 256, cache_dtype=torch.bfloat16))
     assert len(bf16) == 8 and sum(a == b for a, b in zip(fp32, bf16)) >= 6
+
+
+FLAVOURS = {
+    "llama-gqa-rope": dict(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_heads=2, bias=False),
+    "gpt2-learned": dict(norm="layernorm", positions="learned", mlp="gelu", n_kv_heads=4, bias=True),
+    "sinusoidal": dict(norm="layernorm", positions="sinusoidal", mlp="gelu", n_kv_heads=4, bias=True),
+}
+
+
+def _flavour_model(name: str) -> Decoder:
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=259, block_size=64, n_layer=2, n_head=4, n_embd=32, **FLAVOURS[name])
+    return Decoder(cfg).eval()
+
+
+PROMPTS = [[5, 17, 99], [200, 3, 3, 41, 7, 120, 64, 9, 250], [11, 12, 13, 14, 15]]
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_padded_batch_logits_equal_each_prompt_alone(flavour):
+    model = _flavour_model(flavour)
+    longest = max(map(len, PROMPTS))
+    pad = torch.tensor([longest - len(p) for p in PROMPTS])
+    batch = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    with torch.no_grad():
+        together = model(batch, pad=pad)
+        for row, p in enumerate(PROMPTS):
+            alone = model(torch.tensor([p]))[0]
+            torch.testing.assert_close(together[row, longest - len(p):], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_batched_generation_equals_one_prompt_at_a_time(flavour):
+    from memlm.infer.generate import generate_batch
+
+    model = _flavour_model(flavour)
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    alone = [list(generate_ids(model, p, greedy)) for p in PROMPTS]
+    assert generate_batch(model, PROMPTS, greedy) == alone
+    # An EOS ends its row only (and is not returned); the other rows go on as they would alone.
+    firsts = [j for j, t in enumerate(alone[0]) if t not in alone[0][:j]]
+    eos = alone[0][firsts[-1]]  # the latest new token of row 0: it ends that row there
+    expected = []
+    for p in PROMPTS:
+        ids = list(generate_ids(model, p, greedy, eos_id=eos))
+        expected.append(ids[:-1] if ids and ids[-1] == eos else ids)
+    assert generate_batch(model, PROMPTS, greedy, eos_id=eos) == expected
+    assert len(expected[0]) == firsts[-1] < 12
+
+
+def test_batched_generation_refuses_a_prompt_that_does_not_fit(model):
+    from memlm.infer.generate import generate_batch
+
+    with pytest.raises(MemlmError, match="context"):
+        generate_batch(model, [[1, 2], list(range(64))], SamplingSettings(max_new_tokens=4))

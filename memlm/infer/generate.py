@@ -70,6 +70,55 @@ def generate_ids(model: Decoder, prompt: list[int], settings: SamplingSettings, 
         logits = decode_one_token(model, token, cache)
 
 
+@torch.no_grad()
+def generate_batch(model: Decoder, prompts: list[list[int]], settings: SamplingSettings, eos_id: int | None = None,
+                   cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Up to max_new_tokens new ids for each prompt, all prompts decoded together in one batch.
+
+    Prompts of different lengths are left-padded: each row's positions start at its own first
+    token and nothing attends to the padding, so a row generates what it would alone (greedy:
+    the same ids; sampling: the same distribution). A row ends at EOS (not included); the
+    batch ends when every row has, or after max_new_tokens.
+    """
+    if not prompts:
+        return []
+    config = model.config
+    for p in prompts:
+        check_prompt_fits(len(p), config.block_size)
+    longest = max(len(p) for p in prompts)
+    max_new = min(settings.max_new_tokens, config.block_size - longest)
+    if max_new <= 0:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    dtype = cache_dtype or next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    cache = KVCache(config, batch_size=len(prompts), max_len=longest + max_new, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    # Padding repeats the row's first token: any id works under the mask, and this one adds no
+    # token to the row's repetition penalty that the row does not already have.
+    context = torch.tensor([[p[0]] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    logits = model(context, cache, last_only=True, pad=pad)[:, -1]
+    new = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for i in range(max_new):
+        if settings.ignore_eos and eos_id is not None:
+            logits[:, eos_id] = float("-inf")
+        token = sample_next(logits, context, settings, generator)
+        for row, t in enumerate(token.tolist()):
+            if not done[row]:
+                new[row].append(t)
+        if eos_id is not None and not settings.ignore_eos:
+            done |= token == eos_id
+        if bool(done.all()) or i == max_new - 1:
+            break
+        context = torch.cat([context, token[:, None]], dim=1)
+        logits = model(token[:, None], cache, last_only=True, pad=pad)[:, -1]
+    return [ids[:-1] if ids and eos_id is not None and ids[-1] == eos_id and not settings.ignore_eos else ids
+            for ids in new]
+
+
 @dataclass
 class Piece:
     """A chunk of generated text, and why generation ended when it is the last one."""

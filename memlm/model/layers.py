@@ -60,7 +60,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0):
+    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0, mask=None):
+        """`mask` (B, 1, T, start + T), True = attend: replaces the causal mask (left-padded batches)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -72,8 +73,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v, start)  # (B, nkv, start + T, hd)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=causal_mask(T, start, x.device),
-            is_causal=(start == 0 and T > 1),
+            attn_mask=causal_mask(T, start, x.device) if mask is None else mask,
+            is_causal=mask is None and start == 0 and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, nh, T, hd)
@@ -91,6 +92,20 @@ def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
     keys = torch.arange(start + T, device=device)
     queries = torch.arange(start, start + T, device=device)
     return keys[None, :] <= queries[:, None]  # (T, start + T), True = attend
+
+
+def padded_causal_mask(T: int, start: int, pad: torch.Tensor) -> torch.Tensor:
+    """Causal mask (B, 1, T, start + T) for a batch whose row b starts with pad[b] padding tokens.
+
+    No query attends to padding. A padding query attends to itself only: a row of the mask with
+    no True at all would give NaN, and NaN keys and values in the cache poison every later
+    query, masked or not (0 x NaN = NaN)."""
+    keys = torch.arange(start + T, device=pad.device)
+    queries = torch.arange(start, start + T, device=pad.device)
+    causal = keys[None, :] <= queries[:, None]  # (T, S)
+    real_key = keys[None, :] >= pad[:, None]  # (B, S)
+    itself = keys[None, :] == queries[:, None]
+    return ((causal[None] & real_key[:, None]) | itself[None])[:, None]
 
 
 class GeluMLP(nn.Module):
@@ -126,6 +141,6 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, layer, start))
+    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0, mask=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, layer, start, mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
