@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from memlm.errors import MemlmError
-from memlm.infer.generate import Piece, stream_text
+from memlm.infer.generate import Piece, complete_batch, stream_text
 from memlm.infer.sampling import SamplingSettings
 from memlm.model import Decoder
 from memlm.tokenizer import Tokenizer
@@ -174,6 +174,11 @@ class LoadedModel:
     def generate(self, prompt: str | list[int], **settings) -> str:
         """Generate a continuation; settings are SamplingSettings fields (temperature, top_k, ...)."""
         return "".join(self.stream(prompt, **settings))
+
+    def generate_batch(self, prompts: list[str | list[int]], **settings) -> list[str]:
+        """A continuation of each prompt, all decoded together in one batch (prompts may differ in length)."""
+        return [p.text for p in complete_batch(self.model, self.tokenizer, prompts, SamplingSettings(**settings),
+                                               self.cache_dtype)]
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -213,3 +213,20 @@ def test_batched_generation_refuses_a_prompt_that_does_not_fit(model):
 
     with pytest.raises(MemlmError, match="context"):
         generate_batch(model, [[1, 2], list(range(64))], SamplingSettings(max_new_tokens=4))
+
+
+def test_n_completions_in_a_batch_equal_streamed_text(model):
+    from memlm.infer.generate import complete_batch
+
+    tok = ByteTokenizer()
+    greedy = SamplingSettings(max_new_tokens=20, temperature=0)
+    text = generate_text(model, tok, "ab", greedy)
+    assert len(text) >= 6
+    for settings in (greedy, SamplingSettings(max_new_tokens=20, temperature=0, stop=[text[3:5]])):
+        streamed = list(stream_text(model, tok, "ab", settings))
+        expected = ("".join(p.text for p in streamed), streamed[-1].finish_reason)
+        assert [(p.text, p.finish_reason) for p in complete_batch(model, tok, ["ab"] * 3, settings)] == [expected] * 3
+    # prompts of different lengths: each as it would be alone
+    prompts = ["ab", "The with statement", "x"]
+    alone = [generate_text(model, tok, p, greedy) for p in prompts]
+    assert [p.text for p in complete_batch(model, tok, prompts, greedy)] == alone

@@ -87,6 +87,22 @@ def test_chat_streaming_equals_non_streaming(server):
     assert full.choices[0].message.content == lm.chat(messages, max_new_tokens=16, temperature=0)
 
 
+def test_n_completions_are_decoded_together(server):
+    client, lm = server
+    prompt = "The for statement"
+    greedy = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, n=3)
+    alone = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.text for c in greedy.choices} == {alone.choices[0].text}
+    assert greedy.usage.completion_tokens == sum(len(lm.tokenizer.encode(c.text)) for c in greedy.choices)
+    sampled = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=24, temperature=1.5, n=4, seed=3)
+    assert len({c.message.content for c in sampled.choices}) > 1  # independent samples, one batch
+    assert all(c.finish_reason in ("stop", "length") for c in sampled.choices)
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.completions.create(model="tiny-chat", prompt=prompt, n=2, stream=True)
+
+
 def test_bad_requests_are_400_with_a_message(server):
     client, _ = server
     with pytest.raises(openai.BadRequestError, match="context"):
@@ -95,3 +111,5 @@ def test_bad_requests_are_400_with_a_message(server):
         client.completions.create(model="tiny-chat", prompt="hi", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="tiny-chat", messages=[])
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        client.completions.create(model="tiny-chat", prompt="hi", n=17)

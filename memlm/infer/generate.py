@@ -158,6 +158,22 @@ def stream_text(model: Decoder, tokenizer, prompt: str | list[int], settings: Sa
     yield Piece("", finish)
 
 
+def complete_batch(model: Decoder, tokenizer, prompts: list[str | list[int]], settings: SamplingSettings,
+                   cache_dtype: torch.dtype | None = None) -> list[Piece]:
+    """A completion of each prompt, all decoded together in one batch: each one's text (cut at
+    the first stop string) and why it ended ("stop": EOS or a stop string; "length")."""
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    outs = generate_batch(model, ids, settings, tokenizer.eos_id, cache_dtype)
+    room = min(settings.max_new_tokens, model.config.block_size - max(map(len, ids), default=0))
+    pieces = []
+    for out in outs:
+        text = tokenizer.decode(out) if out else ""
+        cut = _first_stop(text, settings.stop)
+        ended_early = len(out) < room and not settings.ignore_eos  # an EOS came
+        pieces.append(Piece(text if cut is None else text[:cut], "stop" if cut is not None or ended_early else "length"))
+    return pieces
+
+
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None

@@ -3,6 +3,7 @@ with server-sent events or not). Needs the `serve` extra (FastAPI + uvicorn).
 
 Requests are served one at a time (a lock around the model): on a CPU with two cores, running
 two generations side by side only splits the same compute, and each keeps its own KV cache.
+`n` > 1 completions of one request are decoded together as one batch (not streamed).
 """
 
 
@@ -14,9 +15,12 @@ import uuid
 from typing import Any
 
 from memlm.errors import MemlmError, require_extra
-from memlm.infer.generate import stream_text
+from memlm.infer.generate import complete_batch, stream_text
 from memlm.infer.sampling import SamplingSettings
 from memlm.loading import LoadedModel
+
+
+MAX_N = 16  # completions per request: n rows of KV cache are allocated at once
 
 
 def _settings(body: dict[str, Any], default_max: int) -> SamplingSettings:
@@ -49,13 +53,17 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
         with lock:
             yield from ((p.text, p.finish_reason) for p in stream_text(lm.model, lm.tokenizer, prompt, settings))
 
-    def usage(prompt: str, text: str) -> dict[str, int]:
-        p, c = len(lm.tokenizer.encode(prompt)), len(lm.tokenizer.encode(text)) if text else 0
+    def usage(prompt: str, texts: list[str]) -> dict[str, int]:
+        p = len(lm.tokenizer.encode(prompt))
+        c = sum(len(lm.tokenizer.encode(text)) for text in texts if text)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def respond(body: dict, chat: bool):
-        if body.get("n", 1) != 1:
-            return error(400, "only n=1 is supported")
+        n = 1 if body.get("n") is None else body["n"]
+        if not isinstance(n, int) or not 1 <= n <= MAX_N:
+            return error(400, f"'n' must be an integer from 1 to {MAX_N}")
+        if n > 1 and body.get("stream"):
+            return error(400, "streaming returns one completion: use n=1 with stream, or stream=false")
         try:
             if chat:
                 messages = body.get("messages")
@@ -69,6 +77,14 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
                     prompt = prompt[0]
                 if not isinstance(prompt, str) or not prompt:
                     return error(400, "'prompt' must be a non-empty string")
+            if n > 1:
+                with lock:
+                    done = complete_batch(lm.model, lm.tokenizer, [prompt] * n, _settings(body, default_max_tokens))
+                return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                        "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                        "model": model_name, "choices": [_choice(chat, p.text, p.finish_reason, False, i)
+                                                         for i, p in enumerate(done)],
+                        "usage": usage(prompt, [p.text for p in done])}
             pieces = run(prompt, body, chat)
             first = next(pieces)  # errors (prompt too long, bad settings) surface before any byte is sent
         except MemlmError as e:
@@ -76,13 +92,6 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-
-        def choice(text: str, finish: str | None, stream: bool) -> dict:
-            if not chat:
-                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            key = "delta" if stream else "message"
-            msg = {"content": text} if stream else {"role": "assistant", "content": text}
-            return {"index": 0, key: msg, "finish_reason": finish}
 
         def all_pieces():
             yield first
@@ -97,7 +106,7 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
                 for text, finish in all_pieces():
                     if text or finish:
                         yield _sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
-                                    "model": model_name, "choices": [choice(text, finish, True)]})
+                                    "model": model_name, "choices": [_choice(chat, text, finish, True)]})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -106,7 +115,7 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
             text += piece
             finish = reason or finish
         return {"id": rid, "object": obj, "created": created, "model": model_name,
-                "choices": [choice(text, finish, False)], "usage": usage(prompt, text)}
+                "choices": [_choice(chat, text, finish, False)], "usage": usage(prompt, [text])}
 
     @app.get("/v1/models")
     def models():
@@ -137,6 +146,14 @@ async def _with_body(request, handler, error):
     from starlette.concurrency import run_in_threadpool
 
     return await run_in_threadpool(handler, body)
+
+
+def _choice(chat: bool, text: str, finish: str | None, stream: bool, index: int = 0) -> dict:
+    if not chat:
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    key = "delta" if stream else "message"
+    msg = {"content": text} if stream else {"role": "assistant", "content": text}
+    return {"index": index, key: msg, "finish_reason": finish}
 
 
 def _sse(obj: dict) -> str:
