@@ -61,8 +61,15 @@ def test_peak_is_reset_between_blocks():
 def test_sampling_fallback_when_reset_is_refused(monkeypatch):
     monkeypatch.setattr(measure, "reset_peak_rss", lambda: False)
     with PeakMemory("cpu", sample_interval_s=0.001) as pm:
-        assert pm._sampler is not None
-        _allocate_and_free()
+        sampler = pm._sampler
+        assert sampler is not None
+        t = torch.ones(SIZE // 4, dtype=torch.float32)
+        # Hold the tensor until the sampling thread has polled once more: on a loaded machine a
+        # fixed sleep can pass before the thread is scheduled at all.
+        deadline = time.time() + 10
+        while sampler.peak < pm.baseline_bytes + 0.9 * SIZE and time.time() < deadline:
+            time.sleep(0.005)
+        del t
         assert pm.peak_so_far() >= pm.baseline_bytes
     assert pm.delta_bytes == pytest.approx(SIZE, rel=0.05)
 
