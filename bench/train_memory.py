@@ -45,9 +45,9 @@ WARMUP_STEPS = 3  # excluded from tokens/s, as in W3
 CHUNK = 256  # loss_chunk of the rows that chunk the loss (a 256 x 49,152 fp32 buffer: 48 MiB)
 
 
-
 @dataclass(frozen=True)
 class Workload:
+    key: str  # its --workload name
     title: str
     preset: str
     batch: int
@@ -57,10 +57,10 @@ class Workload:
 
 
 WORKLOADS = {
-    "w3": Workload("W3 model (memlm.config.preset('w3'))", "w3", 8, 256, "cpu", "fp32"),
+    "w3": Workload("w3", "W3 model (memlm.config.preset('w3'))", "w3", 8, 256, "cpu", "fp32"),
     # The GPU rows: the same rows for GPT-2 small at its full context, the baseline in
     # bf16 autocast (nanoGPT's GPU recipe). Runs only where a CUDA GPU is.
-    "gpu": Workload("GPT-2 small (memlm.config.preset('gpt2'))", "gpt2", 8, 1024, "cuda", "bf16-autocast"),
+    "gpu": Workload("gpu", "GPT-2 small (memlm.config.preset('gpt2'))", "gpt2", 8, 1024, "cuda", "bf16-autocast"),
 }
 # Rows that make no sense on a workload: on the GPU the baseline already is bf16 autocast, and the
 # defaults (fp32) would be compared with a bf16 baseline.
@@ -204,10 +204,6 @@ def run_row(name: str, steps: int, tokens_path: str, threads: int, workload: Wor
     }
 
 
-def workload_key(workload: Workload) -> str:
-    return next(k for k, w in WORKLOADS.items() if w.preset == workload.preset and w.seq == workload.seq)
-
-
 def predicted_mib(name: str, workload: Workload = WORKLOADS["w3"]) -> float | None:
     try:
         from memlm.config import preset
@@ -228,7 +224,7 @@ def run_w3(rows: list[str], steps: int, threads: int, folder: Path, repeat: bool
         t0 = time.time()
         proc = subprocess.run(
             [sys.executable, __file__, "--child", name, "--steps", str(steps), "--tokens", str(tokens_path),
-             "--threads", str(threads), "--workload", workload_key(workload), "--device", workload.device],
+             "--threads", str(threads), "--workload", workload.key, "--device", workload.device],
             capture_output=True, text=True, cwd=ROOT,
         )
         if proc.returncode != 0:

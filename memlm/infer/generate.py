@@ -17,15 +17,17 @@ from memlm.model import Decoder, KVCache
 
 
 @torch.no_grad()
-def prefill(model: Decoder, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
-    return model(ids, cache, last_only=True)[:, -1]
+def prefill(model: Decoder, ids: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V).
+    `pad` (B,): left-padding tokens per row (Decoder.forward)."""
+    return model(ids, cache, last_only=True, pad=pad)[:, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model: Decoder, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_one_token(model: Decoder, token: torch.Tensor, cache: KVCache,
+                     pad: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence (B,) -> next logits (B, V)."""
-    return model(token[:, None], cache, last_only=True)[:, -1]
+    return model(token[:, None], cache, last_only=True, pad=pad)[:, -1]
 
 
 def check_prompt_fits(n_prompt: int, block_size: int) -> None:
@@ -38,24 +40,35 @@ def check_prompt_fits(n_prompt: int, block_size: int) -> None:
         )
 
 
-def generate_ids(model: Decoder, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
-                 cache_dtype: torch.dtype | None = None,
-                 on_first_logits: Callable[[], None] | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens ids after `prompt`; stops at EOS unless settings.ignore_eos."""
-    config = model.config
-    check_prompt_fits(len(prompt), config.block_size)
-    max_new = min(settings.max_new_tokens, config.block_size - len(prompt))
-    if max_new <= 0:
-        return
+def new_token_room(prompt_lengths: list[int], settings: SamplingSettings, block_size: int) -> int:
+    """How many tokens may follow the prompts: max_new_tokens, cut to what the longest leaves of the
+    context. Refuses a prompt that does not fit."""
+    for n in prompt_lengths:
+        check_prompt_fits(n, block_size)
+    return min(settings.max_new_tokens, block_size - max(prompt_lengths))
+
+
+def _cache_and_generator(model: Decoder, batch: int, max_len: int, settings: SamplingSettings,
+                         cache_dtype: torch.dtype | None) -> tuple[KVCache, torch.Generator | None]:
+    """The KV cache (in the model's float dtype unless told) and the seeded sampling generator."""
     device = next(model.parameters()).device
     dtype = cache_dtype or next(model.parameters()).dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
-    cache = KVCache(config, batch_size=1, max_len=len(prompt) + max_new, dtype=dtype, device=device)
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-    context = torch.tensor([prompt], dtype=torch.long, device=device)
+    cache = KVCache(model.config, batch_size=batch, max_len=max_len, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+    return cache, generator
+
+
+def generate_ids(model: Decoder, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
+                 cache_dtype: torch.dtype | None = None,
+                 on_first_logits: Callable[[], None] | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids after `prompt`; stops at EOS unless settings.ignore_eos."""
+    max_new = new_token_room([len(prompt)], settings, model.config.block_size)
+    if max_new <= 0:
+        return
+    cache, generator = _cache_and_generator(model, 1, len(prompt) + max_new, settings, cache_dtype)
+    context = torch.tensor([prompt], dtype=torch.long, device=cache.k.device)
     logits = prefill(model, context, cache)
     if on_first_logits is not None:
         on_first_logits()
@@ -82,41 +95,35 @@ def generate_batch(model: Decoder, prompts: list[list[int]], settings: SamplingS
     """
     if not prompts:
         return []
-    config = model.config
-    for p in prompts:
-        check_prompt_fits(len(p), config.block_size)
     longest = max(len(p) for p in prompts)
-    max_new = min(settings.max_new_tokens, config.block_size - longest)
+    max_new = new_token_room([len(p) for p in prompts], settings, model.config.block_size)
     if max_new <= 0:
         return [[] for _ in prompts]
-    device = next(model.parameters()).device
-    dtype = cache_dtype or next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    cache = KVCache(config, batch_size=len(prompts), max_len=longest + max_new, dtype=dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+    cache, generator = _cache_and_generator(model, len(prompts), longest + max_new, settings, cache_dtype)
+    device = cache.k.device
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     # Padding repeats the row's first token: any id works under the mask, and this one adds no
     # token to the row's repetition penalty that the row does not already have.
     context = torch.tensor([[p[0]] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-    logits = model(context, cache, last_only=True, pad=pad)[:, -1]
-    new = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = prefill(model, context, cache, pad)
+    stop_id = None if settings.ignore_eos else eos_id
+    new: list[list[int]] = [[] for _ in prompts]
+    running = [True] * len(prompts)
     for i in range(max_new):
         if settings.ignore_eos and eos_id is not None:
             logits[:, eos_id] = float("-inf")
         token = sample_next(logits, context, settings, generator)
         for row, t in enumerate(token.tolist()):
-            if not done[row]:
-                new[row].append(t)
-        if eos_id is not None and not settings.ignore_eos:
-            done |= token == eos_id
-        if bool(done.all()) or i == max_new - 1:
+            if running[row]:
+                if t == stop_id:
+                    running[row] = False
+                else:
+                    new[row].append(t)
+        if not any(running) or i == max_new - 1:
             break
         context = torch.cat([context, token[:, None]], dim=1)
-        logits = model(token[:, None], cache, last_only=True, pad=pad)[:, -1]
-    return [ids[:-1] if ids and eos_id is not None and ids[-1] == eos_id and not settings.ignore_eos else ids
-            for ids in new]
+        logits = decode_one_token(model, token, cache, pad)
+    return new
 
 
 @dataclass
@@ -164,7 +171,7 @@ def complete_batch(model: Decoder, tokenizer, prompts: list[str | list[int]], se
     the first stop string) and why it ended ("stop": EOS or a stop string; "length")."""
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     outs = generate_batch(model, ids, settings, tokenizer.eos_id, cache_dtype)
-    room = min(settings.max_new_tokens, model.config.block_size - max(map(len, ids), default=0))
+    room = new_token_room([len(i) for i in ids], settings, model.config.block_size) if ids else 0
     pieces = []
     for out in outs:
         text = tokenizer.decode(out) if out else ""

@@ -77,16 +77,13 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
                     prompt = prompt[0]
                 if not isinstance(prompt, str) or not prompt:
                     return error(400, "'prompt' must be a non-empty string")
-            if n > 1:
+            if n > 1:  # (text, finish reason) of each, decoded as one batch
                 with lock:
-                    done = complete_batch(lm.model, lm.tokenizer, [prompt] * n, _settings(body, default_max_tokens))
-                return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-                        "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                        "model": model_name, "choices": [_choice(chat, p.text, p.finish_reason, False, i)
-                                                         for i, p in enumerate(done)],
-                        "usage": usage(prompt, [p.text for p in done])}
-            pieces = run(prompt, body, chat)
-            first = next(pieces)  # errors (prompt too long, bad settings) surface before any byte is sent
+                    finished = [(p.text, p.finish_reason) for p in
+                                complete_batch(lm.model, lm.tokenizer, [prompt] * n, _settings(body, default_max_tokens))]
+            else:
+                pieces = run(prompt, body, chat)
+                first = next(pieces)  # errors (prompt too long, bad settings) surface before any byte is sent
         except MemlmError as e:
             return error(400, str(e))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -110,12 +107,15 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, finish = "", None
-        for piece, reason in all_pieces():
-            text += piece
-            finish = reason or finish
+        if n == 1:
+            text, finish = "", None
+            for piece, reason in all_pieces():
+                text += piece
+                finish = reason or finish
+            finished = [(text, finish)]
         return {"id": rid, "object": obj, "created": created, "model": model_name,
-                "choices": [_choice(chat, text, finish, False)], "usage": usage(prompt, [text])}
+                "choices": [_choice(chat, text, finish, False, i) for i, (text, finish) in enumerate(finished)],
+                "usage": usage(prompt, [text for text, _ in finished])}
 
     @app.get("/v1/models")
     def models():
