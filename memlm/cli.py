@@ -106,6 +106,7 @@ def train(
     if distributed.is_main_process():
         out.print(f"trained {result.final_step} steps: last loss {result.last_loss:.4f}, "
                   f"{result.tokens_per_s:,.0f} tokens/s; run saved in {result.run_dir}")
+        _report_peak(result.predicted_peak_bytes)
 
 
 def _launch_torchrun(train_cfg, config: Optional[Path], preset: Optional[str], flags: dict, sets: list[str],
@@ -145,27 +146,28 @@ def _launch_torchrun(train_cfg, config: Optional[Path], preset: Optional[str], f
     os.execv(cmd[0], cmd)
 
 
-def estimate_inference_of(model, batch: int, context: int, prompt_len: int):
-    from memlm.memory.estimate import estimate_for_model
+def _report_peak(predicted: int, record: dict | None = None) -> dict:
+    """The line every command ends with: the prediction it printed at the start vs the whole
+    process's peak resident memory since it started (VmHWM on CPU), on stderr; also into
+    `record` (for --json) as predicted_peak_bytes / peak_bytes."""
+    from memlm.memory.measure import peak_report, process_peak_rss_bytes
 
-    return estimate_for_model(model, batch, context, prompt_len).total
+    measured = process_peak_rss_bytes()
+    console.print(f"peak memory: {peak_report(predicted, measured)}", style="dim")
+    record = {} if record is None else record
+    record.update(predicted_peak_bytes=predicted, peak_bytes=measured)
+    return record
 
 
-def _fit(lm, budget: str, context: int | None) -> None:
-    from memlm.memory.plan import fit_inference
+def _load_fitted(model: str, budget: Optional[str], context: Optional[int], batch: int = 1,
+                 prompt_len: Optional[int] = None, quiet: bool = False):
+    """Load a model, planned for a budget when one is given; print the one prediction."""
+    from memlm.fit import load_for_inference
 
-    plan = fit_inference(lm, budget, context)
-    console.print(f"memory budget {budget}: {plan.settings['weight_format']} weights, {plan.settings['kv_dtype']} "
-                  f"KV cache, predicted peak {plan.predicted_peak / 2**20:,.0f} MiB", style="dim")
-
-
-def _report_peak(predicted: int) -> None:
-    """Predicted vs measured whole-process peak (VmHWM on CPU), on stderr."""
-    from memlm.memory.measure import format_bytes, peak_rss_bytes
-
-    measured = peak_rss_bytes()
-    console.print(f"peak memory: predicted {format_bytes(predicted)}, measured {format_bytes(measured)} "
-                  f"({(measured - predicted) / max(predicted, 1):+.0%})", style="dim")
+    fitted = load_for_inference(model, budget, context, batch, prompt_len)
+    if not quiet:
+        console.print(fitted.describe(), style="dim")
+    return fitted
 
 
 # ---- generate / chat ---------------------------------------------------------------------------
@@ -201,21 +203,24 @@ def generate(
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
 ):
     """Continue a prompt, streaming the text to the terminal."""
-    from memlm.loading import load
+    from memlm.fit import prompt_tokens_bound
 
-    lm = load(model)
-    if memory_budget:
-        _fit(lm, memory_budget, None)
+    # The cache is sized for the prompt and the new tokens; the prompt's length is bounded by its
+    # bytes before any tokenizer is loaded, so the plan (and its one prediction) comes first.
+    room = prompt_tokens_bound(prompt) + (64 if chat else 0)  # the chat template's few tokens
+    fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room)
+    lm = fitted.lm
     settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:
         out.print(prompt, end="", style="bold")
-    for piece in lm.stream_pieces(text, **vars(settings)):
+    pieces = lm.stream_pieces(text, **vars(settings))
+    if fitted.guard is not None:
+        pieces = fitted.guard.watch(pieces)
+    for piece in pieces:
         out.print(piece.text, end="", markup=False)
     out.print()
-    n_prompt = len(lm.tokenizer.encode(text))
-    context = min(n_prompt + max_new_tokens, lm.config.block_size)
-    _report_peak(estimate_inference_of(lm.model, 1, context, n_prompt))
+    _report_peak(fitted.predicted_peak)
 
 
 @app.command()
@@ -228,11 +233,12 @@ def chat(
     top_p: TopP = 0.9,
     repetition_penalty: RepPen = 1.1,
     seed: Seed = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Longest conversation in tokens (default: the model's).")] = None,
 ):
     """Talk to an instruct model. /reset clears the history, /exit leaves."""
-    from memlm.loading import load
-
-    lm = load(model)
+    fitted = _load_fitted(model, memory_budget, context)
+    lm = fitted.lm
     lm.chat_prompt([{"role": "user", "content": "hi"}])  # fail now, not after the first question
     settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, [], seed)
     history = [{"role": "system", "content": system}] if system else []
@@ -254,11 +260,15 @@ def chat(
         history.append({"role": "user", "content": line})
         reply = ""
         out.print("bot> ", end="")
-        for piece in lm.stream_pieces(lm.chat_prompt(history), **vars(settings)):
+        pieces = lm.stream_pieces(lm.chat_prompt(history), **vars(settings))
+        if fitted.guard is not None:
+            pieces = fitted.guard.watch(pieces)
+        for piece in pieces:
             reply += piece.text
             out.print(piece.text, end="", markup=False)
         out.print()
         history.append({"role": "assistant", "content": reply.strip()})
+    _report_peak(fitted.predicted_peak)
 
 
 @app.command()
@@ -267,15 +277,14 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Longest request (prompt + completion) in tokens.")] = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
-    from memlm.loading import load
     from memlm.serve.app import serve as run_server
 
-    lm = load(model)
-    if memory_budget:
-        _fit(lm, memory_budget, None)
-    run_server(lm, Path(model).name, host, port)
+    fitted = _load_fitted(model, memory_budget, context)
+    run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard)
+    _report_peak(fitted.predicted_peak)
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -289,35 +298,40 @@ def evaluate(
     stride: Annotated[Optional[int], typer.Option(help="Window step (default: the window, no overlap).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
 ):
     """Perplexity of a model on a corpus (default: the embedded eval split, the W2 protocol)."""
     from rich.progress import Progress
 
     from memlm.data import read_corpus
     from memlm.eval.perplexity import perplexity, window_plan
-    from memlm.loading import load
-    from memlm.memory.measure import PeakMemory
+    from memlm.fit import load_for_scoring
 
-    lm = load(model)
+    fitted = load_for_scoring(model, memory_budget, window, batch_size)
+    lm = fitted.lm
+    if not as_json:
+        console.print(fitted.describe(), style="dim")
     window = min(window, lm.config.block_size)
     docs = read_corpus(corpus, None if split == "all" else split)
     ids = lm.tokenizer.encode("\n\n".join(docs), add_bos=False)
+    del docs
     n_windows = len(window_plan(len(ids), window, stride))
-    with PeakMemory() as pm, Progress(console=console, transient=True, disable=as_json) as bar:
+    with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("scoring windows", total=n_windows)
-        result = perplexity(lm.model, ids, window, stride, batch_size, on_window=lambda n: bar.advance(task, n))
+        result = perplexity(lm.model, ids, window, stride, batch_size, on_window=lambda n: bar.advance(task, n),
+                            guard=fitted.guard)
     record = {"model": model, "corpus": corpus, "split": split, "window": window, "stride": stride or window,
               "tokens": len(ids), "windows": result.n_windows, "scored": result.n_scored,
-              "ppl": result.ppl, "nll": result.nll, "tokens_per_s": result.tokens_per_s,
-              "peak_bytes": pm.peak_bytes}
-    predicted = estimate_inference_of(lm.model, batch_size, window, window)
-    record["predicted_peak_bytes"] = predicted
+              "ppl": result.ppl, "nll": result.nll, "tokens_per_s": result.tokens_per_s}
     if as_json:
+        from memlm.memory.measure import process_peak_rss_bytes
+
+        record.update(predicted_peak_bytes=fitted.predicted_peak, peak_bytes=process_peak_rss_bytes())
         out.print_json(json.dumps(record))
     else:
         out.print(f"perplexity {result.ppl:.3f} (nll {result.nll:.4f}) over {result.n_scored:,} tokens in "
                   f"{result.n_windows} windows of {window}; {result.tokens_per_s:,.0f} tokens/s")
-        _report_peak(predicted)
+        _report_peak(fitted.predicted_peak)
 
 
 # ---- plan ----------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def window_plan(n_tokens: int, window: int, stride: int | None = None) -> list[t
 
 @torch.no_grad()
 def perplexity(model: Decoder, ids, window: int = 512, stride: int | None = None, batch_size: int = 1,
-               on_window: Callable[[int], None] | None = None) -> PerplexityResult:
+               on_window: Callable[[int], None] | None = None, guard=None) -> PerplexityResult:
+    """Perplexity of `ids` (see the module docstring). `guard`: a memlm.memory.guard.MemoryGuard
+    asked before each batch of windows whether it still fits the budget."""
     if window > model.config.block_size:
         raise MemlmError(f"window {window} is longer than the model's context {model.config.block_size}",
                          f"use --window {model.config.block_size} or less")
@@ -57,12 +59,17 @@ def perplexity(model: Decoder, ids, window: int = 512, stride: int | None = None
     t0 = time.perf_counter()
     for b in range(0, len(plan), batch_size):
         chunk = plan[b:b + batch_size]
+        if guard is not None:
+            guard.before_unit()
         x = torch.stack([ids[s:s + window] for s, _ in chunk]).to(device)  # (B, W)
         logits = model(x[:, :-1]).float()  # (B, W-1, V)
         nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, W-1)
         for row, (_, first) in enumerate(chunk):
             total_nll += nll[row, first:].double().sum().item()
             n_scored += nll.shape[1] - first
+        del logits  # before the next batch's: two (B, W, V) tensors at once would double the peak
+        if guard is not None:
+            guard.after_unit()
         if on_window is not None:
             on_window(len(chunk))
     elapsed = time.perf_counter() - t0

@@ -863,8 +863,38 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
     return Breakdown("infer", device, terms, peak_phase, phases, settings)
 
 
-def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None) -> Breakdown:
-    """`estimate_inference` for a loaded model: its weight format read off its modules."""
+def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None = None, weight_format: str = "fp32",
+                     device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True) -> Breakdown:
+    """Peak memory of perplexity scoring (memlm.eval.perplexity): no KV cache, but the logits of
+    every position: batch windows of `window` tokens score N = batch*(window-1) positions.
+
+    Peak: the larger of a block's forward temporaries and the head's moment: the final norm's
+    output N*d*a, the logits N*V*a (+ an fp32 copy N*V*4 under bf16) and cross-entropy's
+    log_softmax N*V*4.
+    """
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    window = min(window or model_cfg.block_size, model_cfg.block_size)
+    N, V, d = batch * max(window - 1, 1), model_cfg.vocab_size, model_cfg.n_embd
+    a = 2 if weight_format == "bf16" else 4
+    weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel)
+    blocks, blocks_f = forward_transient(model_cfg, batch, max(window - 1, 1), weight_format, int4_kernel)
+    head = N * d * a + N * V * a + (N * V * 4 if a != 4 else 0) + N * V * 4
+    terms = [
+        Term("runtime", RUNTIME_BYTES[device]["infer"], RUNTIME_NOTE),
+        Term("weights", weights, f"{weight_format} block Linears"
+             + (", int8 embedding" if quantize_embedding else "")),
+    ]
+    phases = {"blocks": sum(t.bytes for t in terms) + blocks, "head + loss": sum(t.bytes for t in terms) + head}
+    peak_phase = max(phases, key=lambda k: phases[k])
+    terms.append(Term("workspace", max(blocks, head), blocks_f if blocks >= head else
+                      f"N*d*a + N*V*{a + (4 if a != 4 else 0) + 4} (final norm, logits, log_softmax), N={N}"))
+    settings = {"batch": batch, "context": window, "weight_format": weight_format, "kv_dtype": "-",
+                "quantize_embedding": quantize_embedding}
+    return Breakdown("score", device, terms, peak_phase, phases, settings)
+
+
+def model_weight_format(model) -> tuple[str, bool]:
+    """(weight format, int8 embedding?) of a loaded model, read off its modules."""
     import torch
 
     kinds = {type(m).__name__ for m in model.modules()}
@@ -874,5 +904,11 @@ def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt
         fmt = "int8"
     else:
         fmt = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
+    return fmt, "Int8Embedding" in kinds
+
+
+def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None) -> Breakdown:
+    """`estimate_inference` for a loaded model: its weight format read off its modules."""
+    fmt, int8_embedding = model_weight_format(model)
     return estimate_inference(model.config, batch, context, fmt, prompt_len=prompt_len,
-                              quantize_embedding="Int8Embedding" in kinds)
+                              quantize_embedding=int8_embedding)

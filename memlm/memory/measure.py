@@ -56,13 +56,28 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not let us."""
+    """Reset VmHWM to the current RSS; False where the kernel does not let us.
+
+    The peak before the reset is kept (`process_peak_rss_bytes` still sees it): a block's peak
+    is measured by resetting, but the whole process's peak from start to exit is the promise a
+    memory budget makes, and no reset may hide it.
+    """
+    global _peak_before_reset
+    _peak_before_reset = max(_peak_before_reset, peak_rss_bytes())
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+_peak_before_reset = 0
+
+
+def process_peak_rss_bytes() -> int:
+    """The whole process's peak resident memory since it started, across every VmHWM reset."""
+    return max(_peak_before_reset, peak_rss_bytes())
 
 
 def return_free_heap() -> None:
@@ -178,6 +193,12 @@ class PeakMemory:
             self.peak_bytes = peak_rss_bytes()
         self.peak_bytes = max(self.peak_bytes, self.baseline_bytes)
         self._running = False
+
+
+def peak_report(predicted: int, measured: int) -> str:
+    """The line every command ends with: `predicted X, measured Y (+Z%)`."""
+    return (f"predicted {format_bytes(predicted)}, measured {format_bytes(measured)} "
+            f"({(measured - predicted) / max(predicted, 1):+.1%})")
 
 
 _UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]

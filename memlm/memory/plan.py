@@ -40,6 +40,7 @@ from typing import Any
 from memlm.config import ModelConfig, TrainConfig
 from memlm.errors import MemlmError
 from memlm.memory.estimate import Breakdown, estimate_inference, estimate_training
+from memlm.memory.guard import DoesNotFit
 from memlm.memory.measure import format_bytes, parse_size
 
 SAFETY_MARGIN = 0.04  # a plan's predicted peak stays below (1 - margin) * budget: estimate error
@@ -301,8 +302,15 @@ def _max_int(lo: int, hi: int, ok) -> int:
 
 
 def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int | None = None,
-                   device: str = "cpu", max_batch: int = 256, prompt_len: int | None = None) -> Plan:
-    """Weight format, KV-cache dtype and concurrent sequences (x context) that fit the budget."""
+                   device: str = "cpu", max_batch: int = 256, prompt_len: int | None = None,
+                   min_batch: int = 1) -> Plan:
+    """Weight format, KV-cache dtype and concurrent sequences (x context) that fit the budget.
+
+    The format is the best one that holds `min_batch` sequences; the rest of the budget goes to
+    more, up to `max_batch` (a server's pool). One command's generation: min = max = 1, and the
+    predicted peak is that of exactly what it runs.
+    """
+    max_batch = max(max_batch, min_batch)
     budget = parse_size(budget_bytes)
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     target = context or model_cfg.block_size
@@ -329,8 +337,8 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
         return out
 
     for fmt, kv in combos:
-        batch = _max_int(1, max_batch, lambda b: _fits(est(fmt, kv, b, target).total, budget))
-        if batch >= 1:
+        batch = _max_int(min_batch, max_batch, lambda b: _fits(est(fmt, kv, b, target).total, budget))
+        if batch >= min_batch:
             b = est(fmt, kv, batch, target)
             settings = {"weight_format": fmt, "kv_dtype": kv, "context": target, "concurrent_sequences": batch}
             notes = [f"{batch} sequence(s) of {target} tokens at once" + (" (the cap)" if batch == max_batch else "")]
@@ -338,7 +346,7 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
                         notes=notes)
     # Not even one sequence of the target context: with no context asked for, shorten it, in
     # the format that allows the longest context (the best format among equals).
-    if context is None:
+    if context is None and min_batch == 1:
         longest = [(_max_int(1, target, lambda c, f=f, k=k: _fits(est(f, k, 1, c).total, budget)), -i, f, k)
                    for i, (f, k) in enumerate(combos)]
         ctx, _, fmt, kv = max(longest)
@@ -348,11 +356,34 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
             return Plan("infer", True, budget, device, settings, b.total, b, tradeoffs(fmt, kv, ctx), 1.0,
                         notes=[f"one sequence of at most {ctx} tokens"])
     ctx = target if context is not None else 1
-    b = min((est(f, k, 1, ctx) for f, k in combos), key=lambda x: x.total)
+    b = min((est(f, k, min_batch, ctx) for f, k in combos), key=lambda x: x.total)
     min_budget = math.ceil(b.total / (1 - SAFETY_MARGIN))
-    settings = {**{k: b.settings[k] for k in ("weight_format", "kv_dtype", "context")}, "concurrent_sequences": 1}
+    settings = {**{k: b.settings[k] for k in ("weight_format", "kv_dtype", "context")},
+                "concurrent_sequences": min_batch}
     return Plan("infer", False, budget, device, settings, b.total, b,
                 tradeoffs(settings["weight_format"], settings["kv_dtype"], ctx), 1.0, min_budget,
+                notes=[f"nothing fits {format_bytes(budget)}; the leanest plan needs {format_bytes(min_budget)}"])
+
+
+def plan_scoring(model_cfg: ModelConfig, budget_bytes: int | str, window: int | None = None, batch: int = 1,
+                 device: str = "cpu") -> Plan:
+    """The best weight format in which perplexity scoring of `batch` windows fits the budget."""
+    from memlm.memory.estimate import estimate_scoring
+
+    budget = parse_size(budget_bytes)
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    window = min(window or model_cfg.block_size, model_cfg.block_size)
+    formats = _formats(model_cfg, device)
+    estimates = [estimate_scoring(model_cfg, batch, window, fmt, device) for fmt in formats]
+    for fmt, b in zip(formats, estimates):
+        if _fits(b.total, budget):
+            settings = {"weight_format": fmt, "window": window, "batch": batch}
+            trade = [] if fmt == formats[0] else [f"{fmt} weights"]
+            return Plan("score", True, budget, device, settings, b.total, b, trade)
+    b = min(estimates, key=lambda x: x.total)
+    min_budget = math.ceil(b.total / (1 - SAFETY_MARGIN))
+    return Plan("score", False, budget, device, {"weight_format": b.settings["weight_format"], "window": window,
+                                                 "batch": batch}, b.total, b, [], 1.0, min_budget,
                 notes=[f"nothing fits {format_bytes(budget)}; the leanest plan needs {format_bytes(min_budget)}"])
 
 
@@ -423,36 +454,10 @@ def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
     plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
                          world_size=max(1, train_cfg.nproc))
     if not plan.feasible:
-        raise MemlmError(
+        raise DoesNotFit(
             f"nothing fits the memory budget {format_bytes(plan.budget_bytes)}: "
             f"the leanest plan needs {format_bytes(plan.min_budget)}",
             "raise --memory-budget, shorten --seq-len or pick a smaller model (see: memlm plan)",
         )
     keys = [k for k in plan.settings if k in {f.name for f in dataclasses.fields(TrainConfig)}]
     return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys}), plan
-
-
-def fit_inference(lm, budget: int | str, context: int | None = None) -> Plan:
-    """Apply an inference plan to a loaded model in place: quantize or cast its weights.
-
-    Returns the plan; its kv_dtype is what generation should allocate the cache in. The model
-    is loaded before it is converted, so loading itself can briefly need the fp32 size.
-    """
-    import torch
-
-    plan = plan_inference(lm.config, budget, context=context)
-    if not plan.feasible:
-        raise MemlmError(
-            f"the model does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
-            f"the leanest plan needs {format_bytes(plan.min_budget)}",
-            "raise --memory-budget or use a smaller model (see: memlm plan --task infer)",
-        )
-    fmt = plan.settings["weight_format"]
-    if fmt in ("int8", "int4"):
-        from memlm.compress import quantize_model
-
-        quantize_model(lm.model, method=fmt, progress=False)
-    elif fmt == "bf16":
-        lm.model.to(torch.bfloat16)
-    lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
-    return plan

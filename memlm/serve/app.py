@@ -36,7 +36,9 @@ def _settings(body: dict[str, Any], default_max: int) -> SamplingSettings:
     )
 
 
-def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
+def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, guard=None):
+    """The FastAPI app. `guard` (memlm.memory.guard.MemoryGuard): with a memory budget, a request
+    that would take the process over it is refused (503 + Retry-After) instead of run."""
     fastapi = require_extra("fastapi", "serve")
     from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -59,6 +61,12 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256):
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def respond(body: dict, chat: bool):
+        if guard is not None:
+            try:
+                guard.check_room()
+            except MemlmError as e:
+                return JSONResponse({"error": {"message": str(e), "type": "server_error", "code": "memory_budget"}},
+                                    status_code=503, headers={"Retry-After": "1"})
         n = 1 if body.get("n") is None else body["n"]
         if not isinstance(n, int) or not 1 <= n <= MAX_N:
             return error(400, f"'n' must be an integer from 1 to {MAX_N}")
@@ -160,6 +168,6 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def serve(lm: LoadedModel, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(lm: LoadedModel, model_name: str, host: str = "127.0.0.1", port: int = 8000, guard=None) -> None:
     uvicorn = require_extra("uvicorn", "serve")
-    uvicorn.run(create_app(lm, model_name), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(lm, model_name, guard=guard), host=host, port=port, log_level="info")

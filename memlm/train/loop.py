@@ -33,7 +33,9 @@ from torch import nn
 
 from memlm.config import ModelConfig, TrainConfig, to_toml
 from memlm.errors import MemlmError
-from memlm.memory.measure import PeakMemory, format_bytes
+from memlm.memory.estimate import estimate_training
+from memlm.memory.guard import BudgetExceeded, MemoryGuard, expected_from
+from memlm.memory.measure import PeakMemory, format_bytes, process_peak_rss_bytes, return_free_heap
 from memlm.train.checkpoint import config_differences, latest_checkpoint, read_trainer_state
 from memlm.train.distributed import local_state_bytes
 from memlm.train.distributed import setup as setup_distributed
@@ -60,6 +62,7 @@ class TrainResult:
     tokens_per_s: float = 0.0  # training throughput of this session (eval and saving excluded)
     peak_bytes: int = 0  # peak memory of this session (process RSS on CPU, allocated on CUDA; max over ranks)
     state_bytes: int = 0  # weights + gradients + optimizer states one process holds (after its first step)
+    predicted_peak_bytes: int = 0  # the prediction printed at the start (the plan's, under a budget)
 
 
 def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
@@ -247,12 +250,19 @@ def train(
             "lower --seq-len or build the model with a larger block_size",
         )
     cfg = dataclasses.replace(cfg, seq_len=seq_len)
+    guard: MemoryGuard | None = None
     if cfg.memory_budget is not None:  # the planner picks the savers, keeping the global batch
         from memlm.memory.plan import fit_training
 
         cfg, plan = fit_training(model_cfg, cfg, device.type)
-        say(f"memory budget {cfg.memory_budget}: predicted peak {plan.predicted_peak / 2**20:,.0f} MiB; "
+        breakdown = plan.breakdown
+        say(f"memory budget {format_bytes(plan.budget_bytes)}: predicted peak {format_bytes(plan.predicted_peak)}; "
             + ("; ".join(plan.tradeoffs) or "no saver needed"))
+        if device.type == "cpu":  # the guard watches resident memory; CUDA budgets are the allocator's
+            guard = MemoryGuard(plan.budget_bytes, expected_from(breakdown), "step")
+    else:
+        breakdown = estimate_training(model_cfg, cfg, device.type, world_size=ctx.world_size)
+        say(f"predicted peak memory {format_bytes(breakdown.total)} (per process; memlm plan shows the terms)")
     cfg.validate()  # now that seq_len is known, warmup lengths are checked against it
     if saved_state is not None and "train_config" in saved_state:
         # Only fields the checkpoint has: runs saved before a field existed still resume.
@@ -275,6 +285,9 @@ def train(
                 f"one sequence needs {seq_len + 1}",
                 "use a bigger corpus or a shorter --seq-len",
             )
+    return_free_heap()  # the tokenizer's and the tokenization's freed buffers go back to the system
+    if guard is not None:
+        guard.mark("start-up")
     # One Batches per micro-batch size of the batch ramp: each draws its rows from (seed, index),
     # so every micro-batch is a pure function of its index and the step's shape.
     batches: dict[int, Batches] = {}
@@ -350,8 +363,27 @@ def train(
     window_tokens, window_time = 0, 0.0  # since the last log line
     progress = _progress(console)
     task = progress.add_task("train", total=cfg.steps, completed=step, loss=last_loss, tps=0.0, mem="-")
+    def peak_now() -> int:  # the whole process's peak on CPU (the budget's promise), the allocator's on CUDA
+        return pm.peak_so_far() if device.type == "cuda" else process_peak_rss_bytes()
+
+    def stop_if_no_room() -> None:
+        """Before a step: stop cleanly, with a checkpoint, if the step would cross the budget."""
+        problem = None
+        if guard is not None:
+            try:
+                guard.before_unit()
+            except BudgetExceeded as e:
+                problem = e
+        if ctx.max(int(problem is not None)):  # every rank stops together
+            if step > 0 and latest_step_saved != step:
+                ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
+            raise problem or BudgetExceeded("another process of this run reached its memory budget",
+                                            "raise --memory-budget")
+
+    latest_step_saved = step
     with PeakMemory(device) as pm, progress:
         while step < end_step:
+            stop_if_no_room()
             step += 1
             ctx.fault_point(step)
             t0 = time.perf_counter()
@@ -374,6 +406,8 @@ def train(
                 state_bytes = ctx.max(local_state_bytes(model, optimizer))
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
+            if guard is not None:
+                guard.after_unit()
 
             last_loss = ctx.mean(loss_sum)  # the global batch's loss: every rank saw its share
             if not math.isfinite(last_loss):
@@ -387,7 +421,7 @@ def train(
             window_tokens += tokens_per_step
             window_time += dt
             wall_time += dt
-            peak = pm.peak_so_far()
+            peak = peak_now()
             progress.update(
                 task, completed=step, loss=last_loss, tps=window_tokens / max(window_time, 1e-9), mem=format_bytes(peak)
             )
@@ -414,11 +448,12 @@ def train(
 
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end_step:
                 ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
+                latest_step_saved = step
 
-    peak_bytes = ctx.max(pm.peak_bytes)
+    peak_bytes = ctx.max(peak_now())
     say(
         f"done: step {step}, loss {last_loss:.4f}, "
-        f"{session_tokens / max(session_time, 1e-9):,.0f} tokens/s, peak memory {format_bytes(peak_bytes)}"
+        f"{session_tokens / max(session_time, 1e-9):,.0f} tokens/s"
     )
     return TrainResult(
         run_dir=run_dir,
@@ -428,6 +463,7 @@ def train(
         tokens_per_s=session_tokens / session_time if session_time > 0 else 0.0,
         peak_bytes=peak_bytes,
         state_bytes=state_bytes,
+        predicted_peak_bytes=breakdown.total,
     )
 
 

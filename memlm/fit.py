@@ -1,0 +1,102 @@
+"""Fit a model to a memory budget: plan the format, then load the model straight into it.
+
+This workflow sits above the layers it drives (memlm.loading reads and converts, memlm.memory
+plans), so neither of them imports the other. The model is converted tensor by tensor while
+it is read: the fp32 copy of the whole model never exists when the plan says int4/int8/bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memlm.loading import LoadedModel, load, model_config_of
+from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_weight_format
+from memlm.memory.guard import DoesNotFit, MemoryGuard, expected_from
+from memlm.memory.measure import format_bytes, parse_size
+from memlm.memory.plan import Plan, plan_inference, plan_scoring
+
+
+@dataclass
+class Fitted:
+    """A loaded model with the prediction its command prints once and compares at the end."""
+
+    lm: LoadedModel
+    breakdown: Breakdown
+    plan: Plan | None = None  # None: no budget was given
+    guard: MemoryGuard | None = None
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.plan.predicted_peak if self.plan is not None else self.breakdown.total
+
+    def describe(self) -> str:
+        """The one prediction, as the command prints it before it starts."""
+        b = self.breakdown.settings
+        what = f"{b['weight_format']} weights"
+        if b.get("kv_dtype", "-") != "-":
+            what += f", {b['kv_dtype']} KV cache for {b['batch']} x {b['context']} tokens"
+        else:
+            what += f", {b['batch']} x {b['context']}-token windows"
+        head = f"memory budget {format_bytes(self.plan.budget_bytes)}: " if self.plan is not None else ""
+        return f"{head}{what}, predicted peak {format_bytes(self.predicted_peak)}"
+
+
+def prompt_tokens_bound(text: str) -> int:
+    """At most this many tokens for `text` with any byte-level BPE: one per UTF-8 byte, plus BOS/EOS."""
+    return len(text.encode("utf-8")) + 2
+
+
+def load_for_inference(name_or_path: str, budget: str | int | None = None, context: int | None = None,
+                       batch: int = 1, prompt_len: int | None = None) -> Fitted:
+    """`memlm.load`, planned: with a budget, the best weight format whose predicted peak for
+    `batch` sequences of `context` tokens fits, loaded straight into that format; without one,
+    the model as stored and the prediction of its own format.
+
+    context: the KV cache's length (default: the model's block size). prompt_len: tokens
+    prefilled at once (default: the whole context).
+    """
+    if budget is None:
+        lm = load(name_or_path)
+        ctx = min(context or lm.config.block_size, lm.config.block_size)
+        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx))
+        return Fitted(lm, b)
+    config = model_config_of(name_or_path)
+    ctx = min(context or config.block_size, config.block_size)
+    plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
+                          min_batch=batch, max_batch=batch)
+    if not plan.feasible:
+        raise DoesNotFit(
+            f"the model does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
+            f"the leanest plan needs {format_bytes(plan.min_budget)}",
+            "raise --memory-budget, shorten the context or use a smaller model (see: memlm plan --task infer)",
+        )
+    lm = load(name_or_path, weight_format=plan.settings["weight_format"])
+    lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
+    assert plan.breakdown is not None
+    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), "token")
+    guard.mark("model")
+    return Fitted(lm, plan.breakdown, plan, guard)
+
+
+def load_for_scoring(name_or_path: str, budget: str | int | None = None, window: int = 512, batch: int = 1) -> Fitted:
+    """`memlm.load` for perplexity scoring of `batch` windows of `window` tokens (memlm eval)."""
+    if budget is None:
+        lm = load(name_or_path)
+        fmt, int8_embedding = model_weight_format(lm.model)
+        b = estimate_scoring(lm.config, batch, window, fmt, quantize_embedding=int8_embedding)
+        return Fitted(lm, b)
+    config = model_config_of(name_or_path)
+    plan = plan_scoring(config, parse_size(budget), window, batch)
+    if not plan.feasible:
+        raise DoesNotFit(
+            f"scoring does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
+            f"the leanest plan needs {format_bytes(plan.min_budget)}",
+            "raise --memory-budget or lower --window / --batch-size",
+        )
+    lm = load(name_or_path, weight_format=plan.settings["weight_format"])
+    assert plan.breakdown is not None
+    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), "batch of windows")
+    guard.mark("model")
+    return Fitted(lm, plan.breakdown, plan, guard)
