@@ -339,19 +339,36 @@ def evaluate(
 @app.command()
 def plan(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset (gpt2, tiny, ...), known model or path.")],
-    budget: Annotated[str, typer.Option(help="Memory per process, e.g. 2GiB, 512MiB, 1.5GB.")],
+    budget: Annotated[Optional[str], typer.Option(help="Memory per process, e.g. 2GiB (without: just predict).")] = None,
     task: Annotated[str, typer.Option(help="train | finetune | infer.")] = "train",
     seq_len: Annotated[Optional[int], typer.Option(help="Training length, or the context for infer.")] = None,
     global_batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per optimizer step.")] = None,
     world_size: Annotated[int, typer.Option(help="Processes (data parallel).")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    micro_batch: Annotated[Optional[int], typer.Option(help="Without --budget: sequences per forward pass (infer: concurrent sequences).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Without --budget: fp32 | bf16-autocast | bf16.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="Without --budget: adamw | adamw8bit | adafactor | sgd.")] = None,
+    weight_format: Annotated[Optional[str], typer.Option(help="Without --budget, infer: fp32 | bf16 | int8 | int4.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Without --budget: any train key, e.g. train.loss_chunk=256.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ):
-    """Predict peak memory and pick the fastest settings that fit a budget."""
+    """Predict peak memory: of exactly the settings given, or of the fastest ones that fit --budget."""
     from memlm.loading import model_config_of
-    from memlm.memory.plan import plan_for_cli, render_plan
+    from memlm.memory.plan import plan_for_cli, predict_for_cli, render_plan
 
-    chosen = plan_for_cli(model_config_of(model), task, budget, seq_len, global_batch_tokens, world_size, device)
+    model_cfg = model_config_of(model)
+    if budget is None:
+        train_keys = _parse_set(set_ or [])["train"]
+        flags = {"micro_batch": micro_batch, "precision": precision, "optimizer": optimizer}
+        train_keys.update({k: v for k, v in flags.items() if v is not None})
+        breakdown = predict_for_cli(model_cfg, task, seq_len, train_keys, world_size, device,
+                                    weight_format=weight_format or "fp32")
+        if as_json:
+            out.print_json(json.dumps({"predicted_peak_bytes": breakdown.total, **breakdown.to_dict()}))
+        else:
+            out.print(breakdown.table())
+        return
+    chosen = plan_for_cli(model_cfg, task, budget, seq_len, global_batch_tokens, world_size, device)
     if as_json:
         out.print_json(chosen.to_json())
     else:

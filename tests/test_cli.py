@@ -1,6 +1,7 @@
 """The CLI as a user meets it: real processes, real files; bad input gives one line + hint, exit 2."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ def memlm(*args, cwd=None, input=None, timeout=300):
                           input=input, timeout=timeout, env=env)
 
 
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+def assert_user_error(proc, *fragments, status=2):
+    assert proc.returncode == status, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
@@ -131,8 +132,8 @@ def test_memory_budget_applies_the_plan_or_refuses(tiny_run):
             "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=4",
             "--set", "model.block_size=64", "--set", "train.tokenizer=\"runs/small/tokenizer.json\""]
     proc = memlm(*args, "--out", "runs/budget-none", "--memory-budget", "10MiB", cwd=tiny_run)
-    assert_user_error(proc, "nothing fits the memory budget 10.0 MiB", "memlm plan")
-    assert not (tiny_run / "runs" / "budget-none" / "checkpoints").exists()
+    assert_user_error(proc, "nothing fits the memory budget 10.0 MiB", "memlm plan", status=1)
+    assert not (tiny_run / "runs" / "budget-none").exists()  # said before any work
 
     proc = memlm(*args, "--out", "runs/budget", "--memory-budget", "1GiB", cwd=tiny_run)
     assert proc.returncode == 0, proc.stderr
@@ -146,29 +147,31 @@ def test_memory_budget_applies_the_plan_or_refuses(tiny_run):
 def test_generate_memory_budget(tiny_run):
     proc = memlm("generate", "The for", "--model", "runs/small", "--max-new-tokens", "5", "--memory-budget", "10MiB",
                  cwd=tiny_run)
-    assert_user_error(proc, "does not fit the memory budget 10.0 MiB", "memlm plan")
+    assert_user_error(proc, "does not fit the memory budget 10.0 MiB", "memlm plan", status=1)
     proc = memlm("generate", "The for", "--model", "runs/small", "--max-new-tokens", "5", "--memory-budget", "2GiB",
                  cwd=tiny_run)
     assert proc.returncode == 0, proc.stderr
-    assert "memory budget 2GiB: fp32 weights" in proc.stderr
+    assert "memory budget 2.0 GiB: fp32 weights" in proc.stderr
+    # one prediction: the figure printed before generating is the one compared at the end
+    said = re.search(r"predicted peak ([\d.]+ [KMG]iB)", proc.stderr).group(1)
+    assert f"peak memory: predicted {said}, measured " in proc.stderr
+    assert proc.stderr.count("predicted") == 2
 
 
-def test_fit_inference_quantizes_when_the_budget_is_tight():
+def test_load_for_inference_converts_when_the_budget_is_tight(tiny_run):
     import torch
 
-    from memlm.config import ModelConfig
-    from memlm.loading import LoadedModel
+    from memlm.fit import load_for_inference
+    from memlm.loading import model_config_of
     from memlm.memory.estimate import estimate_inference
-    from memlm.memory.plan import fit_inference
-    from memlm.model import Decoder
 
-    cfg = ModelConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=512, norm="rmsnorm",
-                      positions="rope", mlp="swiglu", bias=False)
-    lm = LoadedModel(Decoder(cfg).eval(), tokenizer=None)
-    fp32 = estimate_inference(cfg, 1, 128, "fp32").total
-    int8 = estimate_inference(cfg, 1, 128, "int8").total
-    plan = fit_inference(lm, (fp32 + int8) // 2, context=128)
-    assert plan.settings["weight_format"] in ("int8", "int4", "bf16")
-    kinds = {type(m).__name__ for m in lm.model.modules()}
+    run = tiny_run / "runs" / "small"
+    cfg = model_config_of(run)
+    fp32 = estimate_inference(cfg, 1, 64, "fp32", prompt_len=64).total
+    bf16 = estimate_inference(cfg, 1, 64, "bf16", prompt_len=64).total
+    fitted = load_for_inference(str(run), (fp32 + bf16) // 2, context=64)
+    assert fitted.plan.settings["weight_format"] != "fp32"
+    assert fitted.predicted_peak == fitted.plan.predicted_peak < (fp32 + bf16) // 2
+    kinds = {type(m).__name__ for m in fitted.lm.model.modules()}
     assert ("Int8Linear" in kinds or "Int4Linear" in kinds or
-            next(lm.model.parameters()).dtype == torch.bfloat16)
+            next(fitted.lm.model.parameters()).dtype == torch.bfloat16)

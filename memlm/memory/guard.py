@@ -97,6 +97,9 @@ class MemoryGuard:
         self.marks: dict[str, int] = {}
         self.unit_peak_extra = 0  # the most one unit added above its starting RSS so far
         self.units_done = 0
+        self.extra_per_size = 0.0
+        self._next_size = 1.0
+        self.state_rss = 0  # resident between units, after the first (the state at rest)
         self._unit_start = 0
         self._can_reset = True
 
@@ -113,10 +116,13 @@ class MemoryGuard:
         """Bytes the next unit may add before the budget is reached (negative: none)."""
         return self.budget - current_rss_bytes()
 
-    def next_unit_need(self, rss: int | None = None) -> int:
-        """What the next unit may add: the most a unit added so far, at least the prediction; before
-        the first unit has run, also the state it creates (optimizer states, the KV cache)."""
-        need = max(self.unit_peak_extra, self.expected.unit)
+    def next_unit_need(self, rss: int | None = None, size: float | None = None) -> int:
+        """What the next unit may add: the most a unit added so far per unit of size (tokens of a
+        training step: a batch ramp makes later steps bigger) times the next one's size, and at
+        least the prediction; before the first unit has run, also the state it creates (optimizer
+        states, the KV cache)."""
+        size = self._next_size if size is None else size
+        need = max(int(self.extra_per_size * size), self.expected.unit)
         if not self.units_done:
             rss = current_rss_bytes() if rss is None else rss
             need += max(0, self.expected.base + self.expected.state - rss)
@@ -134,27 +140,32 @@ class MemoryGuard:
             self.after_unit()
             yield item
 
-    def check_room(self) -> int:
-        """Raise BudgetExceeded if the next unit would not fit; return the resident bytes now."""
+    def check_room(self, size: float = 1.0) -> int:
+        """Raise BudgetExceeded if the next unit (of `size`) would not fit; return the resident bytes."""
+        self._next_size = size
         rss = current_rss_bytes()
+        if self.units_done:
+            self.state_rss = max(self.state_rss, rss)
         if process_peak_rss_bytes() > self.budget:
             raise self._exceeded(f"before the next {self.what}", crossed=True)
         if rss + self.next_unit_need(rss) > self.budget:
             raise self._exceeded(f"before the next {self.what}")
         return rss
 
-    def before_unit(self) -> None:
+    def before_unit(self, size: float = 1.0) -> None:
         """`check_room`, then start measuring the unit (its peak above its start)."""
-        self._unit_start = self.check_room()
+        self._unit_start = self.check_room(size)
         self._can_reset = reset_peak_rss()
 
     def after_unit(self) -> None:
         """Record what the unit added (its peak above its start)."""
         self.units_done += 1
         if self._can_reset:
-            self.unit_peak_extra = max(self.unit_peak_extra, peak_rss_bytes() - self._unit_start)
+            extra = peak_rss_bytes() - self._unit_start
         else:  # no per-unit peak without a resettable VmHWM: the RSS now is a lower bound
-            self.unit_peak_extra = max(self.unit_peak_extra, current_rss_bytes() - self._unit_start)
+            extra = current_rss_bytes() - self._unit_start
+        self.unit_peak_extra = max(self.unit_peak_extra, extra)
+        self.extra_per_size = max(self.extra_per_size, extra / max(self._next_size, 1e-9))
 
     def diagnosis(self) -> str:
         """Which group of the prediction was too small, by how much, from the measurements."""
@@ -166,8 +177,8 @@ class MemoryGuard:
             measured["base"] = base_mark
         if state_mark is not None and base_mark is not None:
             measured["state"] = state_mark - base_mark
-        if self.unit_peak_extra:
-            measured["unit"] = self.unit_peak_extra
+        if self.unit_peak_extra:  # scaled to the unit about to run
+            measured["unit"] = max(self.unit_peak_extra, int(self.extra_per_size * self._next_size))
         predicted = {"base": e.base, "state": e.state, "unit": e.unit}
         over = {k: measured[k] - predicted[k] for k in measured}
         if not over or max(over.values()) <= 0:

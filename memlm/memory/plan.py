@@ -43,7 +43,7 @@ from memlm.memory.estimate import Breakdown, estimate_inference, estimate_traini
 from memlm.memory.guard import DoesNotFit
 from memlm.memory.measure import format_bytes, parse_size
 
-SAFETY_MARGIN = 0.04  # a plan's predicted peak stays below (1 - margin) * budget: estimate error
+SAFETY_MARGIN = 0.06  # a plan's predicted peak stays below (1 - margin) * budget: the estimate's error
 CHECKPOINT_COST = 1 / 3
 MICRO_BATCH_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
 LOSS_CHUNK_COST, LOSS_CHUNK_COST_PER_CHUNK = 0.002, 0.0005
@@ -405,6 +405,29 @@ def plan_for_cli(model_cfg: ModelConfig, task: str, budget_bytes: int | str, seq
                              global_batch_tokens=global_batch_tokens, task=task)
     if task == "infer":
         return plan_inference(model_cfg, budget_bytes, context=seq_len, device=device)
+    raise MemlmError(f"unknown task '{task}'", "use train, finetune or infer")
+
+
+def predict_for_cli(model_cfg: ModelConfig, task: str, seq_len: int | None = None,
+                    train_keys: dict[str, Any] | None = None, world_size: int = 1, device: str = "cpu",
+                    weight_format: str = "fp32") -> Breakdown:
+    """`memlm plan` without a budget: the predicted peak of exactly these settings, term by term.
+
+    train / finetune: TrainConfig's defaults with `train_keys` over them (micro_batch is per
+    process here, as a user reads it); infer: train_keys' micro_batch concurrent sequences of
+    seq_len (default block_size) tokens in `weight_format`.
+    """
+    keys = dict(train_keys or {})
+    if task in ("train", "finetune"):
+        seq = seq_len or keys.pop("seq_len", None) or model_cfg.block_size
+        world = max(1, world_size)
+        keys["micro_batch"] = keys.get("micro_batch", TrainConfig().micro_batch) * world
+        tc = TrainConfig.from_dict({**keys, "seq_len": seq, "nproc": world})
+        tc.validate()
+        return estimate_training(model_cfg, tc, device=device, world_size=world)
+    if task == "infer":
+        return estimate_inference(model_cfg, batch=int(keys.get("micro_batch", 1)), context=seq_len,
+                                  weight_format=weight_format, device=device)
     raise MemlmError(f"unknown task '{task}'", "use train, finetune or infer")
 
 

@@ -371,7 +371,8 @@ def train(
         problem = None
         if guard is not None:
             try:
-                guard.before_unit()
+                # the size of the next step in tokens: relative to the planned full shape
+                guard.before_unit(step_shape(step + 1, cfg).tokens / (cfg.micro_batch * seq_len))
             except BudgetExceeded as e:
                 problem = e
         if ctx.max(int(problem is not None)):  # every rank stops together
@@ -451,6 +452,12 @@ def train(
                 latest_step_saved = step
 
     peak_bytes = ctx.max(peak_now())
+    if guard is not None:  # where the memory went, for `memlm plan` users and the accuracy bench
+        log({"step": step, "memory": {"marks": guard.marks, "step_peak_extra": guard.unit_peak_extra,
+                                      "state_after_steps": guard.state_rss - guard.marks.get("start-up", 0)
+                                      if guard.state_rss else None,
+                                      "peak": peak_bytes, "predicted": breakdown.total,
+                                      "expected": dataclasses.asdict(guard.expected)}})
     say(
         f"done: step {step}, loss {last_loss:.4f}, "
         f"{session_tokens / max(session_time, 1e-9):,.0f} tokens/s"
