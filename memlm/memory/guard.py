@@ -99,6 +99,8 @@ class MemoryGuard:
         self.units_done = 0
         self.extra_per_size = 0.0
         self._next_size = 1.0
+        self._last_size = 0.0
+        self._last_peak = self._prev_peak = 0
         self.state_rss = 0  # resident between units, after the first (the state at rest)
         self._unit_start = 0
         self._can_reset = True
@@ -116,17 +118,26 @@ class MemoryGuard:
         """Bytes the next unit may add before the budget is reached (negative: none)."""
         return self.budget - current_rss_bytes()
 
-    def next_unit_need(self, rss: int | None = None, size: float | None = None) -> int:
-        """What the next unit may add: the most a unit added so far per unit of size (tokens of a
-        training step: a batch ramp makes later steps bigger) times the next one's size, and at
-        least the prediction; before the first unit has run, also the state it creates (optimizer
-        states, the KV cache)."""
-        size = self._next_size if size is None else size
-        need = max(int(self.extra_per_size * size), self.expected.unit)
+    def projected_peak(self, rss: int, size: float) -> int:
+        """The peak the next unit (of `size`, e.g. a step's tokens) is expected to reach.
+
+        Before any unit has run: the RSS now + the predicted unit + the predicted state not yet
+        resident (optimizer states, the KV cache appear in the first unit). After: the last
+        unit's measured peak (glibc keeps a unit's freed blocks and the next unit reuses them,
+        so peaks repeat rather than add up), plus what a bigger unit adds at the most any unit
+        added per size (a batch ramp), plus the last unit-to-unit growth (fragmentation creep).
+        """
         if not self.units_done:
-            rss = current_rss_bytes() if rss is None else rss
-            need += max(0, self.expected.base + self.expected.state - rss)
-        return need
+            pending = max(0, self.expected.base + self.expected.state - rss)
+            return rss + self.expected.unit + pending
+        grow = self.extra_per_size * max(0.0, size - self._last_size)
+        creep = max(0, self._last_peak - self._prev_peak) if self.units_done > 1 else 0
+        return max(rss, self._last_peak) + int(grow) + creep
+
+    def next_unit_need(self, rss: int | None = None) -> int:
+        """Bytes above the RSS now that the next unit is expected to take."""
+        rss = current_rss_bytes() if rss is None else rss
+        return max(0, self.projected_peak(rss, self._next_size) - rss)
 
     def watch(self, items: Iterator[T]) -> Iterator[T]:
         """Yield from `items` (a lazy generator: each item is one unit of work), guarding each."""
@@ -148,7 +159,7 @@ class MemoryGuard:
             self.state_rss = max(self.state_rss, rss)
         if process_peak_rss_bytes() > self.budget:
             raise self._exceeded(f"before the next {self.what}", crossed=True)
-        if rss + self.next_unit_need(rss) > self.budget:
+        if self.projected_peak(rss, size) > self.budget:
             raise self._exceeded(f"before the next {self.what}")
         return rss
 
@@ -158,14 +169,13 @@ class MemoryGuard:
         self._can_reset = reset_peak_rss()
 
     def after_unit(self) -> None:
-        """Record what the unit added (its peak above its start)."""
+        """Record the unit's peak and what it added above its start."""
         self.units_done += 1
-        if self._can_reset:
-            extra = peak_rss_bytes() - self._unit_start
-        else:  # no per-unit peak without a resettable VmHWM: the RSS now is a lower bound
-            extra = current_rss_bytes() - self._unit_start
+        peak = peak_rss_bytes() if self._can_reset else current_rss_bytes()  # without a reset: a lower bound
+        extra = peak - self._unit_start
         self.unit_peak_extra = max(self.unit_peak_extra, extra)
         self.extra_per_size = max(self.extra_per_size, extra / max(self._next_size, 1e-9))
+        self._prev_peak, self._last_peak, self._last_size = self._last_peak, peak, self._next_size
 
     def diagnosis(self) -> str:
         """Which group of the prediction was too small, by how much, from the measurements."""
@@ -197,6 +207,7 @@ class MemoryGuard:
                     f"{format_bytes(process_peak_rss_bytes())}")
         else:
             head = (f"memory budget {format_bytes(self.budget)} would be crossed {where}: resident "
-                    f"{format_bytes(rss)} + {format_bytes(self.next_unit_need())} for one {self.what}")
+                    f"{format_bytes(rss)}, expected to peak at {format_bytes(self.projected_peak(rss, self._next_size))} "
+                    f"in the next {self.what}")
         return BudgetExceeded(f"{head}; {self.diagnosis()}",
                               "raise --memory-budget (the prediction was wrong here: please report it)")

@@ -226,10 +226,9 @@ def train(
     elif cfg.tokenizer:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
-        say(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.corpus}")
-        tokenizer = ctx.from_main(lambda: train_bpe(read_corpus(cfg.corpus, "train"), cfg.vocab_size))
+        tokenizer = None  # trained below, once the plan (if any) has said that the run fits
     if pretrained is None:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size if tokenizer else cfg.vocab_size)
     elif tokenizer.vocab_size > model_cfg.vocab_size:
         raise MemlmError(
             f"tokenizer has {tokenizer.vocab_size} ids but {cfg.init_from} only {model_cfg.vocab_size} embeddings",
@@ -264,6 +263,11 @@ def train(
         breakdown = estimate_training(model_cfg, cfg, device.type, world_size=ctx.world_size)
         say(f"predicted peak memory {format_bytes(breakdown.total)} (per process; memlm plan shows the terms)")
     cfg.validate()  # now that seq_len is known, warmup lengths are checked against it
+    if tokenizer is None:
+        say(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.corpus}")
+        tokenizer = ctx.from_main(lambda: train_bpe(read_corpus(cfg.corpus, "train"), cfg.vocab_size))
+        # a small corpus can give fewer merges than asked: the model (never larger than planned) follows
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if saved_state is not None and "train_config" in saved_state:
         # Only fields the checkpoint has: runs saved before a field existed still resume.
         saved_train = {k: v for k, v in saved_state["train_config"].items() if k in _TRAJECTORY_FIELDS}
