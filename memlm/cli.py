@@ -471,6 +471,7 @@ def distill(
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the soft targets.")] = 2.0,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term (1 - alpha: cross-entropy).")] = 0.5,
     teacher_quant: Annotated[Optional[str], typer.Option(help="int8 | int4: quantize the teacher to save memory.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Fit teacher + student training in e.g. 2GiB.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any key: model.n_layer=4, train.eval_every=50.")] = None,
 ):
     """Train a small student on a teacher's softened predictions (knowledge distillation)."""
@@ -479,13 +480,14 @@ def distill(
     if student_config is None and student_preset is None:
         raise MemlmError("no student model given", "pass --student-config FILE.toml or --student-preset NAME")
     flags = {"out_dir": out_dir, "corpus": corpus, "steps": steps, "micro_batch": micro_batch, "seq_len": seq_len,
-             "lr": lr}
+             "lr": lr, "memory_budget": memory_budget}
     overrides = _parse_set(set_ or [])
     overrides["train"].update({k: v for k, v in flags.items() if v is not None})
     model_cfg, train_cfg = resolve_configs(student_config, student_preset, overrides)
     result = run_distill(teacher, train_cfg, model_cfg, temperature, alpha, teacher_quant, console=console)
     out.print(f"distilled {result.final_step} steps: last loss {result.last_loss:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s; student saved in {result.run_dir}")
+    _report_peak(result.predicted_peak_bytes)
 
 
 # ---- demo ----------------------------------------------------------------------------------------
@@ -494,11 +496,13 @@ def distill(
 def demo(
     out_dir: Annotated[str, typer.Option("--out", help="Run folder.")] = "runs/demo",
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: what fits 150 s here).")] = None,
+    memory_budget: Annotated[str, typer.Option(help="The whole demo stays inside this, e.g. 1GiB.")] = "1GiB",
 ):
     """The main job on the embedded default: train `tiny` on the Python reference, evaluate, sample."""
     from memlm.demo import run_demo
 
-    run_demo(out_dir, steps, console, out)
+    result = run_demo(out_dir, steps, console, out, memory_budget)
+    _report_peak(result["predicted_peak_bytes"])
 
 
 def main() -> None:

@@ -519,11 +519,13 @@ def _train_settings(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
-                      world_size: int = 1, strategy: str | None = None) -> Breakdown:
+                      world_size: int = 1, strategy: str | None = None, teacher_bytes: int = 0) -> Breakdown:
     """Peak memory of one process of a training step (steady state: the optimizer has its state).
 
     `strategy` defaults to train_cfg.strategy; it only matters when world_size > 1.
     train_cfg.micro_batch is the global micro-batch, split evenly over the processes (as the loop does).
+    `teacher_bytes`: distillation (memlm.train.distill) from a frozen teacher holding that many
+    bytes of weights; the loss is then the distillation loss over full logits (no chunking).
     """
     cfg, mc = train_cfg, model_cfg
     device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -574,6 +576,15 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
                         + (block_linear_params(mc) * 2 if n_ckpt else 0))
 
     loss = _loss_terms(mc, N, precision, cfg.loss_chunk, p)
+    if teacher_bytes:
+        # memlm.train.distill.distillation_loss over (N, V) fp32: the teacher's logits, the
+        # student's, s/T and t/T, both log_softmaxes, the KL's elementwise terms and the
+        # cross-entropy's own log_softmax at the forward's peak; the student's logits, its two
+        # saved log_softmaxes and the teacher's (referenced by the graph) held into backward
+        NV4 = N * V * 4
+        loss = {"fwd": (7 * NV4, "7*N*V*4 (teacher + student logits, /T copies, log_softmaxes, KL terms; measured)"),
+                "held": (4 * NV4, "4*N*V*4 (student logits, 2 saved log_softmax, teacher logits)"),
+                "bwd": (6 * NV4, "6*N*V*4 (held + their gradients)")}
 
     # -- transients of one block (not saved; they come and go inside an op sequence)
     f, qd = mc.ffn_hidden, mc.n_head * mc.head_dim
@@ -604,6 +615,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
                     + (" + position tables" if buffer_bytes(mc) else "")),
         "optimizer_states": (states, OPTIMIZER_FORMULAS[cfg.optimizer] + (f" /{shard}" if shard > 1 else "")),
     }
+    if teacher_bytes:
+        base["teacher"] = (teacher_bytes, "the frozen teacher's weights, as loaded")
     if ddp_buckets:
         # DDP (gradient_as_bucket_view): flat buckets of every gradient, allocated by DDP and
         # kept after zero_grad(set_to_none=True); the gradients are views into them. They are
@@ -734,7 +747,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     if device == "cpu":  # glibc's heap holds more than the live tensors: see ALLOCATOR_SLACK
         a_unit, a_state = ALLOCATOR_SLACK["train"]
         for terms in phases.values():
-            unit = sum(v[0] for k, v in terms.items() if k not in ("runtime", "weights", "optimizer_states"))
+            unit = sum(v[0] for k, v in terms.items() if k not in ("runtime", "weights", "optimizer_states", "teacher"))
             state = weights + states
             terms["allocator"] = (int(a_unit * unit + a_state * state),
                                   f"{a_unit}*(this phase's transients) + {a_state}*(weights + states) ({ALLOCATOR_NOTE})")

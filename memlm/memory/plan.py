@@ -210,7 +210,7 @@ def _tradeoffs(base: TrainConfig, c: _Candidate, sequences: int, n_layer: int, t
 
 def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_bytes: int | str,
                   device: str = "cpu", world_size: int = 1, global_batch_tokens: int | None = None,
-                  allow: dict[str, list] | None = None, task: str = "train") -> Plan:
+                  allow: dict[str, list] | None = None, task: str = "train", teacher_bytes: int = 0) -> Plan:
     """The fastest training settings whose predicted peak fits `budget_bytes` per process.
 
     global_batch_tokens: tokens per optimizer step over all processes (default: what
@@ -233,11 +233,13 @@ def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_by
                      f"({sequences} sequences of {seq_len} per process)")
     if task == "finetune":
         notes.append("full fine-tuning: every weight is trained (LoRA is not planned)")
+    if teacher_bytes:  # the distillation loss needs the student's full logits: no chunked loss
+        allow = {**(allow or {}), "loss_chunk": [0]}
     candidates = _candidates(model_cfg, base_train_cfg, sequences, seq_len, device, allow)
 
     def estimate(c: _Candidate) -> tuple[TrainConfig, Breakdown]:
         tc = _apply(base_train_cfg, c, seq_len, world)
-        return tc, estimate_training(model_cfg, tc, device=device, world_size=world)
+        return tc, estimate_training(model_cfg, tc, device=device, world_size=world, teacher_bytes=teacher_bytes)
 
     for c in candidates:
         tc, b = estimate(c)
@@ -468,14 +470,15 @@ def render_plan(plan: Plan):
     return Group(*parts)
 
 
-def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu") -> tuple[TrainConfig, Plan]:
+def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
+                 teacher_bytes: int = 0) -> tuple[TrainConfig, Plan]:
     """Apply `train_cfg.memory_budget`: the run's config with the chosen plan's settings.
 
     The global batch of the given config is kept; the plan is a pure function of the two
     configs, so a resumed run re-derives the same settings.
     """
     plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
-                         world_size=max(1, train_cfg.nproc))
+                         world_size=max(1, train_cfg.nproc), teacher_bytes=teacher_bytes)
     if not plan.feasible:
         raise DoesNotFit(
             f"nothing fits the memory budget {format_bytes(plan.budget_bytes)}: "

@@ -253,14 +253,15 @@ def train(
     if cfg.memory_budget is not None:  # the planner picks the savers, keeping the global batch
         from memlm.memory.plan import fit_training
 
-        cfg, plan = fit_training(model_cfg, cfg, device.type)
+        cfg, plan = fit_training(model_cfg, cfg, device.type, teacher_bytes=_teacher_bytes(teacher))
         breakdown = plan.breakdown
         say(f"memory budget {format_bytes(plan.budget_bytes)}: predicted peak {format_bytes(plan.predicted_peak)}; "
             + ("; ".join(plan.tradeoffs) or "no saver needed"))
         if device.type == "cpu":  # the guard watches resident memory; CUDA budgets are the allocator's
             guard = MemoryGuard(plan.budget_bytes, expected_from(breakdown), "step")
     else:
-        breakdown = estimate_training(model_cfg, cfg, device.type, world_size=ctx.world_size)
+        breakdown = estimate_training(model_cfg, cfg, device.type, world_size=ctx.world_size,
+                                      teacher_bytes=_teacher_bytes(teacher))
         say(f"predicted peak memory {format_bytes(breakdown.total)} (per process; memlm plan shows the terms)")
     cfg.validate()  # now that seq_len is known, warmup lengths are checked against it
     if tokenizer is None:
@@ -476,6 +477,15 @@ def train(
         state_bytes=state_bytes,
         predicted_peak_bytes=breakdown.total,
     )
+
+
+def _teacher_bytes(teacher: Any | None) -> int:
+    """Bytes of a distillation teacher's tensors (0 without one), for the memory plan."""
+    if teacher is None:
+        return 0
+    model = teacher.model
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(tensors.values())  # a tied embedding/head counted once
 
 
 def _progress(console: Console | None):
