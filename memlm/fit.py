@@ -7,12 +7,13 @@ it is read: the fp32 copy of the whole model never exists when the plan says int
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from memlm.loading import LoadedModel, load, model_config_of
-from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_weight_format
+from memlm.loading import LoadedModel, layout_of, load, model_config_of, stored_format
+from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_layout
 from memlm.memory.guard import DoesNotFit, MemoryGuard, expected_from
 from memlm.memory.measure import format_bytes, parse_size
 from memlm.memory.plan import Plan, plan_inference, plan_scoring
@@ -43,6 +44,19 @@ class Fitted:
         return f"{head}{what}, predicted peak {format_bytes(self.predicted_peak)}"
 
 
+def _candidates(name_or_path: str) -> dict:
+    """The formats a plan may choose for this model and how each will be laid out when loaded:
+    a compressed folder only as it is stored; anything else in any format (GGUF blocks kept)."""
+    stored = stored_format(name_or_path)
+    if stored is not None:
+        fmt = stored.pop("weight_format")
+        if fmt is None:  # pruned / low-rank / mixed folders: not re-planned, loaded as they are
+            raise DoesNotFit(f"{name_or_path} is compressed in a way the planner does not model",
+                             "run it without --memory-budget")
+        return {"formats": [fmt], "layout": lambda f: stored}
+    return {"layout": functools.lru_cache(maxsize=None)(lambda f: layout_of(name_or_path, f))}
+
+
 def prompt_tokens_bound(text: str) -> int:
     """At most this many tokens for `text` with any byte-level BPE: one per UTF-8 byte, plus BOS/EOS."""
     return len(text.encode("utf-8")) + 2
@@ -65,7 +79,7 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
     config = model_config_of(name_or_path)
     ctx = min(context or config.block_size, config.block_size)
     plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
-                          min_batch=batch, max_batch=batch)
+                          min_batch=batch, max_batch=batch, **_candidates(name_or_path))
     if not plan.feasible:
         raise DoesNotFit(
             f"the model does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
@@ -84,11 +98,10 @@ def load_for_scoring(name_or_path: str, budget: str | int | None = None, window:
     """`memlm.load` for perplexity scoring of `batch` windows of `window` tokens (memlm eval)."""
     if budget is None:
         lm = load(name_or_path)
-        fmt, int8_embedding = model_weight_format(lm.model)
-        b = estimate_scoring(lm.config, batch, window, fmt, quantize_embedding=int8_embedding)
+        b = estimate_scoring(lm.config, batch, window, **model_layout(lm.model))
         return Fitted(lm, b)
     config = model_config_of(name_or_path)
-    plan = plan_scoring(config, parse_size(budget), window, batch)
+    plan = plan_scoring(config, parse_size(budget), window, batch, **_candidates(name_or_path))
     if not plan.feasible:
         raise DoesNotFit(
             f"scoring does not fit the memory budget {format_bytes(plan.budget_bytes)}: "

@@ -89,22 +89,89 @@ def resolve(name_or_path: str | Path) -> tuple[str, Path]:
     raise MemlmError(f"unknown model '{name}'", "known models: " + ", ".join(hints))
 
 
-def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, Tokenizer | None]:
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+               weight_format: str | None = None) -> tuple[Decoder, Tokenizer | None]:
+    """The model (eval mode, CPU) and its tokenizer (None when the folder has none).
+
+    weight_format: None loads the weights as stored, in `dtype` (GGUF: dequantized). "fp32",
+    "bf16", "int8", "int4" are memlm.memory.estimate's formats (block Linears in the format;
+    embeddings, norms, biases float32, or bfloat16 for "bf16"), reached while the checkpoint is
+    read, one tensor at a time: the float32 model never exists, so loading for int4 peaks at
+    about the int4 model. GGUF blocks already on the target's grid are kept exactly (Q4_1 ->
+    int4 with groups of 32, Q8_0 -> int8 with a scale per 32 inputs; under int4/int8 a Q8_0
+    embedding stays int8 too: see memlm.interop.gguf.load_gguf). A compressed memlm folder is
+    already in its format: asking it for another raises a MemlmError.
+    """
+    from memlm.compress.quantize import format_float_dtype
+
+    format_float_dtype(weight_format, dtype)  # refuse a bad format before reading anything
     kind, path = resolve(name_or_path)
     if kind == "gguf":
         from memlm.interop.gguf import load_gguf
 
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, weight_format=weight_format)
     if kind == "compressed":
         from memlm.compress.storage import load_compressed
 
-        return load_compressed(path)
+        model, tokenizer = load_compressed(path)
+        return _in_format(model, path, weight_format), tokenizer
     if kind == "hf":
         from memlm.interop.hf import load_hf
 
         tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-        return load_hf(path, dtype), tokenizer
-    return load_run(path, dtype)
+        return load_hf(path, dtype, weight_format), tokenizer
+    return load_run(path, dtype, weight_format)
+
+
+def _in_format(model: Decoder, path: Path, weight_format: str | None) -> Decoder:
+    """A compressed model as `weight_format` asks: as it is, or refused when it is another."""
+    from memlm.compress.storage import layer_specs
+
+    if weight_format is None:
+        return model
+    kinds = sorted({spec["kind"] for name, spec in layer_specs(model).items() if name.startswith("blocks.")})
+    if not kinds:  # nothing quantized in the blocks: a float model, which casts exactly
+        if weight_format in ("fp32", "bf16"):
+            return model.to(torch.bfloat16 if weight_format == "bf16" else torch.float32)
+        have = "float"
+    else:
+        have = kinds[0] if len(kinds) == 1 else "+".join(kinds)
+    if have != weight_format:
+        raise MemlmError(
+            f"{path} is a model compressed as {have}: it cannot be loaded as {weight_format}",
+            f"load it as it is (weight_format=None or '{have}'), or compress the original model to {weight_format}",
+        )
+    return model
+
+
+def layout_of(name_or_path: str | Path, weight_format: str) -> dict:
+    """How `load_model(name_or_path, weight_format=...)` lays the weights out, without loading
+    them: memlm.memory.estimate's layout keywords (group sizes, int8 embedding), so a plan made
+    before loading predicts the model that loading builds."""
+    kind, path = resolve(name_or_path)
+    if kind == "gguf":
+        from memlm.interop.gguf import gguf_layout
+
+        return gguf_layout(path, weight_format)
+    return {}  # float checkpoints: round-to-nearest with quantize_model's defaults
+
+
+def stored_format(name_or_path: str | Path) -> dict | None:
+    """A compressed folder's weight format and layout as saved (None for any other model: those
+    load into any format)."""
+    import json
+
+    kind, path = resolve(name_or_path)
+    if kind != "compressed":
+        return None
+    layers = json.loads((path / "memlm_model.json").read_text()).get("layers", {})
+    kinds = {spec.get("kind") for name, spec in layers.items() if name.startswith("blocks.")}
+    fmt = next(iter(kinds)) if len(kinds) == 1 and kinds <= {"int8", "int4"} else None
+    groups = [spec.get("group_size") for name, spec in layers.items() if name.startswith("blocks.")]
+    emb = layers.get("tok_emb", {})
+    return {"weight_format": fmt, "group_size": max(groups) if fmt and None not in groups else None,
+            "quantize_embedding": emb.get("kind") == "int8_embedding",
+            "embedding_group_size": emb.get("group_size")}
 
 
 def model_config_of(name_or_path: str | Path):
@@ -129,10 +196,15 @@ def model_config_of(name_or_path: str | Path):
     return ModelConfig.from_dict(load_toml(path / "config.toml")["model"])
 
 
-def load_run(run_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, Tokenizer]:
-    """The latest checkpoint of a memlm training run."""
-    from safetensors.torch import load_file
+def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
+             weight_format: str | None = None) -> tuple[Decoder, Tokenizer]:
+    """The latest checkpoint of a memlm training run (weight_format as in `load_model`).
 
+    The checkpoint is read one tensor at a time into fresh memory (TensorFile, not safetensors'
+    map of the whole file), each block Linear converted before the next is read.
+    """
+    from memlm.compress.assemble import ModelAssembler
+    from memlm.compress.storage import TensorFile
     from memlm.config import ModelConfig, load_toml
     from memlm.train.checkpoint import latest_checkpoint
 
@@ -140,16 +212,14 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder
     if ckpt is None:
         raise MemlmError(f"run folder {run_dir} has no checkpoint yet", "train it first (memlm train)")
     config = ModelConfig.from_dict(load_toml(run_dir / "config.toml")["model"])
-    model = Decoder.empty(config)
-    sd = load_file(ckpt / "model.safetensors")
-    if config.tied_embeddings:  # safetensors stores a shared tensor once, under either name
-        shared = sd.get("tok_emb.weight", sd.get("lm_head.weight"))
-        sd["tok_emb.weight"] = sd["lm_head.weight"] = shared
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
-    if config.tied_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.reset_buffers("cpu")
-    return model.eval(), Tokenizer.load(run_dir)
+    weights = ckpt / "model.safetensors"
+    assembler = ModelAssembler(Decoder.empty(config), weight_format, dtype, source=str(weights))
+    with TensorFile(weights) as f:
+        for key in f.keys():
+            # safetensors stores a shared tensor once, under either name
+            target = "tok_emb.weight" if config.tied_embeddings and key == "lm_head.weight" else key
+            assembler.put(target, f.read(key))
+    return assembler.finish(), Tokenizer.load(run_dir)
 
 
 @dataclass
@@ -187,8 +257,9 @@ class LoadedModel:
         return self.generate(self.chat_prompt(messages), **settings)
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    model, tokenizer = load_model(name_or_path, dtype)
+def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, weight_format: str | None = None) -> LoadedModel:
+    """A model and its tokenizer, ready to generate (dtype, weight_format: see `load_model`)."""
+    model, tokenizer = load_model(name_or_path, dtype, weight_format)
     if tokenizer is None:
         raise MemlmError(f"model '{name_or_path}' has no tokenizer", "put a tokenizer.json beside the weights")
     return LoadedModel(model.eval(), tokenizer)

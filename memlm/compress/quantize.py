@@ -6,7 +6,9 @@ from those tensors. The model is converted one layer at a time, so there is neve
 float32 copy of it; each quantized module dequantizes (or runs a packed kernel) per forward.
 
 Formats (what is in memory is what is saved, see storage.py):
-  int8   `weight_int8` (out, in) int8, `scales` (out,) float32:  w = q * scale, q in -127..127
+  int8   `weight_int8` (out, in) int8, `scales` (out,) float32:  w = q * scale, q in -127..127;
+         or, with a group size g, `scales` (out, in/g) float32, one per g inputs (what GGUF's
+         Q8_0 stores: g = 32, its fp16 scales held exactly in float32)
   int4   `weight_packed` (out, in/2) uint8, two codes per byte, low nibble = even input column;
          `scales`, `mins` (out, in/group) float16:  w = q * scale + min, q in 0..15
   int3   `weight_packed` (out, 3*in/8) uint8, eight 3-bit codes in every 3 bytes (little-endian
@@ -108,12 +110,20 @@ class _KeepsScaleDtype(nn.Module):
 # ------------------------------------------------------------------------------ int8
 
 
-def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q (out, in) int8, scales (out,)), |w - q*s| <= s/2.
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32,
+                  group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: (q (out, in) int8, scales), |w - q*s| <= s/2.
 
-    The scale is rounded up in `scale_dtype`, so 127 * scale still covers the row's largest |w|.
+    One scale per row (scales (out,)), or per group of `group_size` inputs (scales (out, in/g)).
+    The scale is rounded up in `scale_dtype`, so 127 * scale still covers its values' largest |w|.
     """
     w = w.detach().float()
+    out, inp = w.shape
+    if group_size is not None:
+        if inp % group_size:
+            raise MemlmError(f"int8 group size {group_size} does not divide in_features {inp}")
+        q, scales = quantize_int8(w.reshape(out * inp // group_size, group_size), scale_dtype)
+        return q.view(out, inp), scales.view(out, inp // group_size)
     absmax = w.abs().amax(dim=1)
     scales = (absmax / 127.0).to(scale_dtype)
     short = scales.float() * 127.0 < absmax
@@ -123,38 +133,73 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> 
     return q, scales
 
 
+def int8_group_size(weight_int8: torch.Tensor, scales: torch.Tensor) -> int | None:
+    """The group size of int8 `scales` (None: one scale per row)."""
+    return weight_int8.shape[-1] // scales.shape[-1] if scales.dim() == weight_int8.dim() else None
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w = q * scale for codes (..., in) and scales (...,) per row or (..., in/g) per group."""
+    w = q.to(dtype)
+    s = scales.to(dtype)
+    if s.dim() == q.dim():  # grouped: every g inputs share a scale
+        w.view(*q.shape[:-1], s.shape[-1], -1).mul_(s[..., None])
+        return w
+    return w.mul_(s[..., None])
+
+
 def _int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (w_int8 * scales)^T without a float copy of more than this one layer."""
     rows = x.numel() // x.shape[-1]
+    grouped = scales.dim() == 2
     if (
-        x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS
+        not grouped and x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS
         and w_int8.shape[1] % 32 == 0  # the CPU kernel crashes on other widths (torch 2.13)
     ):
         y = torch._weight_int8pack_mm(x.reshape(rows, -1), w_int8, scales.to(x.dtype))
         return y.view(*x.shape[:-1], -1)
     # fp32 activations: the int8 kernel is a slow reference path there (0.9 ms vs 0.13 ms).
     # A large table (a tied head: vocab x d) is converted a slice of rows at a time, so no float
-    # copy of more than INT8_CHUNK_ELEMENTS weights exists at once.
-    scales = scales.to(x.dtype)
+    # copy of more than INT8_CHUNK_ELEMENTS weights exists at once. Per-row scales scale the
+    # output; group scales (no kernel takes them) scale the converted slice before the matmul.
     step = max(1, INT8_CHUNK_ELEMENTS // w_int8.shape[1])
+    if grouped:
+        def part(i: int, j: int) -> torch.Tensor:
+            return F.linear(x, dequantize_int8(w_int8[i:j], scales[i:j], x.dtype))
+    else:
+        s = scales.to(x.dtype)
+
+        def part(i: int, j: int) -> torch.Tensor:
+            return F.linear(x, w_int8[i:j].to(x.dtype)) * s[i:j]
     if w_int8.shape[0] <= step:
-        return F.linear(x, w_int8.to(x.dtype)) * scales
+        return part(0, w_int8.shape[0])
     y = x.new_empty(*x.shape[:-1], w_int8.shape[0])
     for i in range(0, w_int8.shape[0], step):
-        y[..., i:i + step] = F.linear(x, w_int8[i:i + step].to(x.dtype)) * scales[i:i + step]
+        y[..., i:i + step] = part(i, i + step)
     return y
 
 
+def _int8_scales_shape(rows: int, cols: int, group_size: int | None) -> tuple[int, ...]:
+    if group_size is None:
+        return (rows,)
+    if group_size <= 0 or cols % group_size:
+        raise MemlmError(f"int8 group size {group_size} does not divide {cols}")
+    return (rows, cols // group_size)
+
+
 class Int8Linear(_KeepsScaleDtype):
-    """Linear with an int8 weight and one float32 scale per output channel."""
+    """Linear with an int8 weight and float32 scales: one per output channel, or one per group of
+    `group_size` inputs (the layout of GGUF's Q8_0, loaded without re-rounding)."""
 
     _fixed_dtype_buffers = ("scales",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 group_size: int | None = None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.empty(_int8_scales_shape(out_features, in_features, group_size),
+                                                   dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,30 +207,37 @@ class Int8Linear(_KeepsScaleDtype):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "int8"}
+        # Per-row layers keep the original spec, so folders they are saved in read as before.
+        return {"kind": "int8"} if self.group_size is None else {"kind": "int8", "group_size": self.group_size}
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + ("" if self.group_size is None else f", group_size={self.group_size}"))
 
 
 class Int8Embedding(nn.Module):
-    """Embedding table stored int8 per row; rows are dequantized on lookup.
+    """Embedding table stored int8 with a scale per row (or per group of `group_size` columns);
+    rows are dequantized on lookup.
 
     The scales keep the dtype of the original table, and lookups come out in that dtype, so the
     embedding follows `model.to(dtype)` like the rest of the model.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None,
+                 group_size: int | None = None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
         self.register_buffer("weight_int8", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype or torch.float32, device=device))
+        self.register_buffer("scales", torch.empty(_int8_scales_shape(num_embeddings, embedding_dim, group_size),
+                                                   dtype=dtype or torch.float32, device=device))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.weight_int8[idx].to(self.scales.dtype) * self.scales[idx].unsqueeze(-1)
+        return dequantize_int8(self.weight_int8[idx], self.scales[idx], self.scales.dtype)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "int8_embedding"}
+        if self.group_size is None:
+            return {"kind": "int8_embedding"}
+        return {"kind": "int8_embedding", "group_size": self.group_size}
 
 
 class Int8TiedHead(nn.Module):
@@ -374,8 +426,13 @@ class GroupQuantLinear(_KeepsScaleDtype):
         return unpack_int4(self.weight_packed) if self.bits == 4 else unpack_int3(self.weight_packed)
 
     def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
-        self.weight_packed = pack_int4(codes) if self.bits == 4 else pack_int3(codes)
         self.scales, self.mins = scales.half(), mins.half()
+        self._scale_zeros = None
+        if self.use_kernel and codes.device.type == "cpu":  # straight into the kernel's layout
+            self.weight_packed = _to_cpu_int4_layout(codes)
+            self.kernel_layout = True
+            return
+        self.weight_packed = pack_int4(codes) if self.bits == 4 else pack_int3(codes)
         self.kernel_layout = False
         self._adopt_kernel_layout()
 
@@ -445,9 +502,12 @@ GROUP_CLASSES: dict[int, type[GroupQuantLinear]] = {4: Int4Linear, 3: Int3Linear
 # ------------------------------------------------------------------------------ two steps
 
 
-def quantize_state(linear: nn.Linear, scheme: Scheme, group_size: int = 128) -> dict[str, torch.Tensor]:
-    """Step 1: the tensors of `linear`'s quantized form (the bias is left to the module swap)."""
-    w = linear.weight.detach()
+def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int = 128) -> dict[str, torch.Tensor]:
+    """Step 1 for one (out, in) weight: the tensors of its quantized form (RTN).
+
+    int8: one scale per row; int4/int3: the group `choose_group_size(in, group_size)` gives.
+    """
+    w = w.detach()
     if scheme == "int8":
         q, scales = quantize_int8(w)
         return {"weight_int8": q, "scales": scales}
@@ -459,21 +519,84 @@ def quantize_state(linear: nn.Linear, scheme: Scheme, group_size: int = 128) -> 
     raise MemlmError(f"unknown quantization scheme {scheme!r}", "use 'int8', 'int4' or 'int3'")
 
 
+def quantize_state(linear: nn.Linear, scheme: Scheme, group_size: int = 128) -> dict[str, torch.Tensor]:
+    """Step 1: the tensors of `linear`'s quantized form (the bias is left to the module swap)."""
+    return quantize_weight(linear.weight, scheme, group_size)
+
+
+def module_from_codes(scheme: Scheme, state: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                      use_kernel: bool | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The quantized Linear holding `state` (its shape and group size are read off the tensors).
+
+    int8: {"weight_int8" (out, in), "scales" (out,) or (out, in/g)}; int4/int3: {"codes" (out, in)
+    uint8, "scales", "mins" (out, in/g)}. `bias` is taken as it is (a meta tensor stays a
+    placeholder to be assigned later); `dtype` is the bias's dtype when none is given.
+    """
+    # Built on meta: every buffer is replaced by `state`, so nothing is allocated twice.
+    if scheme == "int8":
+        q, scales = state["weight_int8"], state["scales"]
+        out_f, in_f = q.shape
+        m = Int8Linear(in_f, out_f, bias is not None, device="meta", dtype=dtype,
+                       group_size=int8_group_size(q, scales))
+        m.weight_int8, m.scales = q, scales.float()
+    elif scheme in ("int4", "int3"):
+        codes = state["codes"]
+        out_f, in_f = codes.shape
+        cls = GROUP_CLASSES[int(scheme[-1])]
+        m = cls(in_f, out_f, in_f // state["scales"].shape[1], bias is not None, device="meta", dtype=dtype,
+                use_kernel=use_kernel)
+        m.set_codes(codes, state["scales"], state["mins"])
+    else:
+        raise MemlmError(f"unknown quantization scheme {scheme!r}", "use 'int8', 'int4' or 'int3'")
+    if bias is not None:
+        m.bias = nn.Parameter(bias.detach().clone())
+    return m
+
+
 def module_from_state(linear: nn.Linear, scheme: Scheme, state: dict[str, torch.Tensor],
                       use_kernel: bool | None = None) -> nn.Module:
     """The quantized module for `linear` holding `state` (from `quantize_state` or GPTQ)."""
-    has_bias = linear.bias is not None
-    dtype = linear.weight.dtype
-    if scheme == "int8":
-        m = Int8Linear(linear.in_features, linear.out_features, has_bias, dtype=dtype)
-        m.weight_int8, m.scales = state["weight_int8"], state["scales"]
-    else:
-        cls = GROUP_CLASSES[int(scheme[-1])]
-        group = linear.in_features // state["scales"].shape[1]
-        m = cls(linear.in_features, linear.out_features, group, has_bias, dtype=dtype, use_kernel=use_kernel)
-        m.set_codes(state["codes"], state["scales"], state["mins"])
-    if has_bias:
-        m.bias = nn.Parameter(linear.bias.detach().clone())
+    return module_from_codes(scheme, state, linear.bias, use_kernel, dtype=linear.weight.dtype)
+
+
+# The formats a model is loaded into for a memory budget (memlm.memory.estimate's weight
+# formats): block Linears in the format; embeddings, norms and biases float32, or bfloat16 for "bf16".
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
+
+
+def format_float_dtype(weight_format: str | None, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of everything not quantized: `dtype` as stored (None), bfloat16 for "bf16", else float32."""
+    if weight_format is None:
+        return dtype
+    if weight_format not in WEIGHT_FORMATS:
+        raise MemlmError(f"unknown weight format {weight_format!r}", f"use one of: {', '.join(WEIGHT_FORMATS)}")
+    wanted = torch.bfloat16 if weight_format == "bf16" else torch.float32
+    if dtype not in (torch.float32, wanted):
+        raise MemlmError(
+            f"dtype {dtype} contradicts weight_format {weight_format!r}",
+            "give one of them: weight_format decides the dtype of the unquantized tensors too",
+        )
+    return wanted
+
+
+def linear_in_format(weight: torch.Tensor, bias: torch.Tensor | None, weight_format: str | None,
+                     dtype: torch.dtype = torch.float32, use_kernel: bool | None = None) -> nn.Module:
+    """One block Linear (`weight` (out, in), `bias`) as a module in `weight_format`.
+
+    The single place a loader converts a layer: None/"fp32"/"bf16" give an nn.Linear in
+    `format_float_dtype(weight_format, dtype)`; "int8" an Int8Linear (RTN, a scale per row);
+    "int4" an Int4Linear (RTN, the group `choose_group_size(in, 128)` gives), the same codes as
+    `quantize_model(model, "int4")`. A meta `bias` stays a placeholder for the loader to fill.
+    """
+    float_dtype = format_float_dtype(weight_format, dtype)
+    b = None if bias is None else (bias if bias.is_meta else bias.detach().to(float_dtype))
+    if weight_format in ("int8", "int4"):
+        return module_from_codes(weight_format, quantize_weight(weight, weight_format), b, use_kernel, float_dtype)
+    out_f, in_f = weight.shape
+    m = nn.Linear(in_f, out_f, bias is not None, device="meta", dtype=float_dtype)
+    m.weight = nn.Parameter(weight.detach().to(float_dtype))
+    if b is not None:
+        m.bias = nn.Parameter(b)
     return m
 
 
@@ -501,15 +624,21 @@ def swap_linears(
     return names
 
 
+def embedding_from_codes(weight_int8: torch.Tensor, scales: torch.Tensor) -> Int8Embedding:
+    """The Int8Embedding holding these codes and scales (per row, or (rows, dim/g) per group)."""
+    rows, dim = weight_int8.shape
+    m = Int8Embedding(rows, dim, device="meta", dtype=scales.dtype, group_size=int8_group_size(weight_int8, scales))
+    m.weight_int8, m.scales = weight_int8, scales
+    return m
+
+
 def quantize_embedding_int8(model: nn.Module) -> None:
     """tok_emb -> Int8Embedding; a tied lm_head computes from it, an untied one becomes Int8Linear."""
     emb = model.tok_emb
     if not isinstance(emb, nn.Embedding):
         raise MemlmError("the token embedding is already quantized")
     tied = getattr(model, "lm_head", None) is not None and getattr(model.lm_head, "weight", None) is emb.weight
-    q, scales = quantize_int8(emb.weight, scale_dtype=emb.weight.dtype)
-    new = Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype)
-    new.weight_int8, new.scales = q, scales
+    new = embedding_from_codes(*quantize_int8(emb.weight, scale_dtype=emb.weight.dtype))
     model.tok_emb = new
     if tied:
         model.lm_head = Int8TiedHead(new, "tok_emb")
@@ -545,10 +674,8 @@ def quantize_model(
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The float32 (out, in) weight a module computes with (for analysis; materializes it)."""
-    if isinstance(module, Int8Linear):
-        return module.weight_int8.float() * module.scales[:, None]
-    if isinstance(module, Int8Embedding):
-        return module.weight_int8.float() * module.scales[:, None]
+    if isinstance(module, (Int8Linear, Int8Embedding)):
+        return dequantize_int8(module.weight_int8, module.scales)
     if isinstance(module, Int8TiedHead):
         return dequantize_weight(module.embedding)
     if isinstance(module, GroupQuantLinear):

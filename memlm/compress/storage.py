@@ -3,7 +3,7 @@
 A folder holds
   model.safetensors   every persistent tensor of the model, in the portable layouts of
                       quantize.py (a tied embedding/head is stored once)
-  memlm_model.json    {"format": "memlm-compressed", "version": 1, "config": ModelConfig dict,
+  memlm_model.json    {"format": "memlm-compressed", "version": 1 or 2, "config": ModelConfig dict,
                        "tied_embeddings": bool, "layers": {module name: {"kind": ..., ...}}}
   tokenizer.json ...  when a tokenizer is given (Tokenizer.save)
 
@@ -35,7 +35,10 @@ from memlm.errors import MemlmError
 from memlm.memory.measure import return_free_heap
 
 FORMAT = "memlm-compressed"
-VERSION = 1
+# Version 2 adds group-wise int8 scales ("group_size" in an int8 / int8_embedding spec). A
+# folder without them is still written as version 1, so older memlm versions keep reading it;
+# one with them says "newer than this memlm" there instead of failing on a shape mismatch.
+VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "memlm_model.json"
 
@@ -70,12 +73,14 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[key] = t
+    specs = layer_specs(model)
+    grouped_int8 = any(s.get("kind") in ("int8", "int8_embedding") and "group_size" in s for s in specs.values())
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": 2 if grouped_int8 else 1,
         "config": model.config.to_dict(),
         "tied_embeddings": tied,
-        "layers": layer_specs(model),
+        "layers": specs,
         # Position tables are recomputed on load, in float32; a model moved to bf16 had them in bf16.
         "table_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if n not in state},
     }
@@ -166,8 +171,8 @@ def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module
     kind = spec.get("kind")
     linear_args = lambda: (placeholder.in_features, placeholder.out_features)  # noqa: E731
     has_bias = getattr(placeholder, "bias", None) is not None
-    if kind == "int8":
-        return Int8Linear(*linear_args(), bias=has_bias, device="meta")
+    if kind == "int8":  # version-1 folders have no group size: one scale per row
+        return Int8Linear(*linear_args(), bias=has_bias, device="meta", group_size=spec.get("group_size"))
     if kind in ("int4", "int3"):
         return GROUP_CLASSES[int(kind[-1])](*linear_args(), spec["group_size"], bias=has_bias, device="meta", use_kernel=use_kernel)
     if kind == "lowrank":
@@ -175,7 +180,8 @@ def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module
     if kind == "sparse_2_4":
         return Sparse24Linear(*linear_args(), bias=has_bias, device="meta")
     if kind == "int8_embedding":
-        return Int8Embedding(placeholder.num_embeddings, placeholder.embedding_dim, device="meta")
+        return Int8Embedding(placeholder.num_embeddings, placeholder.embedding_dim, device="meta",
+                             group_size=spec.get("group_size"))
     if kind == "int8_tied_head":
         return Int8TiedHead(model.get_submodule(spec["embedding"]), spec["embedding"])
     raise MemlmError(f"unknown compressed layer kind {kind!r}", "this model was saved by a newer memlm; upgrade memlm")

@@ -4,9 +4,11 @@ Two llama.cpp architectures map onto memlm's `Decoder`:
   llama  RMSNorm, RoPE, SwiGLU, grouped-query attention (SmolLM2, Llama 2, TinyLlama, ...)
   gpt2   LayerNorm with bias, learned positions, tanh-GELU, one fused qkv projection
 
-Reading goes through `gguf.GGUFReader`, which memory-maps the file: a tensor's bytes are only
-touched when it is dequantized, and tensors are dequantized one at a time straight into a model
-built on the meta device, so loading never holds two float copies of the weights.
+The header is parsed with plain reads (`_HeaderReader`: gguf.GGUFReader's per-element numpy
+views cost more than an int4 model). Each tensor is then read into fresh memory on its own,
+converted (dequantized, or copied as it is into a quantized layer of the same grid) straight
+into a model built on the meta device, and freed before the next is read: loading holds the
+result plus about one tensor, whatever the target format (see `load_gguf`).
 `iter_gguf_tensors` hands out the raw (still quantized) blocks for code that wants to keep them.
 
 Layout facts this module relies on:
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +40,16 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from tokenizers import decoders, models, pre_tokenizers
 
+from memlm.compress.assemble import ModelAssembler
 from memlm.compress.lowrank import LowRankLinear
-from memlm.compress.quantize import GroupQuantLinear, Int8Embedding, Int8Linear, dequantize_weight
+from memlm.compress.quantize import (
+    GroupQuantLinear,
+    Int8Embedding,
+    Int8Linear,
+    dequantize_weight,
+    embedding_from_codes,
+    module_from_codes,
+)
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 from memlm.model import Decoder
@@ -127,41 +138,184 @@ def _dequantize_np(t: GGUFTensor) -> np.ndarray:
 
 # ---- reading the file safely ---------------------------------------------------------------------
 
-class _BoundedReader(gguf.GGUFReader):
-    """GGUFReader that refuses to read past the end of the file.
+# struct formats of GGUF's scalar metadata types (little-endian; big-endian files are refused).
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}
+# numpy dtypes GGUF tensors of these types are viewed as (GGUFReader's convention); any other
+# type is handed out as its raw blocks, uint8.
+_VALUE_DTYPES = {
+    QType.F32: np.float32, QType.F16: np.float16, QType.F64: np.float64, QType.I8: np.int8,
+    QType.I16: np.int16, QType.I32: np.int32, QType.I64: np.int64,
+}
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 
-    The stock reader slices its memory map, and a slice past the end is silently short: a
-    truncated or corrupted file then parses as garbage, and a huge array length in it can loop
-    for a very long time over zero-byte reads. Raising on the first short read avoids both.
+
+class _HeaderReader:
+    """GGUF's header (metadata and tensor infos) parsed with plain buffered reads.
+
+    gguf.GGUFReader builds a numpy view per metadata element: for SmolLM2's 49k tokens and
+    merges that is 2.9 s and 160 MB of Python objects, more than the int4 model itself. Here a
+    value becomes its Python value directly. Every read is bounded by the file's size, so a
+    truncated or corrupted file fails on its first impossible length instead of parsing garbage
+    (or looping over a huge array length).
     """
 
-    def _get(self, offset, dtype, count=1, override_order=None):  # type: ignore[override]
-        end = int(offset) + np.dtype(dtype).itemsize * int(count)
-        if end > self.data.shape[0]:
-            raise ValueError(f"it ends after {self.data.shape[0]} bytes but a field or tensor needs {end}")
-        return super()._get(offset, dtype, count, override_order)
+    def __init__(self, f, size: int):
+        self._f, self.size, self.pos = f, size, 0
+
+    def take(self, n: int) -> bytes:
+        if n > self.size - self.pos:
+            raise ValueError(f"it ends after {self.size} bytes but a field or tensor needs {self.pos + n}")
+        self.pos += n
+        return self._f.read(n)
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack(self.take(8))[0]
+
+    def string(self) -> str:
+        return self.take(self.u64()).decode("utf-8")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            etype, count = self.u32(), self.u64()
+            fmt = _SCALARS.get(etype)
+            if fmt is not None:
+                width = struct.calcsize(fmt)
+                return np.frombuffer(self.take(count * width), dtype=np.dtype(fmt)).tolist()
+            if etype not in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
+                raise ValueError(f"unknown metadata value type {etype}")
+            if count * 8 > self.size - self.pos:  # every element starts with an 8-byte length
+                raise ValueError(f"an array of {count} elements does not fit in the file")
+            if etype == gguf.GGUFValueType.STRING:  # the token lists: the hot loop of the header
+                take, u64 = self.take, self.u64
+                return [take(u64()).decode("utf-8") for _ in range(count)]
+            return [self.value(etype) for _ in range(count)]
+        fmt = _SCALARS.get(vtype)
+        if fmt is None:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where a tensor's bytes lie in the file and how they are viewed."""
+
+    start: int
+    n_bytes: int
+    dtype: type
+    shape: tuple[int, ...]  # of the stored values (values, or rows of raw blocks)
 
 
 class _GGUFFile:
-    """A parsed GGUF file: typed metadata access with one-line errors, and its raw tensors."""
+    """A parsed GGUF file: typed metadata access with one-line errors, and its raw tensors.
+
+    `tensors` are views of a memory map (nothing is touched until used); the loader reads each
+    tensor with `read` instead, a plain file read into fresh memory: the file's pages then sit
+    in the page cache, not in this process's resident set (a touched page of a map counts there
+    for as long as the map lives).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise MemlmError(f"GGUF file not found: {self.path}", "pass the path of an existing .gguf file")
         try:
-            self.reader = _BoundedReader(self.path)
-            tensors = {}
-            for t in self.reader.tensors:
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                tensors[t.name] = GGUFTensor(t.name, QType(int(t.tensor_type)), shape, t.data)
-        except MemoryError:
-            raise
-        except Exception as e:  # the reader raises whatever numpy or its parser hits on bad bytes
+            self._parse()
+        except (ValueError, UnicodeDecodeError, struct.error, OverflowError) as e:
             raise self.invalid(e) from None
-        if self.reader.byte_order != "I":
-            raise MemlmError(f"{self.path} is a big-endian GGUF file", "convert it on a little-endian machine")
-        self.tensors: dict[str, GGUFTensor] = tensors
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self._spans else None
+        self.tensors: dict[str, GGUFTensor] = {
+            name: GGUFTensor(name, qtype, shape, self._view(name)) for name, (qtype, shape) in self._infos.items()
+        }
+
+    def _parse(self) -> None:
+        size = self.path.stat().st_size
+        with open(self.path, "rb", buffering=1 << 20) as f:
+            h = _HeaderReader(f, size)
+            if h.take(4) != b"GGUF":
+                raise ValueError("GGUF magic invalid")
+            version = h.u32()
+            if version & 0xFFFF == 0:  # the version's bytes reversed: written on a big-endian machine
+                raise MemlmError(f"{self.path} is a big-endian GGUF file", "convert it on a little-endian machine")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+            n_tensors, n_fields = h.u64(), h.u64()
+            self.fields: dict[str, Any] = {}
+            self.types: dict[str, int] = {}
+            for _ in range(n_fields):
+                key = h.string()
+                vtype = h.u32()
+                try:
+                    self.fields[key] = h.value(vtype)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"metadata '{key}': {e}") from None
+                self.types[key] = vtype
+            if n_tensors * 24 > size - h.pos:  # name length, dims, type, offset: 24 bytes at least
+                raise ValueError(f"{n_tensors} tensors do not fit in the file")
+            infos = []
+            for _ in range(n_tensors):
+                name = h.string()
+                n_dims = h.u32()
+                if n_dims > 8:
+                    raise ValueError(f"tensor '{name}' has {n_dims} dimensions")
+                dims = [h.u64() for _ in range(n_dims)]  # ggml order: fastest first
+                qtype = QType(h.u32())
+                infos.append((name, qtype, dims, h.u64()))
+            alignment = self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+            if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+                raise ValueError(f"general.alignment is {alignment!r}")
+            data_start = -(-h.pos // alignment) * alignment
+        self._infos: dict[str, tuple[QType, tuple[int, ...]]] = {}
+        self._spans: dict[str, _Span] = {}
+        for name, qtype, dims, offset in infos:
+            if name in self._infos:
+                raise ValueError(f"tensor '{name}' appears twice")
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            shape = tuple(int(d) for d in reversed(dims))  # numpy order
+            if dims and dims[0] % block:
+                raise ValueError(f"tensor '{name}' has rows of {dims[0]} values, not whole {qtype.name} blocks")
+            n_bytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+            start = data_start + offset
+            if start + n_bytes > size:
+                raise ValueError(f"it ends after {size} bytes but tensor '{name}' needs {start + n_bytes}")
+            dtype = _VALUE_DTYPES.get(qtype, np.uint8)
+            stored = shape if dtype is not np.uint8 else (*shape[:-1], shape[-1] // block * type_size)
+            self._infos[name] = (qtype, shape)
+            self._spans[name] = _Span(start, n_bytes, dtype, stored)
+
+    def _view(self, name: str) -> np.ndarray:
+        span = self._spans[name]
+        return self._map[span.start:span.start + span.n_bytes].view(span.dtype).reshape(span.shape)
+
+    def read(self, t: GGUFTensor, rows: tuple[int, int] | None = None) -> GGUFTensor:
+        """`t` with its data (or rows [a, b) of it) read into fresh memory (see the class note)."""
+        span = self._spans[t.name]
+        shape, start = span.shape, span.start
+        if rows is not None:
+            row_bytes = span.n_bytes // shape[0]
+            start += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        data = np.empty(shape, dtype=span.dtype)
+        buf = memoryview(data.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(start)
+            done = 0
+            while done < len(buf):
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise self.invalid(f"tensor '{t.name}' is cut short")
+                done += n
+        return GGUFTensor(t.name, t.qtype, (*shape[:-1], t.shape[-1]), data)
 
     def invalid(self, reason: Exception | str) -> MemlmError:
         text = " ".join(str(reason).split())[:200] or type(reason).__name__
@@ -170,18 +324,19 @@ class _GGUFFile:
     _MISSING = object()
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
+        if key not in self.fields:
             if default is self._MISSING:
                 raise MemlmError(
                     f"{self.path}: GGUF metadata '{key}' is missing",
                     "the file was written by a converter memlm does not understand; re-export it",
                 )
             return default
-        try:
-            return field.contents()
-        except Exception as e:  # e.g. a string that is not UTF-8
-            raise self.invalid(f"metadata '{key}': {e}") from None
+        return self.fields[key]
+
+    def forget(self, prefix: str) -> None:
+        """Drop the metadata under `prefix` (the token lists, once the tokenizer holds them)."""
+        for key in [k for k in self.fields if k.startswith(prefix)]:
+            del self.fields[key], self.types[key]
 
     def get_int(self, key: str, default: Any = _MISSING) -> Any:
         value = self.get(key, default)
@@ -195,7 +350,7 @@ class _GGUFFile:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.invalid(f"metadata '{key}' should be a number, got {value!r}")
-        if self.reader.fields[key].types == [gguf.GGUFValueType.FLOAT32]:
+        if self.types[key] == gguf.GGUFValueType.FLOAT32:
             # Keep the float32's shortest decimal (1e-05, not 9.999999747378752e-06).
             return float(str(np.float32(value)))
         return float(value)
@@ -307,7 +462,9 @@ def _is_tied(f: _GGUFFile) -> bool:
     if out.qtype != emb.qtype or out.data.shape != emb.data.shape:
         return False
     step = 4096  # compare in slices: a whole-matrix comparison would allocate a matrix of booleans
-    return all(np.array_equal(out.data[i:i + step], emb.data[i:i + step]) for i in range(0, emb.data.shape[0], step))
+    rows = emb.data.shape[0]
+    return all(np.array_equal(f.read(out, (i, min(i + step, rows))).data, f.read(emb, (i, min(i + step, rows))).data)
+               for i in range(0, rows, step))
 
 
 def _has_bias(f: _GGUFFile) -> bool:
@@ -317,15 +474,34 @@ def _has_bias(f: _GGUFFile) -> bool:
     equivalent to none, so they load as a bias-free model.
     """
     for t in f.tensors.values():
-        if t.name.endswith(".bias") and np.any(_dequantize_np(t)):
+        if t.name.endswith(".bias") and np.any(_dequantize_np(f.read(t))):
             return True
     return False
 
 
 # ---- import: weights -----------------------------------------------------------------------------
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, Tokenizer]:
-    """A memlm `Decoder` (eval mode, CPU, weights dequantized to `dtype`) and its `Tokenizer`."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_format: str | None = None,
+              use_kernel: bool | None = None) -> tuple[Decoder, Tokenizer]:
+    """A memlm `Decoder` (eval mode, CPU) and its `Tokenizer`.
+
+    weight_format None dequantizes every tensor to `dtype`. "fp32", "bf16", "int8", "int4" (the
+    formats of memlm.memory.estimate) are reached tensor by tensor while the file is read, so
+    the float32 model never exists: each tensor is read into fresh memory, converted, and freed
+    before the next. Where the file already holds a tensor on the target's grid it is copied,
+    not re-rounded:
+      int4  Q4_1 block weights -> Int4Linear with groups of 32 (the same codes, fp16 scales d
+            and mins m: x = d*q + m, bit for bit)
+      int8  Q8_0 block weights -> Int8Linear with a float32 scale per 32 inputs (Q8_0's fp16 d)
+    Under "int4" and "int8" a Q8_0 token embedding (with a Q8_0 output head when untied) loads
+    as an int8 embedding with group-32 scales, a tied head computing from it, instead of
+    float32. That is what makes SmolLM2 fit an int4 budget: its 49152x576 table is 32 MiB
+    this way, 108 MiB in float32, more than all of its int4 layers (the estimator reads this
+    off the modules: memlm.memory.estimate.estimate_for_model). Every other tensor (F32, F16,
+    Q6_K, ... or a block type that is not the target's) is dequantized alone, then converted
+    like a float checkpoint's (`memlm.compress.quantize.linear_in_format`). `use_kernel` as in
+    `quantize_model`.
+    """
     f = _GGUFFile(path)
     config = _config_from(f)
     unsupported = sorted({t.qtype.name for t in f.tensors.values() if t.qtype not in SUPPORTED_TYPES})
@@ -335,56 +511,143 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Dec
             f"supported tensor types: {', '.join(q.name for q in SUPPORTED_TYPES)}",
         )
     tokenizer = _tokenizer_from(f)
+    f.forget("tokenizer.ggml.")  # ~10 MB of Python strings the tokenizer now holds itself
     if tokenizer.vocab_size > config.vocab_size:
         raise MemlmError(
             f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
             "the file is inconsistent; re-export it",
         )
     model = Decoder.empty(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    assembler = ModelAssembler(model, weight_format, dtype, use_kernel, source=str(f.path))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     arch = f.get_str("general.architecture")
-    sd: dict[str, torch.Tensor] = {}
+    int8_embedding = _int8_embedding(f, config, weight_format)
     for t in f.tensors.values():
         if (t.name == "output.weight" and config.tied_embeddings) or (t.name.endswith(".bias") and not config.bias):
             continue  # a copy of the embedding, or all-zero biases (see _is_tied, _has_bias)
-        for key, value in _to_memlm(t, arch, config):
+        if int8_embedding and t.name in ("token_embd.weight", "output.weight"):
+            _put_q8_0_table(f, t, assembler, expected)
+            continue
+        scheme = _direct_scheme(t, weight_format)
+        stored = f.read(t)
+        values = stored.data if scheme else _dequantize_np(stored)
+        del stored
+        for key, value in _to_memlm(t, values, arch, config):
             if key not in expected:  # e.g. blk.12.* in a 12-layer model
                 raise _unexpected(t.name, arch)
-            if tuple(value.shape) != tuple(expected[key]):
+            shape = (value.shape[0], t.shape[-1]) if scheme else tuple(value.shape)
+            if shape != expected[key]:
                 raise MemlmError(
-                    f"{f.path}: tensor '{t.name}' has shape {tuple(value.shape)}, expected {tuple(expected[key])}",
+                    f"{f.path}: tensor '{t.name}' has shape {shape}, expected {expected[key]}",
                     "the metadata does not match the tensors; re-export the file",
                 )
-            sd[key] = torch.from_numpy(value).to(dtype)  # one tensor at a time: one float copy at most
-    if config.tied_embeddings and "tok_emb.weight" in sd:
-        sd["lm_head.weight"] = sd["tok_emb.weight"]
-    for key, shape in expected.items():
-        if key not in sd:
-            if key.endswith(".bias"):  # e.g. llama files with q/k/v biases but none on o_proj
-                sd[key] = torch.zeros(shape, dtype=dtype)
+            if scheme == "int4":
+                assembler.put_module(key.removesuffix(".weight"), module_from_codes("int4", _q4_1_to_int4(value),
+                                                                                    use_kernel=use_kernel))
+            elif scheme == "int8":
+                assembler.put_module(key.removesuffix(".weight"), module_from_codes("int8", _q8_0_to_int8(value)))
             else:
-                raise MemlmError(f"{f.path}: no tensor for '{key}'", "the file is incomplete; re-export it")
-    model.load_state_dict(sd, strict=True, assign=True)
-    if config.tied_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
-    model.reset_buffers("cpu")
-    return model.eval(), tokenizer
+                assembler.put(key, torch.from_numpy(value))  # converted here, before the next tensor is read
+        del values
+    for key in assembler.missing():
+        if not key.endswith(".bias"):
+            raise MemlmError(f"{f.path}: no tensor for '{key}'", "the file is incomplete; re-export it")
+        # e.g. llama files with q/k/v biases but none on o_proj
+        assembler.put(key, torch.zeros(expected[key]))
+    return assembler.finish(), tokenizer
 
 
-def _to_memlm(t: GGUFTensor, arch: str, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """The memlm state-dict entries one GGUF tensor provides (gpt2's fused qkv provides three)."""
+def gguf_layout(path: str | Path, weight_format: str | None) -> dict:
+    """What `load_gguf(path, weight_format=...)` will build, read from the header alone: the
+    block Linears' group size (32 where Q4_1/Q8_0 blocks are kept as they are) and whether the
+    embedding loads as group-32 int8 (memlm.memory.estimate's layout keywords)."""
+    f = _GGUFFile(path)
+    config = _config_from(f)
+    direct = any(_direct_scheme(t, weight_format) for t in f.tensors.values())
+    int8_embedding = _int8_embedding(f, config, weight_format)
+    return {"group_size": 32 if direct else None, "quantize_embedding": int8_embedding,
+            "embedding_group_size": 32 if int8_embedding else None}
+
+
+def _direct_scheme(t: GGUFTensor, weight_format: str | None) -> str | None:
+    """"int4" / "int8" when a block weight's blocks already are that format's layer (else None)."""
+    if _BLOCK_RE.match(t.name) is None or not t.name.endswith(".weight") or len(t.shape) != 2:
+        return None
+    if weight_format == "int4" and t.qtype == QType.Q4_1:
+        return "int4"
+    if weight_format == "int8" and t.qtype == QType.Q8_0:
+        return "int8"
+    return None
+
+
+def _int8_embedding(f: _GGUFFile, config: ModelConfig, weight_format: str | None) -> bool:
+    """Whether the token embedding (and an untied head) load as group-32 int8 straight from Q8_0."""
+    if weight_format not in ("int4", "int8"):
+        return False
+    tables = ["token_embd.weight"] + ([] if config.tied_embeddings else ["output.weight"])
+    return all(name in f.tensors and f.tensors[name].qtype == QType.Q8_0 for name in tables)
+
+
+def _put_q8_0_table(f: _GGUFFile, t: GGUFTensor, assembler: ModelAssembler, expected: dict[str, tuple]) -> None:
+    """A Q8_0 embedding (or untied head) as an int8 module, converted a slice of rows at a time:
+    the raw blocks of the whole table (30 MB for SmolLM2) never sit beside its codes."""
+    key = {"token_embd.weight": "tok_emb.weight", "output.weight": "lm_head.weight"}[t.name]
+    if t.shape != expected[key]:
+        raise MemlmError(f"{f.path}: tensor '{t.name}' has shape {t.shape}, expected {expected[key]}",
+                         "the metadata does not match the tensors; re-export the file")
+    rows, n = t.shape
+    codes = torch.empty(rows, n, dtype=torch.int8)
+    scales = torch.empty(rows, n // 32, dtype=torch.float32)
+    step = 4096
+    for i in range(0, rows, step):
+        part = _q8_0_to_int8(f.read(t, (i, min(i + step, rows))).data)
+        codes[i:i + step], scales[i:i + step] = part["weight_int8"], part["scales"]
+    if key == "tok_emb.weight":
+        assembler.put_module("tok_emb", embedding_from_codes(codes, scales))
+    else:
+        assembler.put_module("lm_head", module_from_codes("int8", {"weight_int8": codes, "scales": scales}))
+
+
+def _q4_1_to_int4(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q4_1 blocks (rows, n / 32 * 20) as memlm int4 tensors (codes, scales, mins), bit for bit:
+    the inverse of `_int4_to_q4_1` (a block: fp16 d, fp16 m, 16 bytes holding value j in the low
+    nibble and value j + 16 in the high nibble)."""
+    rows, groups = blocks.shape[0], blocks.shape[1] // 20
+    b = blocks.reshape(rows, groups, 20)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).reshape(rows, groups)
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16).reshape(rows, groups)
+    qs = b[..., 4:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, groups * 32)
+    return {"codes": torch.from_numpy(codes), "scales": torch.from_numpy(d), "mins": torch.from_numpy(m)}
+
+
+def _q8_0_to_int8(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q8_0 blocks (rows, n / 32 * 34) as memlm int8 codes (rows, n) and float32 scales (rows, n / 32),
+    exact: a block is an fp16 d then 32 int8 codes q, x = d * q, and every fp16 is a float32."""
+    rows, groups = blocks.shape[0], blocks.shape[1] // 34
+    b = blocks.reshape(rows, groups, 34)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).reshape(rows, groups).astype(np.float32)
+    q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, groups * 32)
+    return {"weight_int8": torch.from_numpy(q), "scales": torch.from_numpy(d)}
+
+
+def _to_memlm(t: GGUFTensor, w: np.ndarray, arch: str, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """The memlm state-dict entries one GGUF tensor provides (gpt2's fused qkv provides three).
+
+    `w` is the tensor's values, or its raw blocks (rows, bytes per row): only whole rows are
+    moved (the split of a fused qkv, llama.cpp's reordering of q/k rows), so both work alike.
+    """
     m = _BLOCK_RE.match(t.name)
     if m is None:
         stem, _, kind = t.name.rpartition(".")
         ours = {v: k for k, v in _GLOBAL_NAMES.items()}.get(stem)
         if ours is None or (ours == "pos_emb" and arch != "gpt2"):
             raise _unexpected(t.name, arch)
-        yield f"{ours}.{kind}", _dequantize_np(t)
+        yield f"{ours}.{kind}", w
         return
     i, part, kind = int(m.group(1)), m.group(2), m.group(3)
     prefix = f"blocks.{i}."
     if arch == "gpt2" and part == "attn_qkv":
-        w = _dequantize_np(t)
         d, kv = config.n_head * config.head_dim, config.n_kv_heads * config.head_dim
         for name, start, stop in (("q_proj", 0, d), ("k_proj", d, d + kv), ("v_proj", d + kv, d + 2 * kv)):
             yield f"{prefix}attn.{name}.{kind}", np.ascontiguousarray(w[start:stop])
@@ -392,10 +655,9 @@ def _to_memlm(t: GGUFTensor, arch: str, config: ModelConfig) -> Iterator[tuple[s
     ours = {v: k for k, v in _LAYER_NAMES[arch].items()}.get(part)
     if ours is None:
         raise _unexpected(t.name, arch)
-    w = _dequantize_np(t)
     heads = {"attn.q_proj": config.n_head, "attn.k_proj": config.n_kv_heads}.get(ours)
     if heads is not None and w.shape[0] == heads * config.head_dim:  # else the caller's shape check fails
-        w = _unpermute_rope(w, heads)
+        w = np.ascontiguousarray(_unpermute_rope(w, heads))
     yield f"{prefix}{ours}.{kind}", w
 
 
@@ -647,28 +909,36 @@ class _Sources:
         return None
 
 
-def _int8_to_q8_0(codes: torch.Tensor, scales: torch.Tensor, rows_per_chunk: int = 4096) -> np.ndarray:
-    """memlm int8 (codes (rows, n), one float scale per row) as Q8_0 blocks (rows, n / 32 * 34).
+def _int8_to_q8_0(codes: torch.Tensor, scales: torch.Tensor, rows_per_chunk: int = 4096) -> np.ndarray | None:
+    """memlm int8 (codes (rows, n), a float scale per row or per group) as Q8_0 blocks (rows, n / 32 * 34).
 
-    Q8_0 has one fp16 scale d per 32 values. Each block either keeps its int8 codes under the
-    row's scale rounded to fp16 (exact when the scale is an fp16 number; else each value moves by
-    at most 127 * |d - s|), or takes Q8_0's own rounding of the dequantized values (d = the
-    block's absmax / 127): whichever is closer to memlm's values, by the block's largest error.
+    Q8_0 has one fp16 scale d per 32 values. Each block either keeps its int8 codes under its
+    scale (the row's, or its group's) rounded to fp16 (exact when the scale is an fp16 number, as
+    for a Q8_0 file loaded into group-32 int8; else each value moves by at most 127 * |d - s|),
+    or takes Q8_0's own rounding of the dequantized values (d = the block's absmax / 127):
+    whichever is closer to memlm's values, by the block's largest error. None when the groups
+    do not line up with Q8_0's blocks (a group size that is not a multiple of 32).
     """
     q_all = codes.cpu().numpy()
     s_all = scales.detach().float().cpu().numpy()
     rows, n = q_all.shape
     groups = n // 32
+    if s_all.ndim == 2:  # group-wise: each Q8_0 block takes the scale of the group it lies in
+        group = n // s_all.shape[1]
+        if group % 32:
+            return None
+        s_all = np.repeat(s_all, group // 32, axis=1)
+    else:
+        s_all = np.broadcast_to(s_all[:, None], (rows, groups))
     out = np.empty((rows, groups * 34), dtype=np.uint8)
     for r0 in range(0, rows, rows_per_chunk):  # bounded temporaries for a large embedding
         q = q_all[r0:r0 + rows_per_chunk].reshape(-1, groups, 32)
-        s = s_all[r0:r0 + rows_per_chunk]
+        s = s_all[r0:r0 + rows_per_chunk]  # (r, groups): the scale of every block
         r = len(s)
         d = s.astype(np.float16)
-        values = q.astype(np.float32) * s[:, None, None]
-        err_keep = np.abs(q.astype(np.float32)).max(axis=-1) * np.abs(d.astype(np.float32) - s)[:, None]
-        keep = np.concatenate([np.broadcast_to(d.view(np.uint8).reshape(r, 1, 2), (r, groups, 2)),
-                               q.view(np.uint8)], axis=-1)
+        values = q.astype(np.float32) * s[..., None]
+        err_keep = np.abs(q.astype(np.float32)).max(axis=-1) * np.abs(d.astype(np.float32) - s)
+        keep = np.concatenate([d.view(np.uint8).reshape(r, groups, 2), q.view(np.uint8)], axis=-1)
         requant = gguf.quants.quantize(values.reshape(r, n), QType.Q8_0)
         back = gguf.quants.dequantize(requant, QType.Q8_0).reshape(r, groups, 32)
         err_requant = np.abs(back - values).max(axis=-1)

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out: GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`).
 
 A folder holds `config.json` and `*.safetensors` (or a `pytorch_model.bin`, read with
-`torch.load(weights_only=True)`: never an unrestricted unpickle). `transformers` is not needed;
-tests use it as the independent reference.
+`torch.load(weights_only=True)`: never an unrestricted unpickle). Loading reads one tensor at a
+time and converts it (to a weight format if asked) before reading the next. `transformers` is
+not needed; tests use it as the independent reference.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from memlm.compress.assemble import ModelAssembler
+from memlm.compress.storage import TensorFile
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 from memlm.model import Decoder
@@ -130,33 +133,45 @@ def _llama_names(config: ModelConfig):
     yield "norm.weight", "model.norm.weight"
 
 
-def state_dict_from_hf(config: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename (and for GPT-2 transpose/split) an HF state dict into memlm's names."""
+def iter_state_from_hf(config: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(memlm name, tensor) pairs of an HF checkpoint, renamed (and for GPT-2 transposed/split),
+    reading each HF tensor through `get(name)` once, when its pair is due: a loader that
+    converts each pair before asking for the next holds one tensor at a time."""
     arch = hf_architecture(config)
-    sd: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf_sd:
-            raise MemlmError(f"checkpoint is missing tensor '{name}'", "is the folder complete and of this architecture?")
-        return hf_sd[name]
-
     names = _gpt2_names(config) if arch == "gpt2" else _llama_names(config)
     for ours, theirs in names:
-        t = take(theirs)
+        t = get(theirs)
         if arch == "gpt2" and theirs.endswith("weight") and t.ndim == 2 and ".h." in theirs:
             t = t.t()  # Conv1D (in, out) -> Linear (out, in)
-        sd[ours] = t
+        yield ours, t.contiguous()
     if arch == "gpt2":
         d = config.n_embd
         for i in range(config.n_layer):
-            w = take(f"transformer.h.{i}.attn.c_attn.weight").t()  # (3d, d)
-            b = take(f"transformer.h.{i}.attn.c_attn.bias")
+            w = get(f"transformer.h.{i}.attn.c_attn.weight").t()  # (3d, d)
+            b = get(f"transformer.h.{i}.attn.c_attn.bias")
             for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                sd[f"blocks.{i}.attn.{proj}.weight"] = w[j * d:(j + 1) * d]
-                sd[f"blocks.{i}.attn.{proj}.bias"] = b[j * d:(j + 1) * d]
-    head = "lm_head.weight"
-    sd[head] = sd["tok_emb.weight"] if config.tied_embeddings else take(head)
-    return {k: v.contiguous() for k, v in sd.items()}
+                yield f"blocks.{i}.attn.{proj}.weight", w[j * d:(j + 1) * d].contiguous()
+                yield f"blocks.{i}.attn.{proj}.bias", b[j * d:(j + 1) * d].contiguous()
+    if not config.tied_embeddings:
+        yield "lm_head.weight", get("lm_head.weight").contiguous()
+
+
+def _missing(name: str) -> MemlmError:
+    return MemlmError(f"checkpoint is missing tensor '{name}'", "is the folder complete and of this architecture?")
+
+
+def state_dict_from_hf(config: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and for GPT-2 transpose/split) an HF state dict into memlm's names."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf_sd:
+            raise _missing(name)
+        return hf_sd[name]
+
+    sd = dict(iter_state_from_hf(config, take))
+    if config.tied_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    return sd
 
 
 def state_dict_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
@@ -183,15 +198,23 @@ def state_dict_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
 
 
 def model_from_hf_state_dict(config: ModelConfig, hf_sd: dict[str, torch.Tensor],
-                             dtype: torch.dtype = torch.float32) -> Decoder:
+                             dtype: torch.dtype = torch.float32, weight_format: str | None = None) -> Decoder:
     """Build on the meta device and assign the converted tensors: no throw-away random init."""
-    model = Decoder.empty(config)
-    sd = {k: v.to(dtype) for k, v in state_dict_from_hf(config, hf_sd).items()}
-    model.load_state_dict(sd, strict=True, assign=True)
-    if config.tied_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.reset_buffers("cpu")
-    return model.eval()
+    return _assemble(config, hf_sd.__getitem__, dtype, weight_format, "the state dict", set(hf_sd))
+
+
+def _assemble(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
+              weight_format: str | None, source: str, names: set[str], use_kernel: bool | None = None) -> Decoder:
+    assembler = ModelAssembler(Decoder.empty(config), weight_format, dtype, use_kernel, source=source)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in names:
+            raise _missing(name)
+        return get(name)
+
+    for key, t in iter_state_from_hf(config, take):
+        assembler.put(key, t)  # a block Linear is converted here, before the next tensor is read
+    return assembler.finish()
 
 
 # ---- folders ---------------------------------------------------------------------------------
@@ -200,23 +223,59 @@ def is_hf_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    sd: dict[str, torch.Tensor] = {}
-    try:
-        for f in files:
-            sd.update(load_file(f))
-        if not files and (folder / "pytorch_model.bin").is_file():
-            sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise MemlmError(f"cannot read weights in {folder}: {str(e).splitlines()[0]}",
-                         "the file is truncated or corrupted: export or download it again") from None
-    if not sd:
-        raise MemlmError(f"no weights in {folder}", "expected *.safetensors or pytorch_model.bin beside config.json")
-    return sd
+class _FolderWeights:
+    """The tensors of an HF folder by name, each read on request into fresh memory.
+
+    safetensors shards go through TensorFile (plain reads, not a map of the file whose touched
+    pages would stay charged to the process); a legacy pytorch_model.bin is loaded with
+    `torch.load(weights_only=True, mmap=True)`: never an unrestricted unpickle.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._files: list[TensorFile] = []
+        self._where: dict[str, TensorFile] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        try:
+            for path in sorted(folder.glob("*.safetensors")):
+                f = TensorFile(path)
+                self._files.append(f)
+                self._where.update(dict.fromkeys(f.keys(), f))
+            if not self._files and (folder / "pytorch_model.bin").is_file():
+                self._bin = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        except MemlmError as e:
+            self.close()
+            raise self._unreadable(e.message) from None
+        except (OSError, RuntimeError, ValueError) as e:
+            self.close()
+            raise self._unreadable(str(e).splitlines()[0]) from None
+        if not self._where and not self._bin:
+            raise MemlmError(f"no weights in {folder}", "expected *.safetensors or pytorch_model.bin beside config.json")
+
+    def _unreadable(self, why: str) -> MemlmError:
+        return MemlmError(f"cannot read weights in {self.folder}: {why}",
+                          "the file is truncated or corrupted: export or download it again")
+
+    def names(self) -> set[str]:
+        return set(self._bin) if self._bin is not None else set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._bin is not None:
+            return self._bin[name]
+        try:
+            return self._where[name].read(name)
+        except MemlmError as e:
+            raise self._unreadable(e.message) from None
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
 
 
-def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
+def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32, weight_format: str | None = None,
+            use_kernel: bool | None = None) -> Decoder:
+    """A Hugging Face folder as a memlm Decoder; weight_format as in memlm.loading.load_model
+    (each block Linear is converted as it is read: the float32 model never exists)."""
     folder = Path(folder)
     try:
         hf_config = json.loads((folder / "config.json").read_text())
@@ -224,7 +283,11 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
         raise MemlmError(f"cannot read {folder / 'config.json'}: {e}", "is this a Hugging Face model folder?") from None
     config = config_from_hf(hf_config)
     config.name = folder.name
-    return model_from_hf_state_dict(config, read_hf_state_dict(folder), dtype)
+    weights = _FolderWeights(folder)
+    try:
+        return _assemble(config, weights.get, dtype, weight_format, str(folder), weights.names(), use_kernel)
+    finally:
+        weights.close()
 
 
 def save_hf(model: Decoder, folder: str | Path, tokenizer=None) -> Path:

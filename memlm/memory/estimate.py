@@ -777,20 +777,23 @@ def int4_uses_kernel(out_features: int, group: int) -> bool:
     return out_features % 64 == 0 and group in (32, 64, 128)
 
 
-def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = True) -> int:
+def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = True,
+                       group_size: int | None = None) -> int:
     """Stored bytes of one (n_out, n_in) Linear weight in `fmt` (bias not included).
 
-    fp32 4*n, bf16 2*n; int8: n + 4*out (fp32 scale per row);
-    int4: n/2 + (2+2)*out*in/g (fp16 scale and min per group of g inputs); the CPU int4 kernel
-    also caches a bf16 (scale, zero) pair per group on first use: + 4*out*in/g.
+    fp32 4*n, bf16 2*n; int8: n + 4*out (an fp32 scale per row), or with a group size g (a GGUF
+    Q8_0 loaded as it is: g = 32) n + 4*out*in/g (an fp32 scale per group);
+    int4: n/2 + (2+2)*out*in/g (fp16 scale and min per group of g inputs, g the largest of
+    128/64/32 <= group_size (default 128) that divides in: choose_group_size; 32 for GGUF Q4_1);
+    the CPU int4 kernel also caches a bf16 (scale, zero) pair per group on first use: + 4*out*in/g.
     """
     n = n_in * n_out
     if fmt in ("fp32", "bf16"):
         return n * DTYPE_BYTES[fmt]
     if fmt == "int8":
-        return n + 4 * n_out
+        return n + 4 * (n_out if group_size is None else n_out * (n_in // group_size))
     if fmt == "int4":
-        g = int4_group_size(n_in)
+        g = int4_group_size(n_in, group_size or 128)
         groups = n_out * (n_in // g)
         kernel = 4 * groups if (int4_kernel and int4_uses_kernel(n_out, g)) else 0
         return n // 2 + 4 * groups + kernel
@@ -798,9 +801,12 @@ def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = Tru
 
 
 def inference_weight_bytes(cfg: ModelConfig, weight_format: str = "fp32", quantize_embedding: bool = False,
-                           int4_kernel: bool = True) -> int:
-    """Weights of a model for generation: block Linears in `weight_format`; embeddings, norms and
-    biases fp32 (bf16 for the bf16 format); the embedding int8 + fp32 row scales if asked."""
+                           int4_kernel: bool = True, group_size: int | None = None,
+                           embedding_group_size: int | None = None) -> int:
+    """Weights of a model for generation: block Linears in `weight_format` (`group_size` as in
+    `linear_weight_bytes`); embeddings, norms and biases fp32 (bf16 for the bf16 format); the
+    embedding (and head) int8 if asked: V*d + 4*V fp32 row scales, or + 4*V*d/g with a group
+    size g (a GGUF Q8_0 table loaded as it is)."""
     other = 2 if weight_format == "bf16" else 4
     total = 0
     lin_shapes = {(i, o) for i, o in block_linears(cfg)}
@@ -808,9 +814,10 @@ def inference_weight_bytes(cfg: ModelConfig, weight_format: str = "fp32", quanti
         if s.name.startswith("blocks.") and s.name.endswith("_proj.weight"):
             n_out, n_in = s.shape
             assert (n_in, n_out) in lin_shapes
-            total += linear_weight_bytes(n_in, n_out, weight_format, int4_kernel)
+            total += linear_weight_bytes(n_in, n_out, weight_format, int4_kernel, group_size)
         elif s.name in ("tok_emb.weight", "lm_head.weight") and quantize_embedding:
-            total += s.numel + 4 * s.shape[0]
+            rows, dim = s.shape
+            total += s.numel + 4 * (rows if embedding_group_size is None else rows * (dim // embedding_group_size))
         else:
             total += s.numel * other
     return total + buffer_bytes(cfg, other)
@@ -857,13 +864,15 @@ def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: 
 
 def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | None = None,
                        weight_format: str = "fp32", kv_dtype: str | None = None, prompt_len: int | None = None,
-                       device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True) -> Breakdown:
+                       device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True,
+                       group_size: int | None = None, embedding_group_size: int | None = None) -> Breakdown:
     """Peak memory of generation: weights + KV cache for `batch` sequences of `context` tokens +
     the larger of the prefill and decode temporaries + the runtime.
 
     context: the cache's length (prompt + new tokens; default block_size). prompt_len: tokens
     prefilled at once (default: context // 2). kv_dtype: default like generate_ids: the
-    weights' float dtype (bf16 for bf16 weights, else fp32).
+    weights' float dtype (bf16 for bf16 weights, else fp32). group_size, embedding_group_size:
+    see `inference_weight_bytes` (None: what quantize_model gives).
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     context = context or model_cfg.block_size
@@ -871,14 +880,16 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
         raise MemlmError(f"context {context} exceeds the model's block_size {model_cfg.block_size}")
     kv_dtype = kv_dtype or ("bf16" if weight_format == "bf16" else "fp32")
     prompt_len = prompt_len or max(1, context // 2)
-    weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel)
+    weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel, group_size,
+                                     embedding_group_size)
     kv = kv_cache_bytes(model_cfg, batch, context, kv_dtype)
     pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context), weight_format, int4_kernel)
     dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
     base = [
         Term("runtime", RUNTIME_BYTES[device]["infer"], RUNTIME_NOTE),
-        Term("weights", weights, f"{weight_format} block Linears"
-             + (", int8 embedding" if quantize_embedding else ", embeddings/norms "
+        Term("weights", weights, f"{weight_format}{'' if group_size is None else f' g{group_size}'} block Linears"
+             + (", int8 embedding" + ("" if embedding_group_size is None else f" g{embedding_group_size}")
+                if quantize_embedding else ", embeddings/norms "
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
         Term("kv_cache", kv, f"2*L*B*n_kv*ctx*hd*{DTYPE_BYTES[kv_dtype]} (B={batch}, ctx={context})"),
     ]
@@ -891,7 +902,8 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
 
 
 def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None = None, weight_format: str = "fp32",
-                     device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True) -> Breakdown:
+                     device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True,
+                     group_size: int | None = None, embedding_group_size: int | None = None) -> Breakdown:
     """Peak memory of perplexity scoring (memlm.eval.perplexity): no KV cache, but the logits of
     every position: batch windows of `window` tokens score N = batch*(window-1) positions.
 
@@ -903,7 +915,8 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     window = min(window or model_cfg.block_size, model_cfg.block_size)
     N, V, d = batch * max(window - 1, 1), model_cfg.vocab_size, model_cfg.n_embd
     a = 2 if weight_format == "bf16" else 4
-    weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel)
+    weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel, group_size,
+                                     embedding_group_size)
     blocks, blocks_f = forward_transient(model_cfg, batch, max(window - 1, 1), weight_format, int4_kernel)
     head = N * d * a + N * V * a + (N * V * 4 if a != 4 else 0) + N * V * 4
     terms = [
@@ -920,22 +933,29 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     return Breakdown("score", device, terms, peak_phase, phases, settings)
 
 
-def model_weight_format(model) -> tuple[str, bool]:
-    """(weight format, int8 embedding?) of a loaded model, read off its modules."""
+def model_layout(model) -> dict:
+    """What the estimator needs to know of a loaded model, read off its modules: the weight format
+    of its block Linears, their group size (the largest: an upper bound, as quantize_model is
+    given; 32 for GGUF Q4_1 blocks), and whether (and how) the embedding is int8."""
     import torch
 
-    kinds = {type(m).__name__ for m in model.modules()}
+    modules = list(model.modules())
+    kinds = {type(m).__name__ for m in modules}
+
+    def group_of(kind: str) -> int | None:
+        sizes = [m.group_size for m in modules if type(m).__name__ == kind]
+        return max(sizes) if sizes and None not in sizes else None
+
     if "Int4Linear" in kinds:
-        fmt = "int4"
+        fmt, group = "int4", group_of("Int4Linear")
     elif "Int8Linear" in kinds:
-        fmt = "int8"
+        fmt, group = "int8", group_of("Int8Linear")
     else:
-        fmt = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
-    return fmt, "Int8Embedding" in kinds
+        fmt, group = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32", None
+    return {"weight_format": fmt, "quantize_embedding": "Int8Embedding" in kinds, "group_size": group,
+            "embedding_group_size": group_of("Int8Embedding")}
 
 
 def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None) -> Breakdown:
-    """`estimate_inference` for a loaded model: its weight format read off its modules."""
-    fmt, int8_embedding = model_weight_format(model)
-    return estimate_inference(model.config, batch, context, fmt, prompt_len=prompt_len,
-                              quantize_embedding=int8_embedding)
+    """`estimate_inference` for a loaded model, its layout read off its modules (`model_layout`)."""
+    return estimate_inference(model.config, batch, context, prompt_len=prompt_len, **model_layout(model))

@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from memlm.config import ModelConfig, TrainConfig
@@ -305,12 +306,15 @@ def _max_int(lo: int, hi: int, ok) -> int:
 
 def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int | None = None,
                    device: str = "cpu", max_batch: int = 256, prompt_len: int | None = None,
-                   min_batch: int = 1) -> Plan:
+                   min_batch: int = 1, formats: list[str] | None = None,
+                   layout: Callable[[str], dict] | None = None) -> Plan:
     """Weight format, KV-cache dtype and concurrent sequences (x context) that fit the budget.
 
     The format is the best one that holds `min_batch` sequences; the rest of the budget goes to
     more, up to `max_batch` (a server's pool). One command's generation: min = max = 1, and the
-    predicted peak is that of exactly what it runs.
+    predicted peak is that of exactly what it runs. `formats`: the candidates (default: all that
+    memlm can build for this model); `layout(format)`: how the loader will lay that format out
+    (memlm.loading.layout_of: group sizes, an int8 embedding), so the plan predicts what loads.
     """
     max_batch = max(max_batch, min_batch)
     budget = parse_size(budget_bytes)
@@ -319,14 +323,16 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
     if target > model_cfg.block_size:
         raise MemlmError(f"context {target} exceeds the model's block_size {model_cfg.block_size}",
                          f"ask for at most {model_cfg.block_size} tokens")
-    formats = _formats(model_cfg, device)
+    formats = [f for f in _formats(model_cfg, device) if formats is None or f in formats]
+    layouts = {f: (layout(f) if layout else {}) for f in formats}
     # The cache holds keys/values in the activations' dtype: Attention hands SDPA fp32 queries
     # with the cached keys as they are, so a bf16 cache under fp32 compute is not an option.
     combos = [(fmt, "bf16" if fmt == "bf16" or device == "cuda" else "fp32") for fmt in formats]
 
     def est(fmt: str, kv: str, batch: int, ctx: int) -> Breakdown:
         return estimate_inference(model_cfg, batch=batch, context=ctx, weight_format=fmt, kv_dtype=kv,
-                                  prompt_len=min(prompt_len, ctx) if prompt_len else None, device=device)
+                                  prompt_len=min(prompt_len, ctx) if prompt_len else None, device=device,
+                                  **layouts[fmt])
 
     def tradeoffs(fmt: str, kv: str, ctx: int) -> list[str]:
         out = []
@@ -368,15 +374,18 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
 
 
 def plan_scoring(model_cfg: ModelConfig, budget_bytes: int | str, window: int | None = None, batch: int = 1,
-                 device: str = "cpu") -> Plan:
-    """The best weight format in which perplexity scoring of `batch` windows fits the budget."""
+                 device: str = "cpu", formats: list[str] | None = None,
+                 layout: Callable[[str], dict] | None = None) -> Plan:
+    """The best weight format in which perplexity scoring of `batch` windows fits the budget
+    (`formats`, `layout` as in `plan_inference`)."""
     from memlm.memory.estimate import estimate_scoring
 
     budget = parse_size(budget_bytes)
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     window = min(window or model_cfg.block_size, model_cfg.block_size)
-    formats = _formats(model_cfg, device)
-    estimates = [estimate_scoring(model_cfg, batch, window, fmt, device) for fmt in formats]
+    formats = [f for f in _formats(model_cfg, device) if formats is None or f in formats]
+    estimates = [estimate_scoring(model_cfg, batch, window, fmt, device, **(layout(fmt) if layout else {}))
+                 for fmt in formats]
     for fmt, b in zip(formats, estimates):
         if _fits(b.total, budget):
             settings = {"weight_format": fmt, "window": window, "batch": batch}
