@@ -48,15 +48,17 @@ GiB = 2**30
 #   train-bf16  the same under bf16 autocast: the bf16 kernels bring their own code and scratch
 #               (used for both bf16 precisions)
 #   infer       `memlm generate` of a ~10k-parameter run folder, 32 new tokens
+#   score       `memlm eval` of the same folder on the default eval split (the text read and
+#               tokenized)
 #   train-ddp, train-fsdp: "train" + what one rank of a 2-process job adds (gloo's threads and
 #               buffers, FSDP's code), +2.3 / +5.7 MiB measured on 2026-11-23
 # CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
 # CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
 # leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
-    "cpu": {"import": 286 * MiB, "train": 437 * MiB, "train-bf16": 452 * MiB, "infer": 243 * MiB,
+    "cpu": {"import": 286 * MiB, "train": 437 * MiB, "train-bf16": 452 * MiB, "infer": 339 * MiB, "score": 355 * MiB,
             "train-ddp": 439 * MiB, "train-fsdp": 443 * MiB},
-    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "train-ddp": 0, "train-fsdp": 0},
+    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
 
@@ -68,6 +70,14 @@ RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc d
 # and models the slack: bytes = a * (a phase's transients) + b * (weights + optimizer states),
 # least squares over 8 CPU training configurations (max |error| 5.6%), and for inference
 # a * (the forward's workspace) + b * (the KV cache).
+# A model's tokenizer in memory (the tokenizers library's vocabulary and merges maps; SmolLM2's
+# 49,152 entries: ~17 MiB more than the calibration run's 4,096), and the first-use pages of a
+# weight format's kernels (the int4 CPU kernel, int8's dequantizing matmul, bf16 matmuls) beyond
+# the fp32 ones the "infer" runtime already holds: `memlm generate` on SmolLM2 in each format,
+# minus its tensors, minus the runtime (bench/memory_accuracy.py --calibrate).
+TOKENIZER_BYTES_PER_ID = 400
+FORMAT_KERNEL_BYTES = {"int4": 16 * MiB, "int8": 0, "bf16": 8 * MiB, "fp32": 0}
+
 ALLOCATOR_SLACK = {"train": (0.40, 0.68), "infer": (0.40, 0.0)}
 ALLOCATOR_NOTE = "glibc heap slack, calibrated: bench/memory_accuracy.py --calibrate"
 
@@ -892,13 +902,33 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                 if quantize_embedding else ", embeddings/norms "
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
         Term("kv_cache", kv, f"2*L*B*n_kv*ctx*hd*{DTYPE_BYTES[kv_dtype]} (B={batch}, ctx={context})"),
+        *_inference_extras(model_cfg, weight_format, device),
     ]
     phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}
     peak_phase = "prefill" if pre >= dec else "decode"
     terms = base + [Term("workspace", max(pre, dec), pre_f if pre >= dec else dec_f)]
+    if device == "cpu":
+        a_work, a_kv = ALLOCATOR_SLACK["infer"]
+        slack = int(a_work * max(pre, dec) + a_kv * kv)
+        terms.append(Term("allocator", slack, f"{a_work}*workspace + {a_kv}*kv_cache ({ALLOCATOR_NOTE})"))
+        phases = {k: v + slack for k, v in phases.items()}
     settings = {"batch": batch, "context": context, "weight_format": weight_format, "kv_dtype": kv_dtype,
                 "prompt_len": prompt_len, "quantize_embedding": quantize_embedding}
     return Breakdown("infer", device, terms, peak_phase, phases, settings)
+
+
+def _inference_extras(cfg: ModelConfig, weight_format: str, device: str) -> list[Term]:
+    """What a model adds to an inference process beyond its tensors (CPU; measured, see
+    TOKENIZER_BYTES_PER_ID and FORMAT_KERNEL_BYTES): its tokenizer, and the pages the first
+    forward touches in the format's kernels."""
+    if device != "cpu":
+        return []
+    out = [Term("tokenizer", TOKENIZER_BYTES_PER_ID * cfg.vocab_size,
+                f"{TOKENIZER_BYTES_PER_ID} B per vocabulary entry (measured)")]
+    if FORMAT_KERNEL_BYTES.get(weight_format):
+        out.append(Term("kernels", FORMAT_KERNEL_BYTES[weight_format],
+                        f"first use of the {weight_format} kernels (measured)"))
+    return out
 
 
 def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None = None, weight_format: str = "fp32",
@@ -920,14 +950,19 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     blocks, blocks_f = forward_transient(model_cfg, batch, max(window - 1, 1), weight_format, int4_kernel)
     head = N * d * a + N * V * a + (N * V * 4 if a != 4 else 0) + N * V * 4
     terms = [
-        Term("runtime", RUNTIME_BYTES[device]["infer"], RUNTIME_NOTE),
+        Term("runtime", RUNTIME_BYTES[device]["score"], RUNTIME_NOTE),
         Term("weights", weights, f"{weight_format} block Linears"
              + (", int8 embedding" if quantize_embedding else "")),
+        *_inference_extras(model_cfg, weight_format, device),
     ]
     phases = {"blocks": sum(t.bytes for t in terms) + blocks, "head + loss": sum(t.bytes for t in terms) + head}
     peak_phase = max(phases, key=lambda k: phases[k])
     terms.append(Term("workspace", max(blocks, head), blocks_f if blocks >= head else
                       f"N*d*a + N*V*{a + (4 if a != 4 else 0) + 4} (final norm, logits, log_softmax), N={N}"))
+    if device == "cpu":
+        a_work = ALLOCATOR_SLACK["infer"][0]
+        terms.append(Term("allocator", int(a_work * max(blocks, head)), f"{a_work}*workspace ({ALLOCATOR_NOTE})"))
+        phases = {k: v + terms[-1].bytes for k, v in phases.items()}
     settings = {"batch": batch, "context": window, "weight_format": weight_format, "kv_dtype": "-",
                 "quantize_embedding": quantize_embedding}
     return Breakdown("score", device, terms, peak_phase, phases, settings)

@@ -100,7 +100,7 @@ class MemoryGuard:
         self.extra_per_size = 0.0
         self._next_size = 1.0
         self._last_size = 0.0
-        self._last_peak = self._prev_peak = 0
+        self._last_peak = self._second_peak = 0
         self.state_rss = 0  # resident between units, after the first (the state at rest)
         self._unit_start = 0
         self._can_reset = True
@@ -131,7 +131,11 @@ class MemoryGuard:
             pending = max(0, self.expected.base + self.expected.state - rss)
             return rss + self.expected.unit + pending
         grow = self.extra_per_size * max(0.0, size - self._last_size)
-        creep = max(0, self._last_peak - self._prev_peak) if self.units_done > 1 else 0
+        # the mean growth per unit since the second one (the first pays one-off costs), so one
+        # noisy unit does not stop a run that is not growing
+        creep = 0
+        if self.units_done > 2:
+            creep = max(0, (self._last_peak - self._second_peak) // (self.units_done - 2))
         return max(rss, self._last_peak) + int(grow) + creep
 
     def next_unit_need(self, rss: int | None = None) -> int:
@@ -175,7 +179,9 @@ class MemoryGuard:
         extra = peak - self._unit_start
         self.unit_peak_extra = max(self.unit_peak_extra, extra)
         self.extra_per_size = max(self.extra_per_size, extra / max(self._next_size, 1e-9))
-        self._prev_peak, self._last_peak, self._last_size = self._last_peak, peak, self._next_size
+        self._last_peak, self._last_size = peak, self._next_size
+        if self.units_done == 2:
+            self._second_peak = peak
 
     def diagnosis(self) -> str:
         """Which group of the prediction was too small, by how much, from the measurements."""
