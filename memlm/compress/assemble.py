@@ -41,6 +41,9 @@ class ModelAssembler:
         self.dtype = format_float_dtype(weight_format, dtype)
         self.use_kernel = use_kernel
         self.source = source
+        # The position tables first, while little else is loaded: their computation's
+        # temporaries (a few MB for an 8k context) then never sit on top of the whole model.
+        model.reset_buffers("cpu")
 
     def put(self, key: str, value: torch.Tensor) -> None:
         """One tensor; a block Linear's weight is converted to the format right here."""
@@ -87,7 +90,7 @@ class ModelAssembler:
         return left
 
     def finish(self) -> Decoder:
-        """Tie the head, compute the position tables, check that nothing is left empty."""
+        """Tie the head, check that nothing is left empty."""
         model = self.model
         if model.config.tied_embeddings:
             if isinstance(model.tok_emb, Int8Embedding):
@@ -98,9 +101,9 @@ class ModelAssembler:
         if left:
             raise MemlmError(f"{self.source} has no tensor for {', '.join(left[:5])}"
                              + (f" and {len(left) - 5} more" if len(left) > 5 else ""), _HINT)
-        model.reset_buffers("cpu")
         if self.weight_format == "bf16":  # the position tables too, as model.to(torch.bfloat16) would
             model.to(torch.bfloat16)
+        return_free_heap()
         return model.eval()
 
     def _module(self, name: str, key: str) -> nn.Module:
