@@ -176,12 +176,19 @@ def test_gradient_accumulation_matches_one_big_batch():
         compute_loss(big, x, y, cfg).backward()  # micro_batch 8 x accum 1
         for k in range(2):  # micro_batch 4 x accum 2 on the same rows
             (compute_loss(small, x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4], cfg) / 2).backward()
+        # the accumulated gradients are the big batch's (up to float32 summation order) ...
+        for (name, p), q in zip(big.named_parameters(), small.parameters()):
+            scale = p.grad.abs().max().item()
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
         for model, opt in ((big, opt_big), (small, opt_small)):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+    # ... and so are the weights after three AdamW steps. Adam divides by sqrt(v): an entry whose
+    # gradient is rounding noise moves by up to lr either way, so the weights are compared at a
+    # fraction of one step (lr = 1e-3), not at float32 precision (which depends on the CPU's kernels).
     for (name, p), q in zip(big.named_parameters(), small.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(p, q, atol=2e-4, rtol=0, msg=name)
 
 
 def test_param_groups_decay_matrices_and_embeddings_only():

@@ -968,6 +968,207 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     return Breakdown("score", device, terms, peak_phase, phases, settings)
 
 
+# ------------------------------------------------------------------------------ compression
+
+# The methods of memlm.compress.pipeline that quantize (the format they leave the block Linears in);
+# every other method (prune, prune24, prune-ffn, prune-heads, lowrank) keeps them float32.
+COMPRESS_QUANT_FORMATS = {"int8": "int8", "int4": "int4", "int3": "int3", "gptq4": "int4", "gptq3": "int3"}
+# Bytes of temporaries per weight while one (out, in) weight is rounded to nearest (quantize_int8 /
+# quantize_groups): the scaled copy and its rounding, 4 B each, then the codes (1 B).
+RTN_BYTES_PER_WEIGHT = 9
+
+
+def compressed_weight_bytes(cfg: ModelConfig, weight_format: str, group_size: int = 128,
+                            quantize_embedding: bool = False, int4_kernel: bool = True) -> int:
+    """Weights of a compressed model: `inference_weight_bytes`, plus int3 (which inference does
+    not plan for): codes packed 3 bits a weight, n*3/8, and an fp16 scale and min per group."""
+    if weight_format != "int3":
+        return inference_weight_bytes(cfg, weight_format, quantize_embedding, int4_kernel, group_size)
+    int3 = sum(i * o * 3 // 8 + 4 * o * (i // int4_group_size(i, group_size)) for i, o in block_linears(cfg))
+    fp32_linears = sum(i * o * 4 for i, o in block_linears(cfg))
+    return inference_weight_bytes(cfg, "fp32", quantize_embedding) + cfg.n_layer * (int3 - fp32_linears)
+
+
+def _scoring_terms(cfg: ModelConfig, window: int, weight_format: str, group_size: int | None,
+                   quantize_embedding: bool, int4_kernel: bool, device: str) -> dict[str, tuple[int, str]]:
+    """The transient terms of one perplexity window (memlm.eval.perplexity), from estimate_scoring,
+    plus what it leaves out: perplexity's cross_entropy over the transposed (B, V, W-1) logits
+    makes a contiguous copy beside its log_softmax, N*V*4 more at the head (measured on SmolLM2's
+    511 x 49,152 logits: cross_entropy peaks at 192 MiB on the transposed view, 96 MiB on a flat one)."""
+    fmt = "int4" if weight_format == "int3" else weight_format  # int3 computes like int4 without the kernel
+    s = estimate_scoring(cfg, 1, window, fmt, device, quantize_embedding, int4_kernel and fmt == "int4",
+                         group_size if fmt == "int4" else None)
+    t = {"workspace": (s["workspace"], next(x.formula for x in s.terms if x.name == "workspace"))}
+    if s.peak_phase == "head + loss":
+        N = max(window - 1, 1)
+        t["cross_entropy_copy"] = (N * cfg.vocab_size * 4, f"N*V*4, N={N} (cross_entropy's contiguous copy, measured)")
+    return t
+
+
+def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: int = 128,
+                      quantize_embedding: bool = False, eval_before: bool = True, eval_after: bool = True,
+                      window: int = 512, calib_tokens: int = 16_384, load_format: str | None = None,
+                      load_layout: dict | None = None, int4_kernel: bool = True, device: str = "cpu") -> Breakdown:
+    """Peak memory of `memlm compress` (memlm.compress.pipeline.compress_to_folder), as a timeline:
+
+      load               the model as loaded: float32 (load_format None: the methods need float
+                         weights), or straight into load_format ("int8" / "int4": round-to-nearest
+                         alone, converted layer by layer while reading; `load_layout` is how the
+                         loader lays it out: memlm.loading.layout_of)
+      perplexity before  float32 scoring of one window of `window` tokens (if eval_before)
+      <method>           one phase per method, on the float32 model (upper bound: a method that
+                         shrinks it frees memory into the heap, which keeps it)
+      embedding int8     quantize_embedding: the table rounded while its float32 copy lives
+      perplexity after   the compressed model scoring one window (if eval_after)
+      save               save_compressed: the compressed model and the copies its state_dict makes
+
+    Each phase: runtime + tokenizer + the weights held then + the phase's transients + the heap's
+    slack over those transients (ALLOCATOR_SLACK["infer"]); the pipeline hands freed heap back to
+    the system between phases (malloc_trim), so a phase holds only its own weights. The peak is
+    the largest phase. Pruned and low-rank models are counted at their float32 size (their final
+    size depends on the data: an upper bound).
+    """
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    cfg, V, d = model_cfg, model_cfg.vocab_size, model_cfg.n_embd
+    T = min(window, cfg.block_size)
+    quant = next((COMPRESS_QUANT_FORMATS[m] for m in methods if m in COMPRESS_QUANT_FORMATS), None)
+    after_fmt = quant or "fp32"
+    lins = block_linears(cfg)
+    n_max = max(i * o for i, o in lins)
+    fp32 = inference_weight_bytes(cfg, "fp32")
+    fp32_f = "float32 model: 4*P + tables"
+    kernel = int4_kernel and after_fmt == "int4"
+    # After the methods, before any forward: the int4 kernel's bf16 (scale, zero) cache is made on
+    # first use, so it joins from the evaluation on.
+    after_cold = compressed_weight_bytes(cfg, after_fmt, group_size, False, False)
+    after_emb = compressed_weight_bytes(cfg, after_fmt, group_size, quantize_embedding, False)
+    after_warm = compressed_weight_bytes(cfg, after_fmt, group_size, quantize_embedding, kernel)
+    after_f = f"{after_fmt}" + (f" g<={group_size}" if after_fmt in ("int4", "int3") else "") + " block Linears" \
+        + (", int8 embedding" if quantize_embedding else ", embeddings/norms fp32")
+    extras = {t.name: (t.bytes, t.formula) for t in _inference_extras(cfg, "fp32", device)}
+    after_extras = {t.name: (t.bytes, t.formula) for t in _inference_extras(cfg, "int4" if after_fmt == "int3"
+                                                                             else after_fmt, device)}
+
+    phases: dict[str, dict[str, tuple[int, str]]] = {}
+
+    def phase(name: str, base: dict, **terms: tuple[int, str]) -> None:
+        phases[name] = {"runtime": (RUNTIME_BYTES[device]["score"], RUNTIME_NOTE), **base,
+                        **{k: v for k, v in terms.items() if v[0]}}
+
+    # -- load
+    emb_rows = V * (1 if cfg.tied_embeddings else 2)  # the token table, and an untied head
+    if load_format is None:
+        biggest = max(s.numel for s in param_shapes(cfg))
+        phase("load", extras, weights=(fp32, fp32_f),
+              workspace=(4 * biggest, "4*max tensor numel (one tensor read and converted at a time)"))
+    else:
+        layout = dict(load_layout or {})
+        loaded = inference_weight_bytes(cfg, load_format, int4_kernel=False, **layout)
+        load_ws = (RTN_BYTES_PER_WEIGHT * n_max, f"{RTN_BYTES_PER_WEIGHT}*n_max (one layer converted while read)")
+        phase("load", extras, weights=(loaded, f"{load_format} as the loader lays it out {layout or ''}"),
+              workspace=load_ws)
+        if layout.get("quantize_embedding"):
+            # A GGUF Q8_0 table the loader kept as int8: back to float32 (the float path's
+            # embedding), both copies alive for a moment
+            phase("load: float embedding", extras, weights=(loaded, f"{load_format} as loaded"),
+                  workspace=(4 * emb_rows * d, "4*V*d (the table back in float32 beside its int8 codes)"))
+        if layout.get("group_size") is not None:
+            # Layers kept on the file's grid are re-rounded to the requested group, one at a time,
+            # from their float32 values
+            phase("load: re-round", extras, weights=(after_cold, after_f.replace(", int8 embedding", "")),
+                  workspace=(4 * n_max + RTN_BYTES_PER_WEIGHT * n_max,
+                             f"(4 + {RTN_BYTES_PER_WEIGHT})*n_max (one layer's float32 values and their rounding)"))
+
+    # -- perplexity before (float32)
+    if eval_before:
+        phase("perplexity before", extras, weights=(fp32, fp32_f),
+              **_scoring_terms(cfg, T, "fp32", None, False, False, device))
+
+    # -- the methods, on the float32 model
+    if load_format is None:
+        for m in methods:
+            if m in ("int8", "int4", "int3"):
+                ws = (RTN_BYTES_PER_WEIGHT * n_max, f"{RTN_BYTES_PER_WEIGHT}*n_max (one layer rounded at a time)")
+                phase(m, extras, weights=(fp32, fp32_f), workspace=ws)
+            elif m in ("gptq4", "gptq3"):
+                phase(m, extras, weights=(fp32, fp32_f), **gptq_terms(cfg, T, calib_tokens))
+            elif m in ("prune", "prune24"):
+                # |w|, its flattened kthvalue (values, int64 indices, a sorted copy) for one layer
+                phase(m, extras, weights=(fp32, fp32_f), workspace=(16 * n_max, "16*n_max (|w|, kthvalue of one layer)"))
+            elif m == "lowrank":
+                # torch.linalg.svd of one layer: U, S, Vh and LAPACK's copy of the matrix
+                phase(m, extras, weights=(fp32, fp32_f), workspace=(12 * n_max, "12*n_max (svd of one layer)"))
+            elif m in ("prune-ffn", "prune-heads"):
+                # calibration forwards of the whole model: one window's blocks and logits at a time
+                fwd, fwd_f = forward_transient(cfg, 1, T)
+                phase(m, extras, weights=(fp32, fp32_f),
+                      workspace=(max(fwd, T * V * 4), f"max({fwd_f}, T*V*4 logits), T={T}"))
+            else:
+                raise MemlmError(f"unknown compression method '{m}'")
+
+    # -- the embedding to int8: quantize_int8 of the whole (V, d) table at once
+    if quantize_embedding:
+        phase("embedding int8", extras, weights=(after_cold, after_f.replace(", int8 embedding", "")),
+              workspace=(RTN_BYTES_PER_WEIGHT * emb_rows * d, f"{RTN_BYTES_PER_WEIGHT}*V*d (the table rounded at once)"))
+
+    # -- perplexity after
+    if eval_after:
+        phase("perplexity after", after_extras, weights=(after_warm, after_f),
+              **_scoring_terms(cfg, T, after_fmt, group_size, quantize_embedding, int4_kernel, device))
+
+    # -- save: state_dict turns every int4 layer in the kernel's layout back into the portable
+    # one, a new tensor each (n/2), all held until the file is written; unpacking one takes n
+    copies = 0
+    if kernel:
+        copies = sum(i * o // 2 for i, o in lins if int4_uses_kernel(o, int4_group_size(i, group_size))) * cfg.n_layer
+    phase("save", after_extras if eval_after else extras, weights=(after_warm if eval_after else after_emb, after_f),
+          workspace=(copies + (n_max if copies else 0), "L*sum(n/2) portable int4 copies + n_max unpacked codes"))
+
+    if device == "cpu":  # the heap's slack over each phase's transients, as estimate_scoring's
+        a_work = ALLOCATOR_SLACK["infer"][0]
+        for terms in phases.values():
+            transient = sum(v[0] for k, v in terms.items() if k not in ("runtime", "weights", "tokenizer", "kernels"))
+            terms["allocator"] = (int(a_work * transient), f"{a_work}*(this phase's transients) ({ALLOCATOR_NOTE})")
+    totals = {name: sum(v[0] for v in terms.values()) for name, terms in phases.items()}
+    peak_phase = max(totals, key=lambda k: totals[k])
+    phase_terms = {name: [Term(k, int(v[0]), v[1]) for k, v in terms.items()] for name, terms in phases.items()}
+    settings = {"methods": list(methods), "weight_format": after_fmt, "load_format": load_format or "fp32",
+                "group_size": group_size, "window": T, "eval_before": eval_before, "eval_after": eval_after,
+                "quantize_embedding": quantize_embedding, "calib_tokens": calib_tokens}
+    notes = []
+    if any(m in ("prune", "prune24", "prune-ffn", "prune-heads", "lowrank") for m in methods) and quant is None:
+        notes.append("pruned / low-rank weights counted at their float32 size (an upper bound)")
+    return Breakdown("compress", device, phase_terms[peak_phase], peak_phase, totals, settings, notes, phase_terms)
+
+
+def gptq_terms(cfg: ModelConfig, window: int, calib_tokens: int) -> dict[str, tuple[int, str]]:
+    """What memlm.compress.gptq.gptq_quantize_model allocates beside the float32 model.
+
+      calibration  the inputs of the block being quantized for all S = ceil(calib_tokens / T)
+                   calibration windows, and the outputs it computes from them (the next block's
+                   inputs), both alive when the list is rebuilt: 2*S*T*d*4
+      workspace    the larger of a calibration forward through the block (one window, a stage's
+                   Hessian accumulating: forward_transient + 4*n_in^2) and the math of one layer:
+                   the stage's Hessian sum, its scaled copy, gptq_quantize_weight's clone, Cholesky
+                   factor, inverse and upper factor (6*n_in^2*4) plus the weight's clone, the lazy
+                   update's product and the codes (9*n) -- plus the codes of the block's layers
+                   quantized so far (sum n, held until the block is swapped)
+    """
+    T = window
+    S = math.ceil(calib_tokens / T)
+    d = cfg.n_embd
+    lins = block_linears(cfg)
+    fwd, _ = forward_transient(cfg, 1, T)
+    math_peak = max(6 * i * i * 4 + 9 * i * o for i, o in lins)
+    forward = fwd + max(4 * i * i for i, _ in lins)
+    codes = sum(i * o for i, o in lins)
+    return {
+        "calibration": (2 * S * T * d * 4, f"2*S*T*d*4, S={S}, T={T}"),
+        "workspace": (max(math_peak, forward) + codes,
+                      "max(6*n_in^2*4 + 9*n (one layer's GPTQ), forward + 4*n_in^2) + sum(n) block codes"),
+    }
+
+
 def model_layout(model) -> dict:
     """What the estimator needs to know of a loaded model, read off its modules: the weight format
     of its block Linears, their group size (the largest: an upper bound, as quantize_model is
