@@ -80,16 +80,21 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
     ctx = min(context or config.block_size, config.block_size)
     plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
                           min_batch=batch, max_batch=batch, **_candidates(name_or_path))
+    return _load_planned(name_or_path, plan, "the model", "token",
+                         "raise --memory-budget, shorten the context or use a smaller model "
+                         "(see: memlm plan --task infer)")
+
+
+def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str) -> Fitted:
+    """Refuse an infeasible plan before any work; else load straight into its format, guarded."""
     if not plan.feasible:
-        raise DoesNotFit(
-            f"the model does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
-            f"the leanest plan needs {format_bytes(plan.min_budget)}",
-            "raise --memory-budget, shorten the context or use a smaller model (see: memlm plan --task infer)",
-        )
+        raise DoesNotFit(f"{what} does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
+                         f"the leanest plan needs {format_bytes(plan.min_budget)}", hint)
     lm = load(name_or_path, weight_format=plan.settings["weight_format"])
-    lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
+    if plan.settings.get("kv_dtype"):
+        lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
     assert plan.breakdown is not None
-    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), "token")
+    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), unit)
     guard.mark("model")
     return Fitted(lm, plan.breakdown, plan, guard)
 
@@ -102,14 +107,5 @@ def load_for_scoring(name_or_path: str, budget: str | int | None = None, window:
         return Fitted(lm, b)
     config = model_config_of(name_or_path)
     plan = plan_scoring(config, parse_size(budget), window, batch, **_candidates(name_or_path))
-    if not plan.feasible:
-        raise DoesNotFit(
-            f"scoring does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
-            f"the leanest plan needs {format_bytes(plan.min_budget)}",
-            "raise --memory-budget or lower --window / --batch-size",
-        )
-    lm = load(name_or_path, weight_format=plan.settings["weight_format"])
-    assert plan.breakdown is not None
-    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), "batch of windows")
-    guard.mark("model")
-    return Fitted(lm, plan.breakdown, plan, guard)
+    return _load_planned(name_or_path, plan, "scoring", "batch of windows",
+                         "raise --memory-budget or lower --window / --batch-size")
