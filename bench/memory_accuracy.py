@@ -210,8 +210,8 @@ def rows() -> list[dict[str, Any]]:
                                                   "--max-new-tokens", "32", "--memory-budget", "700MiB"])
     add("generate smollm2 budget 600MiB (int8)", ["generate", "The with statement", "--model", SMOL,
                                                   "--max-new-tokens", "32", "--memory-budget", "600MiB"])
-    add("generate smollm2 budget 560MiB (int4)", ["generate", "The with statement", "--model", SMOL,
-                                                  "--max-new-tokens", "32", "--memory-budget", "560MiB"])
+    add("generate smollm2 budget 525MiB (int4)", ["generate", "The with statement", "--model", SMOL,
+                                                  "--max-new-tokens", "32", "--memory-budget", "525MiB"])
     add("chat smollm2 budget 600MiB", ["chat", "--model", SMOL, "--max-new-tokens", "32", "--memory-budget",
                                        "600MiB", "--context", "512"], stdin="What is a list?\n/exit\n")
     add("eval tiny run", ["eval", "--model", TINY_RUN])

@@ -938,8 +938,8 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     every position: batch windows of `window` tokens score N = batch*(window-1) positions.
 
     Peak: the larger of a block's forward temporaries and the head's moment: the final norm's
-    output N*d*a, the logits N*V*a (+ an fp32 copy N*V*4 under bf16) and cross-entropy's
-    log_softmax N*V*4.
+    output N*d*a, the logits N*V*a (+ an fp32 copy N*V*4 under bf16), cross-entropy's copy of
+    the transposed logits N*V*4 and its log_softmax N*V*4.
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     window = min(window or model_cfg.block_size, model_cfg.block_size)
@@ -948,7 +948,9 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel, group_size,
                                      embedding_group_size)
     blocks, blocks_f = forward_transient(model_cfg, batch, max(window - 1, 1), weight_format, int4_kernel)
-    head = N * d * a + N * V * a + (N * V * 4 if a != 4 else 0) + N * V * 4
+    # logits, their fp32 copy under bf16, the contiguous (B, V, T) copy cross_entropy makes of
+    # the transposed logits, and log_softmax's output
+    head = N * d * a + N * V * a + (N * V * 4 if a != 4 else 0) + 2 * N * V * 4
     terms = [
         Term("runtime", RUNTIME_BYTES[device]["score"], RUNTIME_NOTE),
         Term("weights", weights, f"{weight_format} block Linears"
@@ -958,7 +960,8 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     phases = {"blocks": sum(t.bytes for t in terms) + blocks, "head + loss": sum(t.bytes for t in terms) + head}
     peak_phase = max(phases, key=lambda k: phases[k])
     terms.append(Term("workspace", max(blocks, head), blocks_f if blocks >= head else
-                      f"N*d*a + N*V*{a + (4 if a != 4 else 0) + 4} (final norm, logits, log_softmax), N={N}"))
+                      f"N*d*a + N*V*{a + (4 if a != 4 else 0) + 8} (final norm, logits, their (B, V, T) copy, "
+                      f"log_softmax), N={N}"))
     if device == "cpu":
         a_work = ALLOCATOR_SLACK["infer"][0]
         terms.append(Term("allocator", int(a_work * max(blocks, head)), f"{a_work}*workspace ({ALLOCATOR_NOTE})"))
