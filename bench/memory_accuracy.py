@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import load_average, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, load_average, markdown_table, write_results  # noqa: E402
 
 MIB = 2**20
 ERROR_TARGET = 0.10
@@ -385,6 +385,9 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-rows", action="store_true")
     parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: put this run's rows (and sweeps) into the latest full results, "
+                             "replacing those of the same name")
     args = parser.parse_args()
     setup()
     if args.calibrate:
@@ -407,6 +410,18 @@ def main() -> None:
             if args.only and args.only not in s["name"]:
                 continue
             sweep += run_sweep(s, i)
+    merged_from = None
+    if args.merge:
+        latest = sorted(RESULTS.glob("memory_accuracy-2*.json"))[-1]
+        old = json.loads(latest.read_text())
+        mine = {r["name"] for r in results}
+        order = [row["name"] for row in rows()]  # rows no longer in the bench are dropped
+        results = [r for r in old["rows"] if r["name"] not in mine and r["name"] in order] + results
+        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+        swept = {s_["sweep"] for s_ in sweep}
+        sweep = [s_ for s_ in old.get("sweep", []) if s_["sweep"] not in swept] + sweep
+        merged_from = latest.name
+        args.only = None
     summary = summarize(results, sweep)
     print(json.dumps(summary, indent=2))
     env = {"threads": "torch default (2 on this machine)", "allocator": "glibc defaults (no MALLOC_* variables)",
@@ -415,7 +430,9 @@ def main() -> None:
     notes = (f"Each row: the real `memlm` command, a fresh process, default environment ({env['allocator']}, "
              f"{env['threads']}); measured = ru_maxrss of the command (largest rank for torchrun); predicted = "
              f"the figure the command printed. Load average {load_before} before, {load_average()} after.\n\n"
-             f"Summary: {json.dumps(summary)}")
+             f"Summary: {json.dumps(summary)}"
+             + (f"\n\nMerged: the rows and sweeps of this run replaced those of the same name in {merged_from}."
+                if merged_from else ""))
     if sweep:
         notes += "\n\nBudget sweep (rows below the first table):\n\n" + markdown_table(
             sweep, ["sweep", "budget_mib", "predicted_mib", "measured_mib", "used", "kept", "outcome"])
