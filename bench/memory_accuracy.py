@@ -217,10 +217,11 @@ def rows() -> list[dict[str, Any]]:
     add("eval tiny run", ["eval", "--model", TINY_RUN])
     add("eval smollm2 fp32 (W2)", ["eval", "--model", SMOL])
     add("eval smollm2 window 256 batch 2", ["eval", "--model", SMOL, "--window", "256", "--batch-size", "2"])
-    add("eval smollm2 budget 800MiB", ["eval", "--model", SMOL, "--memory-budget", "800MiB"])
-    add("eval smollm2 budget 640MiB", ["eval", "--model", SMOL, "--memory-budget", "640MiB", "--window", "256"])
+    add("eval smollm2 budget 1.2GiB", ["eval", "--model", SMOL, "--memory-budget", "1.2GiB"])
+    add("eval smollm2 budget 800MiB window 256", ["eval", "--model", SMOL, "--memory-budget", "800MiB",
+                                                  "--window", "256"])
     add("serve tiny run, 8 concurrent", ["--model", TINY_RUN], serve=8)
-    add("serve smollm2 fp32, 4 concurrent", ["--model", SMOL], serve=4)
+    add("serve smollm2 fp32, 4 concurrent", ["--model", SMOL, "--context", "512"], serve=4)
     add("serve smollm2 budget 600MiB, 8 concurrent", ["--model", SMOL, "--memory-budget", "600MiB",
                                                       "--context", "512"], serve=8)
     add("distill tiny -> 2 layers", ["distill", "--teacher", TINY_RUN, "--student-preset", "tiny", "--set",
@@ -381,7 +382,7 @@ def summarize(results: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="rows and sweeps whose name contains this")
+    parser.add_argument("--only", help="rows and sweeps whose name contains this (several: comma-separated)")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-rows", action="store_true")
     parser.add_argument("--calibrate", action="store_true")
@@ -394,10 +395,14 @@ def main() -> None:
         calibrate()
         return
     load_before = load_average()
+
+    def wanted(name: str) -> bool:
+        return not args.only or any(part in name for part in args.only.split(","))
+
     results = []
     if not args.no_rows:
         for row in rows():
-            if args.only and args.only not in row["name"]:
+            if not wanted(row["name"]):
                 continue
             r = measure_row(row)
             err = f"{r['error']:+.1%}" if r.get("error") is not None else "-"
@@ -407,7 +412,7 @@ def main() -> None:
     sweep: list[dict[str, Any]] = []
     if not args.no_sweep:
         for i, s in enumerate(sweeps()):
-            if args.only and args.only not in s["name"]:
+            if not wanted(s["name"]):
                 continue
             sweep += run_sweep(s, i)
     merged_from = None

@@ -283,7 +283,8 @@ def serve(
     from memlm.serve.app import serve as run_server
 
     fitted = _load_fitted(model, memory_budget, context)
-    run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard)
+    run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard,
+               context=fitted.breakdown.settings["context"])
     _report_peak(fitted.predicted_peak)
 
 
@@ -438,23 +439,34 @@ def compress(
     eval_corpus: Annotated[str, typer.Option(help="Perplexity text: 'default' or a path (its eval split).")] = "default",
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the perplexity before and after.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    memory_budget: Annotated[Optional[str], typer.Option(
+        help="Fit the run in e.g. 900MiB: refused up front if it cannot; skips the float32 perplexity before "
+             "(and loads straight into int8/int4) when only that fits.")] = None,
 ):
     """Compress a model (quantize, prune, factor) and save it; prints sizes, perplexity and memory."""
-    from memlm.compress.pipeline import CompressOptions, compress_to_folder
+    from memlm.compress.pipeline import CompressOptions, compress_to_folder, plan_compress
 
     options = CompressOptions(
         group_size=group_size, sparsity=sparsity, keep=keep, rank=rank, energy=energy, act_order=act_order,
         calib_tokens=calib_tokens, calib_corpus=calib_corpus, quantize_embedding=quantize_embedding,
         eval=not no_eval, eval_corpus=eval_corpus, eval_tokens=eval_tokens, progress=not as_json,
     )
-    summary = compress_to_folder(model, out_path, method, options, console=console)
+    plan = plan_compress(model, method, options, memory_budget)
+    if not as_json:
+        console.print(plan.describe(), style="dim")
+    summary = compress_to_folder(model, out_path, method, options, console=console, plan=plan)
     if as_json:
-        out.print_json(json.dumps(summary.to_dict()))
+        from memlm.memory.measure import process_peak_rss_bytes
+
+        record = summary.to_dict()
+        record.update(predicted_peak_bytes=plan.predicted_peak, peak_bytes=process_peak_rss_bytes())
+        out.print_json(json.dumps(record))
         return
     out.print(summary.table())
     for note in summary.notes:
         out.print(f"note: {note}", style="dim")
     out.print(f"saved to {summary.out} ({summary.seconds:.1f} s compressing)")
+    _report_peak(plan.predicted_peak)
 
 
 @app.command()

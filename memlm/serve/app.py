@@ -36,9 +36,12 @@ def _settings(body: dict[str, Any], default_max: int) -> SamplingSettings:
     )
 
 
-def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, guard=None):
+def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, guard=None,
+               context: int | None = None):
     """The FastAPI app. `guard` (memlm.memory.guard.MemoryGuard): with a memory budget, a request
-    that would take the process over it is refused (503 + Retry-After) instead of run."""
+    that would take the process over it is refused (503 + Retry-After) instead of run.
+    `context`: the longest request (prompt + max_tokens) served, the one the memory plan sized
+    the KV cache for; longer ones get a 400."""
     fastapi = require_extra("fastapi", "serve")
     from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -85,6 +88,12 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, 
                     prompt = prompt[0]
                 if not isinstance(prompt, str) or not prompt:
                     return error(400, "'prompt' must be a non-empty string")
+            if context is not None:
+                n_prompt = len(lm.tokenizer.encode(prompt))
+                wanted = _settings(body, default_max_tokens).max_new_tokens
+                if n_prompt + wanted > context:
+                    return error(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({wanted}) exceeds this "
+                                      f"server's context of {context} tokens: send a shorter prompt or fewer max_tokens")
             if n > 1:  # (text, finish reason) of each, decoded as one batch
                 with lock:
                     finished = [(p.text, p.finish_reason) for p in
@@ -168,6 +177,7 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def serve(lm: LoadedModel, model_name: str, host: str = "127.0.0.1", port: int = 8000, guard=None) -> None:
+def serve(lm: LoadedModel, model_name: str, host: str = "127.0.0.1", port: int = 8000, guard=None,
+          context: int | None = None) -> None:
     uvicorn = require_extra("uvicorn", "serve")
-    uvicorn.run(create_app(lm, model_name, guard=guard), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(lm, model_name, guard=guard, context=context), host=host, port=port, log_level="info")
