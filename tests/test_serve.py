@@ -113,3 +113,21 @@ def test_bad_requests_are_400_with_a_message(server):
         client.chat.completions.create(model="tiny-chat", messages=[])
     with pytest.raises(openai.BadRequestError, match="'n'"):
         client.completions.create(model="tiny-chat", prompt="hi", n=17)
+
+
+def test_requests_are_held_to_the_planned_context(server):
+    """`memlm serve --context N` (what --memory-budget sized the KV cache for): a prompt of N tokens
+    or more is a 400; a completion stops at N tokens in all, however many max_tokens asked for."""
+    from fastapi.testclient import TestClient
+
+    from memlm.serve.app import create_app
+
+    _, lm = server
+    client = TestClient(create_app(lm, "tiny-chat", context=40))
+    prompt = "The for statement"
+    n_prompt = len(lm.tokenizer.encode(prompt))
+    r = client.post("/v1/completions", json={"prompt": "word " * 60, "max_tokens": 4})
+    assert r.status_code == 400 and "context is 40" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 500, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] <= 40 - n_prompt

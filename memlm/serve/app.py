@@ -52,9 +52,8 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, 
     def error(status: int, message: str):
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
 
-    def run(prompt: str, body: dict, chat: bool):
-        """Yield (text piece, finish_reason) under the model lock; counts tokens for `usage`."""
-        settings = _settings(body, default_max_tokens)
+    def run(prompt: str, settings: SamplingSettings):
+        """Yield (text piece, finish_reason) under the model lock."""
         with lock:
             yield from ((p.text, p.finish_reason) for p in stream_text(lm.model, lm.tokenizer, prompt, settings))
 
@@ -88,18 +87,19 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, 
                     prompt = prompt[0]
                 if not isinstance(prompt, str) or not prompt:
                     return error(400, "'prompt' must be a non-empty string")
-            if context is not None:
+            settings = _settings(body, default_max_tokens)
+            if context is not None:  # the plan sized the KV cache for this many tokens
                 n_prompt = len(lm.tokenizer.encode(prompt))
-                wanted = _settings(body, default_max_tokens).max_new_tokens
-                if n_prompt + wanted > context:
-                    return error(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({wanted}) exceeds this "
-                                      f"server's context of {context} tokens: send a shorter prompt or fewer max_tokens")
+                if n_prompt >= context:
+                    return error(400, f"the prompt has {n_prompt} tokens, this server's context is {context}: "
+                                      "send a shorter prompt")
+                settings.max_new_tokens = min(settings.max_new_tokens, context - n_prompt)
             if n > 1:  # (text, finish reason) of each, decoded as one batch
                 with lock:
                     finished = [(p.text, p.finish_reason) for p in
-                                complete_batch(lm.model, lm.tokenizer, [prompt] * n, _settings(body, default_max_tokens))]
+                                complete_batch(lm.model, lm.tokenizer, [prompt] * n, settings)]
             else:
-                pieces = run(prompt, body, chat)
+                pieces = run(prompt, settings)
                 first = next(pieces)  # errors (prompt too long, bad settings) surface before any byte is sent
         except MemlmError as e:
             return error(400, str(e))
