@@ -90,11 +90,11 @@ def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str
     if not plan.feasible:
         raise DoesNotFit(f"{what} does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
                          f"the leanest plan needs {format_bytes(plan.min_budget)}", hint)
+    assert plan.breakdown is not None
+    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), unit)  # before loading: it counts
     lm = load(name_or_path, weight_format=plan.settings["weight_format"])
     if plan.settings.get("kv_dtype"):
         lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
-    assert plan.breakdown is not None
-    guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), unit)
     guard.mark("model")
     return Fitted(lm, plan.breakdown, plan, guard)
 

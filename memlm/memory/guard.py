@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from memlm.errors import MemlmError
 from memlm.memory.measure import (
-    current_rss_bytes, format_bytes, peak_rss_bytes, process_peak_rss_bytes, reset_peak_rss, return_free_heap,
+    current_rss_bytes, format_bytes, peak_rss_bytes, reset_peak_rss, return_free_heap,
 )
 
 
@@ -103,16 +103,25 @@ class MemoryGuard:
         self._last_peak = self._second_peak = 0
         self.state_rss = 0  # resident between units, after the first (the state at rest)
         self._unit_start = 0
-        self._can_reset = True
+        # The peak is judged from the guard's creation: a command creates it before its work
+        # (only imports come earlier), and an API call in a long-lived process is not charged
+        # with what the process did before it.
+        self._can_reset = reset_peak_rss()
+        self.peak = current_rss_bytes()
 
     def mark(self, phase: str) -> int:
         """End of a phase: hand freed heap back to the system, record the RSS, check the budget."""
         return_free_heap()
         rss = current_rss_bytes()
         self.marks[phase] = rss
-        if process_peak_rss_bytes() > self.budget:
+        if self.observed_peak() > self.budget:
             raise self._exceeded(f"after {phase}", crossed=True)
         return rss
+
+    def observed_peak(self) -> int:
+        """The highest RSS since the guard was created (the process's, where VmHWM cannot be reset)."""
+        self.peak = max(self.peak, peak_rss_bytes())
+        return self.peak
 
     def room(self) -> int:
         """Bytes the next unit may add before the budget is reached (negative: none)."""
@@ -161,7 +170,7 @@ class MemoryGuard:
         rss = current_rss_bytes()
         if self.units_done:
             self.state_rss = max(self.state_rss, rss)
-        if process_peak_rss_bytes() > self.budget:
+        if self.observed_peak() > self.budget:
             raise self._exceeded(f"before the next {self.what}", crossed=True)
         if self.projected_peak(rss, size) > self.budget:
             raise self._exceeded(f"before the next {self.what}")
@@ -169,13 +178,14 @@ class MemoryGuard:
 
     def before_unit(self, size: float = 1.0) -> None:
         """`check_room`, then start measuring the unit (its peak above its start)."""
-        self._unit_start = self.check_room(size)
+        self._unit_start = self.check_room(size)  # (observes the peak before the reset)
         self._can_reset = reset_peak_rss()
 
     def after_unit(self) -> None:
         """Record the unit's peak and what it added above its start."""
         self.units_done += 1
         peak = peak_rss_bytes() if self._can_reset else current_rss_bytes()  # without a reset: a lower bound
+        self.peak = max(self.peak, peak)
         extra = peak - self._unit_start
         self.unit_peak_extra = max(self.unit_peak_extra, extra)
         self.extra_per_size = max(self.extra_per_size, extra / max(self._next_size, 1e-9))
@@ -210,7 +220,7 @@ class MemoryGuard:
         rss = current_rss_bytes()
         if crossed:
             head = (f"memory budget {format_bytes(self.budget)} crossed {where}: the process peaked at "
-                    f"{format_bytes(process_peak_rss_bytes())}")
+                    f"{format_bytes(self.peak)}")
         else:
             head = (f"memory budget {format_bytes(self.budget)} would be crossed {where}: resident "
                     f"{format_bytes(rss)}, expected to peak at {format_bytes(self.projected_peak(rss, self._next_size))} "
