@@ -994,18 +994,11 @@ def compressed_weight_bytes(cfg: ModelConfig, weight_format: str, group_size: in
 
 def _scoring_terms(cfg: ModelConfig, window: int, weight_format: str, group_size: int | None,
                    quantize_embedding: bool, int4_kernel: bool, device: str) -> dict[str, tuple[int, str]]:
-    """The transient terms of one perplexity window (memlm.eval.perplexity), from estimate_scoring,
-    plus what it leaves out: perplexity's cross_entropy over the transposed (B, V, W-1) logits
-    makes a contiguous copy beside its log_softmax, N*V*4 more at the head (measured on SmolLM2's
-    511 x 49,152 logits: cross_entropy peaks at 192 MiB on the transposed view, 96 MiB on a flat one)."""
+    """The workspace of one perplexity window (memlm.eval.perplexity): estimate_scoring's."""
     fmt = "int4" if weight_format == "int3" else weight_format  # int3 computes like int4 without the kernel
     s = estimate_scoring(cfg, 1, window, fmt, device, quantize_embedding, int4_kernel and fmt == "int4",
                          group_size if fmt == "int4" else None)
-    t = {"workspace": (s["workspace"], next(x.formula for x in s.terms if x.name == "workspace"))}
-    if s.peak_phase == "head + loss":
-        N = max(window - 1, 1)
-        t["cross_entropy_copy"] = (N * cfg.vocab_size * 4, f"N*V*4, N={N} (cross_entropy's contiguous copy, measured)")
-    return t
+    return {"workspace": (s["workspace"], next(t.formula for t in s.terms if t.name == "workspace"))}
 
 
 def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: int = 128,
@@ -1061,9 +1054,9 @@ def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: in
     # -- load
     emb_rows = V * (1 if cfg.tied_embeddings else 2)  # the token table, and an untied head
     if load_format is None:
-        biggest = max(s.numel for s in param_shapes(cfg))
-        phase("load", extras, weights=(fp32, fp32_f),
-              workspace=(4 * biggest, "4*max tensor numel (one tensor read and converted at a time)"))
+        # one block weight in flight, as read and as converted (a GGUF converts its tables first,
+        # before the model is there; a safetensors tensor read in float32 is the weight itself)
+        phase("load", extras, weights=(fp32, fp32_f), workspace=(8 * n_max, "2*4*n_max (one layer read and converted)"))
     else:
         layout = dict(load_layout or {})
         loaded = inference_weight_bytes(cfg, load_format, int4_kernel=False, **layout)
