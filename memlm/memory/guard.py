@@ -9,7 +9,8 @@ if not, it raises `BudgetExceeded` *before* the unit runs, so the caller can sto
 (training saves a checkpoint first; the server refuses the request). The message names the
 term of the prediction that the measurements show was too small.
 
-Costs: one read of /proc/self/status (~20 us) and one write to /proc/self/clear_refs per unit.
+Costs: a few reads of /proc/self/status and one write to /proc/self/clear_refs per unit (0.34 ms
+measured on a busy 2-core machine: ~0.1% of a small training step).
 """
 
 from __future__ import annotations
