@@ -396,8 +396,10 @@ def main() -> None:
         return
     load_before = load_average()
 
-    def wanted(name: str) -> bool:
-        return not args.only or any(part in name for part in args.only.split(","))
+    def wanted(name: str) -> bool:  # "a,b,-c": names containing a or b, but not c
+        parts = (args.only or "").split(",")
+        keep, drop = [p for p in parts if p and not p.startswith("-")], [p[1:] for p in parts if p.startswith("-")]
+        return (not keep or any(p in name for p in keep)) and not any(p in name for p in drop)
 
     results = []
     if not args.no_rows:
