@@ -475,8 +475,12 @@ def plan_compress(source: str, methods: list[str], options: CompressOptions | No
     kernel = o.use_kernel is not False and int4_kernel_available()
     window = min(o.window, config.block_size)
 
+    layouts: dict[str, dict] = {}  # layout_of reads the file's header: once per format
+
     def estimate(load_format: str | None, before: bool, after: bool = o.eval) -> Breakdown:
-        layout = layout_of(source, load_format) if load_format else None
+        if load_format is not None and load_format not in layouts:
+            layouts[load_format] = layout_of(source, load_format)
+        layout = layouts.get(load_format) if load_format is not None else None
         return estimate_compress(config, methods, o.group_size, o.quantize_embedding == "int8", before and o.eval,
                                  after, window, o.calib_tokens, load_format, layout, kernel)
 
@@ -551,18 +555,7 @@ def _load_in_format(source: str, fmt: str, o: CompressOptions) -> tuple[nn.Modul
 
     model, tokenizer = load_model(source, weight_format=fmt)
     with torch.no_grad():
-        for name, m in list(model.named_modules()):
-            if not name.startswith("blocks.") or not isinstance(m, (Int8Linear, GroupQuantLinear)):
-                continue
-            want = ({"kind": "int8"} if fmt == "int8" else
-                    {"kind": "int4", "group_size": choose_group_size(m.in_features, o.group_size)})
-            if m.spec() != want:
-                state = quantize_weight(dequantize_weight(m), fmt, o.group_size)
-                set_module(model, name, module_from_codes(fmt, state, m.bias, o.use_kernel))
-                del state, m
-                return_free_heap()  # this layer's float32 copy and old codes: glibc would keep the pages
-            elif isinstance(m, GroupQuantLinear) and o.use_kernel is not None:
-                m.set_kernel(o.use_kernel)
+        # the embedding first: estimate_compress's "load: float embedding" then "load: re-round"
         if isinstance(model.tok_emb, Int8Embedding):
             # _weight: nn.Embedding's own init, even on meta, costs ~1.3 bytes per value (67 MiB for SmolLM2)
             emb = nn.Embedding(model.tok_emb.num_embeddings, model.tok_emb.embedding_dim,
@@ -575,6 +568,18 @@ def _load_in_format(source: str, fmt: str, o: CompressOptions) -> tuple[nn.Modul
             head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False, device="meta")
             head.weight = nn.Parameter(dequantize_weight(model.lm_head))
             model.lm_head = head
+        for name, m in list(model.named_modules()):
+            if not name.startswith("blocks.") or not isinstance(m, (Int8Linear, GroupQuantLinear)):
+                continue
+            want = ({"kind": "int8"} if fmt == "int8" else
+                    {"kind": "int4", "group_size": choose_group_size(m.in_features, o.group_size)})
+            if m.spec() != want:
+                state = quantize_weight(dequantize_weight(m), fmt, o.group_size)
+                set_module(model, name, module_from_codes(fmt, state, m.bias, o.use_kernel))
+                del state, m
+                return_free_heap()  # this layer's float32 copy and old codes: glibc would keep the pages
+            elif isinstance(m, GroupQuantLinear) and o.use_kernel is not None:
+                m.set_kernel(o.use_kernel)
     return model, tokenizer
 
 
