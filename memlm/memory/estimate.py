@@ -1033,9 +1033,10 @@ def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: in
     Nothing here is fitted to compress runs: the runtime is the measured "score" one and the
     slack estimate_scoring's. Checked against `memlm compress` in fresh processes (glibc
     defaults, 2 threads, VmHWM; 2026-12-01): SmolLM2-135M int8 / int4 g128 / int4 g32 / gptq4
-    (2,048 calibration and eval tokens), with and without a budget, and a tiny-preset run folder:
-    every prediction within -6.5% .. +2% of the measured peak (the float32 evaluation of SmolLM2
-    over-predicted most: its 96 MiB logits are mmapped, so the heap keeps no slack of them).
+    (2,048 calibration and eval tokens), with and without a budget (budgets down to the smallest
+    that fits), and a tiny-preset run folder: 20 runs, every prediction between 2.0% below and
+    7.2% above the measured peak. The over-predictions are SmolLM2's evaluations: its 96 MiB
+    logits are mmapped, so the heap keeps none of the slack the 0.4 factor gives them.
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     cfg, V, d = model_cfg, model_cfg.vocab_size, model_cfg.n_embd
