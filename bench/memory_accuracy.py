@@ -217,7 +217,7 @@ def rows() -> list[dict[str, Any]]:
     add("eval tiny run", ["eval", "--model", TINY_RUN])
     add("eval smollm2 fp32 (W2)", ["eval", "--model", SMOL])
     add("eval smollm2 window 256 batch 2", ["eval", "--model", SMOL, "--window", "256", "--batch-size", "2"])
-    add("eval smollm2 budget 1.2GiB", ["eval", "--model", SMOL, "--memory-budget", "1.2GiB"])
+    add("eval smollm2 budget 1GiB", ["eval", "--model", SMOL, "--memory-budget", "1GiB"])
     add("eval smollm2 budget 800MiB window 256", ["eval", "--model", SMOL, "--memory-budget", "800MiB",
                                                   "--window", "256"])
     add("serve tiny run, 8 concurrent", ["--model", TINY_RUN], serve=8)
