@@ -160,13 +160,12 @@ def _report_peak(predicted: int, record: dict | None = None) -> dict:
 
 
 def _load_fitted(model: str, budget: Optional[str], context: Optional[int], batch: int = 1,
-                 prompt_len: Optional[int] = None, quiet: bool = False):
+                 prompt_len: Optional[int] = None):
     """Load a model, planned for a budget when one is given; print the one prediction."""
     from memlm.fit import load_for_inference
 
     fitted = load_for_inference(model, budget, context, batch, prompt_len)
-    if not quiet:
-        console.print(fitted.describe(), style="dim")
+    console.print(fitted.describe(), style="dim")
     return fitted
 
 

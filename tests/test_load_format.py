@@ -36,6 +36,7 @@ from memlm.interop.hf import load_hf, save_hf
 from memlm.loading import load, load_model
 from memlm.memory.estimate import estimate_for_model, inference_weight_bytes
 from memlm.model import Decoder
+from tests.test_gguf import random_model  # the one helper for a model whose norms and biases are not at init
 from memlm.tokenizer import Tokenizer, train_bpe
 
 VOCAB = 320
@@ -50,17 +51,6 @@ GPT2 = ModelConfig(
 )
 PROJ = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 IDS = torch.tensor([[1, 5, 9, 33, 2, 250, 17, 8, 64, 3]])
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> Decoder:
-    """A random model whose norms and biases are not at their (trivial) init values."""
-    torch.manual_seed(seed)
-    model = Decoder(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def block_linears(model: Decoder) -> dict[str, torch.nn.Module]:

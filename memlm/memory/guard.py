@@ -124,10 +124,6 @@ class MemoryGuard:
         self.peak = max(self.peak, peak_rss_bytes())
         return self.peak
 
-    def room(self) -> int:
-        """Bytes the next unit may add before the budget is reached (negative: none)."""
-        return self.budget - current_rss_bytes()
-
     def projected_peak(self, rss: int, size: float) -> int:
         """The peak the next unit (of `size`, e.g. a step's tokens) is expected to reach.
 
@@ -147,11 +143,6 @@ class MemoryGuard:
         if self.units_done > 2:
             creep = max(0, (self._last_peak - self._second_peak) // (self.units_done - 2))
         return max(rss, self._last_peak) + int(grow) + creep
-
-    def next_unit_need(self, rss: int | None = None) -> int:
-        """Bytes above the RSS now that the next unit is expected to take."""
-        rss = current_rss_bytes() if rss is None else rss
-        return max(0, self.projected_peak(rss, self._next_size) - rss)
 
     def watch(self, items: Iterator[T]) -> Iterator[T]:
         """Yield from `items` (a lazy generator: each item is one unit of work), guarding each."""
