@@ -160,11 +160,11 @@ def _report_peak(predicted: int, record: dict | None = None) -> dict:
 
 
 def _load_fitted(model: str, budget: Optional[str], context: Optional[int], batch: int = 1,
-                 prompt_len: Optional[int] = None):
+                 prompt_len: Optional[int] = None, compile: bool = False):
     """Load a model, planned for a budget when one is given; print the one prediction."""
     from memlm.fit import load_for_inference
 
-    fitted = load_for_inference(model, budget, context, batch, prompt_len)
+    fitted = load_for_inference(model, budget, context, batch, prompt_len, compile)
     console.print(fitted.describe(), style="dim")
     return fitted
 
@@ -185,6 +185,10 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
 RepPen = Annotated[float, typer.Option(help="Penalty for tokens already present (1 = off).")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+Compile = Annotated[bool, typer.Option(
+    "--compile/--no-compile",
+    help="Compile the decode step with torch.compile (the first run of a shape pays the compile; "
+         "kernels are cached in ~/.cache/memlm). Falls back to eager when compiling fails.")]
 
 
 @app.command()
@@ -200,6 +204,7 @@ def generate(
     seed: Seed = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as one user turn of the chat template.")] = False,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
+    compile: Compile = False,
 ):
     """Continue a prompt, streaming the text to the terminal."""
     from memlm.fit import prompt_tokens_bound
@@ -207,7 +212,7 @@ def generate(
     # The cache is sized for the prompt and the new tokens; the prompt's length is bounded by its
     # bytes before any tokenizer is loaded, so the plan (and its one prediction) comes first.
     room = prompt_tokens_bound(prompt) + (64 if chat else 0)  # the chat template's few tokens
-    fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room)
+    fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room, compile=compile)
     lm = fitted.lm
     settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
@@ -219,7 +224,17 @@ def generate(
     for piece in pieces:
         out.print(piece.text, end="", markup=False)
     out.print()
+    _report_compile(lm.engine)
     _report_peak(fitted.predicted_peak)
+
+
+def _report_compile(engine) -> None:
+    """The compile warm-up, apart from the generation it preceded."""
+    if engine is not None and engine.compiled and engine.compile_seconds:
+        from memlm.infer.engine import inductor_cache_dir
+
+        console.print(f"decode step compiled in {engine.compile_seconds:.1f} s (kernels cached in "
+                      f"{inductor_cache_dir()})", style="dim")
 
 
 @app.command()
@@ -234,9 +249,10 @@ def chat(
     seed: Seed = None,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Longest conversation in tokens (default: the model's).")] = None,
+    compile: Compile = False,
 ):
     """Talk to an instruct model. /reset clears the history, /exit leaves."""
-    fitted = _load_fitted(model, memory_budget, context)
+    fitted = _load_fitted(model, memory_budget, context, compile=compile)
     lm = fitted.lm
     lm.chat_prompt([{"role": "user", "content": "hi"}])  # fail now, not after the first question
     settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, [], seed)
@@ -267,6 +283,7 @@ def chat(
             out.print(piece.text, end="", markup=False)
         out.print()
         history.append({"role": "assistant", "content": reply.strip()})
+    _report_compile(lm.engine)
     _report_peak(fitted.predicted_peak)
 
 
@@ -277,11 +294,12 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Longest request (prompt + completion) in tokens.")] = None,
+    compile: Compile = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
     from memlm.serve.app import serve as run_server
 
-    fitted = _load_fitted(model, memory_budget, context)
+    fitted = _load_fitted(model, memory_budget, context, compile=compile)
     run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard,
                context=fitted.breakdown.settings["context"])
     _report_peak(fitted.predicted_peak)

@@ -134,6 +134,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Shapes of inference, followed by the engine (memlm.infer.engine) and the planner alike.
+PREFILL_CHUNK = 256  # prompt tokens per forward: bounds activations and attention (chunk x cache length)
+CACHE_ROUND = 128  # KV cache lengths are rounded up to a multiple of this: a compiled step meets few shapes
+
+
+def cache_length(needed: int, block_size: int) -> int:
+    """The KV cache length that holds `needed` tokens: rounded up (CACHE_ROUND), within the context."""
+    return min(block_size, -(-needed // CACHE_ROUND) * CACHE_ROUND)
+
+
 def preset(preset_name: str, /, **overrides: Any) -> ModelConfig:
     """A preset's config; overrides change any field (even `name`)."""
     if preset_name not in PRESETS:

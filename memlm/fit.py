@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memlm.infer.engine import Engine
 from memlm.loading import LoadedModel, layout_of, load, model_config_of, stored_format
 from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_layout
 from memlm.memory.guard import DoesNotFit, MemoryGuard, expected_from
@@ -63,10 +64,11 @@ def prompt_tokens_bound(text: str) -> int:
 
 
 def load_for_inference(name_or_path: str, budget: str | int | None = None, context: int | None = None,
-                       batch: int = 1, prompt_len: int | None = None) -> Fitted:
+                       batch: int = 1, prompt_len: int | None = None, compile: bool = False) -> Fitted:
     """`memlm.load`, planned: with a budget, the best weight format whose predicted peak for
     `batch` sequences of `context` tokens fits, loaded straight into that format; without one,
-    the model as stored and the prediction of its own format.
+    the model as stored and the prediction of its own format. It generates through an Engine
+    with fused projections (and a compiled decode step when `compile`).
 
     context: the KV cache's length (default: the model's block size). prompt_len: tokens
     prefilled at once (default: the whole context).
@@ -75,14 +77,18 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
         lm = load(name_or_path)
         ctx = min(context or lm.config.block_size, lm.config.block_size)
         b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx))
-        return Fitted(lm, b)
-    config = model_config_of(name_or_path)
-    ctx = min(context or config.block_size, config.block_size)
-    plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
-                          min_batch=batch, max_batch=batch, **_candidates(name_or_path))
-    return _load_planned(name_or_path, plan, "the model", "token",
-                         "raise --memory-budget, shorten the context or use a smaller model "
-                         "(see: memlm plan --task infer)")
+        fitted = Fitted(lm, b)
+    else:
+        config = model_config_of(name_or_path)
+        ctx = min(context or config.block_size, config.block_size)
+        plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
+                              min_batch=batch, max_batch=batch, **_candidates(name_or_path))
+        fitted = _load_planned(name_or_path, plan, "the model", "token",
+                               "raise --memory-budget, shorten the context or use a smaller model "
+                               "(see: memlm plan --task infer)")
+    lm = fitted.lm
+    lm.engine = Engine(lm.model, compile=compile, fuse=True, cache_dtype=lm.cache_dtype)
+    return fitted
 
 
 def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str) -> Fitted:

@@ -64,9 +64,9 @@ def test_kv_cache_decoding_matches_hf(pair):
     ids = torch.randint(0, 300, (1, 30))
     with torch.no_grad():
         expected = ref(ids).logits
-        cache = KVCache(ours.config, batch_size=1, max_len=64)
-        steps = [ours(ids[:, :10], cache)]  # prefill, then one token at a time
-        steps += [ours(ids[:, t:t + 1], cache) for t in range(10, 30)]
+        cache = KVCache(ours.config, slots=1, max_len=64)
+        steps = [ours(ids[:, :10], cache, torch.arange(10)[None])]  # prefill, then one token at a time
+        steps += [ours(ids[:, t:t + 1], cache, torch.tensor([[t]])) for t in range(10, 30)]
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
 
 
@@ -115,5 +115,6 @@ def test_sinusoidal_positions_run_with_cache():
     ids = torch.randint(0, 50, (1, 12))
     full = model(ids)
     cache = KVCache(model.config, 1, 32)
-    stepwise = torch.cat([model(ids[:, :5], cache), model(ids[:, 5:12], cache)], dim=1)
+    stepwise = torch.cat([model(ids[:, :5], cache, torch.arange(5)[None]),
+                          model(ids[:, 5:12], cache, torch.arange(5, 12)[None])], dim=1)
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=0)

@@ -47,6 +47,7 @@ Scheme = Literal["int8", "int4", "int3"]
 GROUP_SIZES = (128, 64, 32)  # allowed group sizes, largest first
 INT8_CHUNK_ELEMENTS = 1 << 20  # weights converted to float at once by the fp32 int8 path (4 MB)
 INT8_KERNEL_MAX_ROWS = 8  # `_weight_int8pack_mm` beats convert-then-matmul only for a few rows (bf16)
+KERNEL_MAX_ROWS = 16  # memlm's kernels beat dequantize-then-matmul up to about this many rows (bench/kernels.py)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -148,10 +149,29 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return w.mul_(s[..., None])
 
 
-def _int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x @ (w_int8 * scales)^T without a float copy of more than this one layer."""
+def memlm_kernels_fit(x: torch.Tensor, in_features: int, group_size: int | None) -> bool:
+    """Whether memlm's own CPU kernels (memlm.kernels) take this call: a CPU float input of at
+    most KERNEL_MAX_ROWS rows (decoding; a long prefill is faster as one float matmul), widths
+    in blocks of 32, and the kernels built on this machine."""
+    from memlm import kernels
+
+    return (
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        and x.numel() // max(1, in_features) <= KERNEL_MAX_ROWS and in_features % 32 == 0
+        and (group_size is None or group_size % 32 == 0) and not torch.is_grad_enabled()
+        and kernels.available()
+    )
+
+
+def _int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, memlm_kernel: bool = True) -> torch.Tensor:
+    """x @ (w_int8 * scales)^T without a float copy of more than this one layer (memlm_kernel:
+    through memlm.kernels where it fits)."""
     rows = x.numel() // x.shape[-1]
     grouped = scales.dim() == 2
+    if memlm_kernel and memlm_kernels_fit(x, w_int8.shape[1], int8_group_size(w_int8, scales)):
+        from memlm import kernels
+
+        return kernels.int8_linear(x, w_int8, scales)
     if (
         not grouped and x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS
         and w_int8.shape[1] % 32 == 0  # the CPU kernel crashes on other widths (torch 2.13)
@@ -202,9 +222,16 @@ class Int8Linear(_KeepsScaleDtype):
                                                    dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
+    memlm_kernel = True  # decode through memlm.kernels where they run; False: PyTorch's paths only
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _int8_matmul(x, self.weight_int8, self.scales)
+        y = _int8_matmul(x, self.weight_int8, self.scales, self.memlm_kernel)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def compute_path(self) -> str:
+        from memlm import kernels
+
+        return "memlm" if self.memlm_kernel and kernels.available() else "torch"
 
     def spec(self) -> dict[str, Any]:
         # Per-row layers keep the original spec, so folders they are saved in read as before.
@@ -249,8 +276,10 @@ class Int8TiedHead(nn.Module):
         self.__dict__["embedding"] = embedding
         self.embedding_name = embedding_name
 
+    memlm_kernel = True  # as Int8Linear's
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _int8_matmul(x, self.embedding.weight_int8, self.embedding.scales)
+        return _int8_matmul(x, self.embedding.weight_int8, self.embedding.scales, self.memlm_kernel)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "int8_tied_head", "embedding": self.embedding_name}
@@ -399,14 +428,27 @@ class GroupQuantLinear(_KeepsScaleDtype):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.kernel_layout = False  # True once weight_packed holds the kernel's layout
         self._scale_zeros: torch.Tensor | None = None  # bf16 (groups, out, 2) for the kernel
-        self.use_kernel = self._kernel_wanted(use_kernel)
+        self.memlm_kernel = self._memlm_kernel_wanted(use_kernel)  # memlm.kernels on the portable layout
+        self.use_kernel = self._kernel_wanted(use_kernel)  # PyTorch's int4 kernel, on its own layout
 
     def _kernel_wanted(self, use_kernel: bool | None) -> bool:
+        """Whether to hold the weight in PyTorch's int4 kernel layout: when asked (True), or by
+        default (None) where memlm's own kernels, which read the portable layout, cannot run."""
         eligible = self.bits == 4 and self.out_features % 64 == 0 and self.group_size in (32, 64, 128)
-        return eligible and (int4_kernel_available() if use_kernel is None else use_kernel)
+        if use_kernel is None:
+            return eligible and int4_kernel_available() and not self.memlm_kernel
+        return eligible and use_kernel
+
+    def _memlm_kernel_wanted(self, use_kernel: bool | None) -> bool:
+        from memlm import kernels
+
+        return (use_kernel is None and self.bits == 4 and self.in_features % 32 == 0 and self.group_size % 32 == 0
+                and kernels.available())
 
     def set_kernel(self, use_kernel: bool | None) -> None:
-        """Switch the compute path: None = the CPU int4 kernel where available, False = dequantize."""
+        """Switch the compute path: None = the fastest kernel there is (memlm's own, else
+        PyTorch's int4 kernel), True = PyTorch's int4 kernel, False = dequantize per call."""
+        self.memlm_kernel = self._memlm_kernel_wanted(use_kernel)
         self.use_kernel = self._kernel_wanted(use_kernel)
         if self.kernel_layout and not self.use_kernel:
             self.weight_packed = pack_int4(self.codes())
@@ -468,7 +510,11 @@ class GroupQuantLinear(_KeepsScaleDtype):
         return _scale_codes(q, self.scales, self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_layout and x.device.type == "cpu":
+        if self.memlm_kernel and not self.kernel_layout and memlm_kernels_fit(x, self.in_features, self.group_size):
+            from memlm import kernels
+
+            y = kernels.int4_linear(x, self.weight_packed, self.scales, self.mins, self.group_size)
+        elif self.kernel_layout and x.device.type == "cpu":
             if self._scale_zeros is None:
                 # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
                 s, m = self.scales.float(), self.mins.float()
@@ -483,9 +529,13 @@ class GroupQuantLinear(_KeepsScaleDtype):
     def spec(self) -> dict[str, Any]:
         return {"kind": f"int{self.bits}", "group_size": self.group_size}
 
+    def compute_path(self) -> str:
+        """Which code computes a decode step of this layer."""
+        return "memlm" if self.memlm_kernel else "torch-int4" if self.kernel_layout else "dequantize"
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, kernel={self.kernel_layout}")
+                f"group_size={self.group_size}, compute={self.compute_path()}")
 
 
 class Int4Linear(GroupQuantLinear):
@@ -539,6 +589,8 @@ def module_from_codes(scheme: Scheme, state: dict[str, torch.Tensor], bias: torc
         m = Int8Linear(in_f, out_f, bias is not None, device="meta", dtype=dtype,
                        group_size=int8_group_size(q, scales))
         m.weight_int8, m.scales = q, scales.float()
+        if use_kernel is False:  # as for int4: no kernel, PyTorch's float paths only
+            m.memlm_kernel = False
     elif scheme in ("int4", "int3"):
         codes = state["codes"]
         out_f, in_f = codes.shape
@@ -551,6 +603,41 @@ def module_from_codes(scheme: Scheme, state: dict[str, torch.Tensor], bias: torc
     if bias is not None:
         m.bias = nn.Parameter(bias.detach().clone())
     return m
+
+
+def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing all of `layers` (same input) side by side: its output is theirs
+    concatenated. For fusing q/k/v or gate/up at inference. None when they cannot be joined
+    (different kinds, formats, group sizes, or some with a bias and some without).
+
+    Each output row keeps its own weights, scales and bias, so every output is computed from
+    exactly what it was before."""
+    first = layers[0]
+    kind = type(first)
+    if any(type(m) is not kind for m in layers) or kind not in (nn.Linear, Int8Linear, Int4Linear, Int3Linear):
+        return None
+    has_bias = [getattr(m, "bias", None) is not None for m in layers]
+    if any(has_bias) != all(has_bias):
+        return None
+    bias = torch.cat([m.bias.detach() for m in layers]) if has_bias[0] else None
+    if kind is nn.Linear:
+        weight = torch.cat([m.weight.detach() for m in layers])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        return fused
+    if kind is Int8Linear:
+        if len({m.group_size for m in layers}) != 1:
+            return None
+        state = {"weight_int8": torch.cat([m.weight_int8 for m in layers]), "scales": torch.cat([m.scales for m in layers])}
+        return module_from_codes("int8", state, bias, use_kernel=None if first.memlm_kernel else False)
+    if len({m.group_size for m in layers}) != 1:
+        return None
+    state = {"codes": torch.cat([m.codes() for m in layers]), "scales": torch.cat([m.scales for m in layers]),
+             "mins": torch.cat([m.mins for m in layers])}
+    path = None if first.memlm_kernel else True if first.kernel_layout else False  # the same compute path
+    return module_from_codes(f"int{first.bits}", state, bias, use_kernel=path)
 
 
 def module_from_state(linear: nn.Linear, scheme: Scheme, state: dict[str, torch.Tensor],

@@ -13,21 +13,8 @@ import torch
 
 from memlm.errors import MemlmError
 from memlm.infer.sampling import SamplingSettings, sample_next
-from memlm.model import Decoder, KVCache
-
-
-@torch.no_grad()
-def prefill(model: Decoder, ids: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V).
-    `pad` (B,): left-padding tokens per row (Decoder.forward)."""
-    return model(ids, cache, last_only=True, pad=pad)[:, -1]
-
-
-@torch.no_grad()
-def decode_one_token(model: Decoder, token: torch.Tensor, cache: KVCache,
-                     pad: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per sequence (B,) -> next logits (B, V)."""
-    return model(token[:, None], cache, last_only=True, pad=pad)[:, -1]
+from memlm.infer.engine import Engine, as_engine
+from memlm.model import Decoder
 
 
 def check_prompt_fits(n_prompt: int, block_size: int) -> None:
@@ -48,81 +35,77 @@ def new_token_room(prompt_lengths: list[int], settings: SamplingSettings, block_
     return min(settings.max_new_tokens, block_size - max(prompt_lengths))
 
 
-def _cache_and_generator(model: Decoder, batch: int, max_len: int, settings: SamplingSettings,
-                         cache_dtype: torch.dtype | None) -> tuple[KVCache, torch.Generator | None]:
-    """The KV cache (in the model's float dtype unless told) and the seeded sampling generator."""
-    device = next(model.parameters()).device
-    dtype = cache_dtype or next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    cache = KVCache(model.config, batch_size=batch, max_len=max_len, dtype=dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
-    return cache, generator
+@torch.no_grad()
+def decode_tokens(model: Decoder | Engine, prompts: list[list[int]], settings: SamplingSettings,
+                  eos_id: int | None = None, cache_dtype: torch.dtype | None = None,
+                  on_first_logits: Callable[[], None] | None = None) -> Iterator[torch.Tensor]:
+    """Prefill all prompts together, then yield the next token of every row (B,) per step, up to
+    max_new_tokens steps (every row steps; the caller decides which rows have ended).
 
-
-def generate_ids(model: Decoder, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
-                 cache_dtype: torch.dtype | None = None,
-                 on_first_logits: Callable[[], None] | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens ids after `prompt`; stops at EOS unless settings.ignore_eos."""
-    max_new = new_token_room([len(prompt)], settings, model.config.block_size)
+    One batch of any prompt lengths: right-padded, each row at its own positions (engine.prefill)."""
+    engine = as_engine(model, cache_dtype)
+    lengths = [len(p) for p in prompts]
+    max_new = new_token_room(lengths, settings, engine.model.config.block_size)
     if max_new <= 0:
         return
-    cache, generator = _cache_and_generator(model, 1, len(prompt) + max_new, settings, cache_dtype)
-    context = torch.tensor([prompt], dtype=torch.long, device=cache.k.device)
-    logits = prefill(model, context, cache)
+    device = engine.device
+    cache = engine.cache(len(prompts), max(lengths) + max_new)
+    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+    longest = max(lengths)
+    # Padding repeats the row's first token: any id works (it is never seen), and this one adds
+    # no token to the row's repetition penalty that the row does not already have.
+    ids = torch.tensor([p + [p[0]] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+    positions = torch.tensor(lengths, device=device)
+    logits = engine.prefill(ids, positions, cache)
     if on_first_logits is not None:
         on_first_logits()
+    context = ids
     for i in range(max_new):
         if settings.ignore_eos and eos_id is not None:
             logits[:, eos_id] = float("-inf")
         token = sample_next(logits, context, settings, generator)
-        yield int(token)
-        if (eos_id is not None and int(token) == eos_id and not settings.ignore_eos) or i == max_new - 1:
+        yield token
+        if i == max_new - 1:
             return
-        context = torch.cat([context, token[:, None]], dim=1)
-        logits = decode_one_token(model, token, cache)
+        if settings.repetition_penalty != 1.0:
+            context = torch.cat([context, token[:, None]], dim=1)
+        logits = engine.decode(token, positions, cache)
+        positions = positions + 1
 
 
-@torch.no_grad()
-def generate_batch(model: Decoder, prompts: list[list[int]], settings: SamplingSettings, eos_id: int | None = None,
-                   cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+def generate_ids(model: Decoder | Engine, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
+                 cache_dtype: torch.dtype | None = None,
+                 on_first_logits: Callable[[], None] | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids after `prompt`; stops at EOS unless settings.ignore_eos.
+    The batch-of-one case of `decode_tokens`."""
+    for token in decode_tokens(model, [prompt], settings, eos_id, cache_dtype, on_first_logits):
+        t = int(token[0])
+        yield t
+        if eos_id is not None and t == eos_id and not settings.ignore_eos:
+            return
+
+
+def generate_batch(model: Decoder | Engine, prompts: list[list[int]], settings: SamplingSettings,
+                   eos_id: int | None = None, cache_dtype: torch.dtype | None = None) -> list[list[int]]:
     """Up to max_new_tokens new ids for each prompt, all prompts decoded together in one batch.
 
-    Prompts of different lengths are left-padded: each row's positions start at its own first
-    token and nothing attends to the padding, so a row generates what it would alone (greedy:
-    the same ids; sampling: the same distribution). A row ends at EOS (not included); the
-    batch ends when every row has, or after max_new_tokens.
+    A row generates what it would alone (greedy: the same ids; sampling: the same distribution).
+    A row ends at EOS (not included); the batch ends when every row has, or after max_new_tokens.
     """
     if not prompts:
         return []
-    longest = max(len(p) for p in prompts)
-    max_new = new_token_room([len(p) for p in prompts], settings, model.config.block_size)
-    if max_new <= 0:
-        return [[] for _ in prompts]
-    cache, generator = _cache_and_generator(model, len(prompts), longest + max_new, settings, cache_dtype)
-    device = cache.k.device
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    # Padding repeats the row's first token: any id works under the mask, and this one adds no
-    # token to the row's repetition penalty that the row does not already have.
-    context = torch.tensor([[p[0]] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-    logits = prefill(model, context, cache, pad)
     stop_id = None if settings.ignore_eos else eos_id
     new: list[list[int]] = [[] for _ in prompts]
     running = [True] * len(prompts)
-    for i in range(max_new):
-        if settings.ignore_eos and eos_id is not None:
-            logits[:, eos_id] = float("-inf")
-        token = sample_next(logits, context, settings, generator)
+    for token in decode_tokens(model, prompts, settings, eos_id, cache_dtype):
         for row, t in enumerate(token.tolist()):
             if running[row]:
                 if t == stop_id:
                     running[row] = False
                 else:
                     new[row].append(t)
-        if not any(running) or i == max_new - 1:
+        if not any(running):
             break
-        context = torch.cat([context, token[:, None]], dim=1)
-        logits = decode_one_token(model, token, cache, pad)
     return new
 
 
@@ -134,7 +117,7 @@ class Piece:
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
 
 
-def stream_text(model: Decoder, tokenizer, prompt: str | list[int], settings: SamplingSettings,
+def stream_text(model: Decoder | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings,
                 cache_dtype: torch.dtype | None = None) -> Iterator[Piece]:
     """Generate and yield printable text pieces; the last piece carries the finish reason."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -165,7 +148,7 @@ def stream_text(model: Decoder, tokenizer, prompt: str | list[int], settings: Sa
     yield Piece("", finish)
 
 
-def complete_batch(model: Decoder, tokenizer, prompts: list[str | list[int]], settings: SamplingSettings,
+def complete_batch(model: Decoder | Engine, tokenizer, prompts: list[str | list[int]], settings: SamplingSettings,
                    cache_dtype: torch.dtype | None = None) -> list[Piece]:
     """A completion of each prompt, all decoded together in one batch: each one's text (cut at
     the first stop string) and why it ended ("stop": EOS or a stop string; "length")."""
@@ -197,5 +180,5 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-def generate_text(model: Decoder, tokenizer, prompt: str | list[int], settings: SamplingSettings) -> str:
+def generate_text(model: Decoder | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings) -> str:
     return "".join(p.text for p in stream_text(model, tokenizer, prompt, settings))

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from memlm.config import ModelConfig, TrainConfig
+from memlm.config import PREFILL_CHUNK, ModelConfig, TrainConfig, cache_length
 from memlm.errors import MemlmError
 
 MiB = 2**20
@@ -898,8 +898,10 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
     prompt_len = prompt_len or max(1, context // 2)
     weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel, group_size,
                                      embedding_group_size)
-    kv = kv_cache_bytes(model_cfg, batch, context, kv_dtype)
-    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context), weight_format, int4_kernel)
+    # The engine rounds the cache up (cache_length) and prefills at most PREFILL_CHUNK tokens a forward.
+    kv = kv_cache_bytes(model_cfg, batch, cache_length(context, model_cfg.block_size), kv_dtype)
+    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context, PREFILL_CHUNK), weight_format,
+                                   int4_kernel)
     dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
     base = [
         Term("runtime", RUNTIME_BYTES[device]["infer"], RUNTIME_NOTE),

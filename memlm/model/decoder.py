@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memlm.config import ModelConfig
 from memlm.model.kv_cache import KVCache
-from memlm.model.layers import Block, make_norm, padded_causal_mask, rope_tables, sinusoidal_table
+from memlm.model.layers import Block, cache_mask, make_norm, rope_tables, sinusoidal_table
 
 
 class _SkipInit(TorchFunctionMode):
@@ -83,51 +83,42 @@ class Decoder(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> final normed hidden states (B, T, d). With a cache, idx continues it.
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                      slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, d).
 
-        `pad` (B,): row b starts with pad[b] padding tokens (a left-padded batch of prompts of
-        different lengths): its positions count from its first real token, and nothing attends
-        to the padding."""
+        Without a cache (training, scoring) the tokens sit at positions 0..T-1. With one, token
+        (b, t) sits at positions[b, t] of cache slot slots[b] (slots None: slot b): its key and
+        value are stored there, and it sees its row's keys up to its own position. Nothing here
+        depends on a Python count of tokens so far, so the same code serves a compiled step.
+        The caller keeps positions inside the context (memlm.infer.generate checks)."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            from memlm.errors import MemlmError
-
-            raise MemlmError(
-                f"{start + T} tokens exceed the model's context of {self.config.block_size}",
-                "shorten the prompt or lower max_new_tokens",
-            )
         x = self.tok_emb(idx)  # (B, T, d)
-        positions: slice | torch.Tensor = slice(start, start + T)
         mask = None
-        if pad is not None:
-            positions = (torch.arange(start, start + T, device=idx.device)[None] - pad[:, None]).clamp(min=0)
-            mask = padded_causal_mask(T, start, pad)
+        if cache is not None:
+            mask = cache_mask(positions, cache.max_len)
+        where: slice | torch.Tensor = slice(0, T) if positions is None else positions
         rope = None
         if self.config.positions == "learned":
-            x = x + self.pos_emb.weight[positions]
+            x = x + self.pos_emb.weight[where]
         elif self.config.positions == "sinusoidal":
-            x = x + self.pos_table[positions].to(x.dtype)
+            x = x + self.pos_table[where].to(x.dtype)
         else:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd) each, or (B, T, hd)
-            if pad is not None:
+            rope = (self.rope_cos[where], self.rope_sin[where])  # (T, hd) each, or (B, T, hd)
+            if positions is not None:
                 rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): one set per row, all heads
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, rope, cache, i, start, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, cache, i, positions, slots, mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i, start, mask)
-        if cache is not None:
-            cache.length = start + T
+                x = block(x, rope, cache, i, positions, slots, mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when generating."""
-        h = self.hidden_states(idx, cache, pad)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) of the last position only (see hidden_states)."""
+        h = self.hidden_states(idx, cache, positions, slots)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

@@ -48,7 +48,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, through PyTorch's SDPA kernels."""
+    """Causal self-attention with grouped-query heads, through PyTorch's SDPA kernels.
+
+    For inference `memlm.infer.engine` may replace q/k/v by one `qkv_proj` (one matmul instead
+    of three: the activations are read once, and there is one kernel call per token, not three)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -58,54 +61,43 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
         self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
         self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        self.qkv_proj: nn.Module | None = None
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0, mask=None):
-        """`mask` (B, 1, T, start + T), True = attend: replaces the causal mask (left-padded batches)."""
+    def forward(self, x, rope=None, cache=None, layer: int = 0, positions=None, slots=None, mask=None):
+        """With a cache: this chunk's keys and values are stored at `positions` (B, T) and the
+        queries see what `mask` (B, 1, T, max_len) allows; without one, plain causal attention."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.n_head * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start)  # (B, nkv, start + T, hd)
+            k, v = cache.write(layer, k, v, positions, slots)  # (B, nkv, max_len, hd)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=causal_mask(T, start, x.device) if mask is None else mask,
-            is_causal=mask is None and start == 0 and T > 1,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
-    """Mask for T new queries at positions start.. over start + T keys; None where SDPA needs none.
+def cache_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Which cached keys each query sees: (B, 1, T, max_len), True = attend.
 
-    A single new token sees every cached key, and a prefill from position 0 is plain `is_causal`;
-    only a multi-token chunk after a non-empty cache needs an explicit mask.
-    """
-    if T == 1 or start == 0:
-        return None
-    keys = torch.arange(start + T, device=device)
-    queries = torch.arange(start, start + T, device=device)
-    return keys[None, :] <= queries[:, None]  # (T, start + T), True = attend
-
-
-def padded_causal_mask(T: int, start: int, pad: torch.Tensor) -> torch.Tensor:
-    """Causal mask (B, 1, T, start + T) for a batch whose row b starts with pad[b] padding tokens.
-
-    No query attends to padding. A padding query attends to itself only: a row of the mask with
-    no True at all would give NaN, and NaN keys and values in the cache poison every later
-    query, masked or not (0 x NaN = NaN)."""
-    keys = torch.arange(start + T, device=pad.device)
-    queries = torch.arange(start, start + T, device=pad.device)
-    causal = keys[None, :] <= queries[:, None]  # (T, S)
-    real_key = keys[None, :] >= pad[:, None]  # (B, S)
-    itself = keys[None, :] == queries[:, None]
-    return ((causal[None] & real_key[:, None]) | itself[None])[:, None]
+    A query at position p sees the keys at positions 0..p of its own row, and nothing later: not
+    the rest of a right-padded prompt, not what an earlier sequence left in a reused slot."""
+    keys = torch.arange(max_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
 class GeluMLP(nn.Module):
@@ -120,14 +112,21 @@ class GeluMLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); for inference gate and up may become one `gate_up_proj`."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -141,6 +140,6 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer: int = 0, start: int = 0, mask=None):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, layer, start, mask))
+    def forward(self, x, rope=None, cache=None, layer: int = 0, positions=None, slots=None, mask=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, layer, positions, slots, mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))

@@ -55,7 +55,8 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, 
     def run(prompt: str, settings: SamplingSettings):
         """Yield (text piece, finish_reason) under the model lock."""
         with lock:
-            yield from ((p.text, p.finish_reason) for p in stream_text(lm.model, lm.tokenizer, prompt, settings))
+            pieces = stream_text(lm.engine or lm.model, lm.tokenizer, prompt, settings, lm.cache_dtype)
+            yield from ((p.text, p.finish_reason) for p in pieces)
 
     def usage(prompt: str, texts: list[str]) -> dict[str, int]:
         p = len(lm.tokenizer.encode(prompt))
@@ -96,8 +97,8 @@ def create_app(lm: LoadedModel, model_name: str, default_max_tokens: int = 256, 
                 settings.max_new_tokens = min(settings.max_new_tokens, context - n_prompt)
             if n > 1:  # (text, finish reason) of each, decoded as one batch
                 with lock:
-                    finished = [(p.text, p.finish_reason) for p in
-                                complete_batch(lm.model, lm.tokenizer, [prompt] * n, settings)]
+                    done = complete_batch(lm.engine or lm.model, lm.tokenizer, [prompt] * n, settings, lm.cache_dtype)
+                    finished = [(p.text, p.finish_reason) for p in done]
             else:
                 pieces = run(prompt, settings)
                 first = next(pieces)  # errors (prompt too long, bad settings) surface before any byte is sent

@@ -1,0 +1,186 @@
+"""How a model runs when it generates: the two steps (prefill a prompt, decode one token per
+sequence), the KV cache pool they write, and whether the decode step is compiled.
+
+`prefill` and `decode_step` are plain functions of tensors: positions and cache slots are
+tensors, nothing on the Python side changes per token, so `torch.compile` traces the decode step
+once per shape and a scheduler can put any sequences of any lengths in one batch. `Engine`
+holds what is worth keeping between generations: the fused model, the cache pool, the
+compiled step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memlm.config import PREFILL_CHUNK, cache_length
+from memlm.model import Decoder, KVCache
+
+log = logging.getLogger("memlm")
+
+
+
+@torch.no_grad()
+def prefill(model: Decoder, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+            slots: torch.Tensor | None = None, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run prompts through the model, filling the cache from position 0; the logits after each
+    row's last prompt token (B, V).
+
+    ids (B, T): right-padded prompts, lengths (B,) their real lengths. Padding sits at positions
+    after a row's prompt, where its own first new tokens will overwrite it, and no query ever sees
+    a key ahead of its own position: a padded row computes what it would alone."""
+    B, T = ids.shape
+    last = lengths - 1
+    final = None
+    for start in range(0, T, chunk):
+        piece = ids[:, start:start + chunk]
+        positions = torch.arange(start, start + piece.shape[1], device=ids.device).expand(B, -1)
+        h = model.hidden_states(piece, cache, positions, slots)  # (B, t, d)
+        if final is None:
+            final = h.new_empty(B, h.shape[-1])
+        here = (last >= start) & (last < start + piece.shape[1])
+        final[here] = h[here, (last - start)[here]]
+    return model.lm_head(final)
+
+
+@torch.no_grad()
+def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence: tokens (B,) at positions (B,) -> next-token logits (B, V)."""
+    return model(tokens[:, None], cache, positions[:, None], slots)[:, -1]
+
+
+# ------------------------------------------------------------------------------ fusion
+
+
+def fuse_projections(model: Decoder) -> Decoder:
+    """q/k/v into one `qkv_proj`, gate/up into one `gate_up_proj`, in place, for inference.
+
+    One matmul instead of three reads the activations once and makes one kernel call per token
+    instead of three (at batch 1 on a CPU the calls, not the FLOPs, are much of the cost). Only
+    layers of one kind and format are fused; anything else (LoRA, low-rank, mixed formats) is
+    left as it is."""
+    from memlm.compress.quantize import concat_linears  # the formats know how to concatenate
+
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if attn.qkv_proj is None:
+            fused = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused is not None:
+                attn.qkv_proj = fused
+                del attn.q_proj, attn.k_proj, attn.v_proj
+        if getattr(mlp, "gate_up_proj", False) is None:
+            fused = concat_linears([mlp.gate_proj, mlp.up_proj])
+            if fused is not None:
+                mlp.gate_up_proj = fused
+                del mlp.gate_proj, mlp.up_proj
+    return model
+
+
+# ------------------------------------------------------------------------------ compile
+
+
+def inductor_cache_dir() -> Path:
+    """Where compiled kernels are kept between runs (~/.cache/memlm/inductor, or $MEMLM_CACHE/inductor)."""
+    root = os.environ.get("MEMLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memlm"
+    return Path(root) / "inductor"
+
+
+def compile_step(fn):
+    """`fn` compiled with inductor for decoding: static shapes, the whole step one graph, weights
+    frozen as constants (inference only), the C++ wrapper on CPU (less Python per call) and CUDA
+    graphs on a GPU. Kernels are cached on disk, so a second run starts warm."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    inductor_config.cpp_wrapper = True
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=None)
+
+
+class Engine:
+    """A model ready to generate: fused projections (when asked), a reusable cache pool, and the
+    decode step eager or compiled.
+
+    compile: compile the decode step (the first call of each shape pays the compile time, kept in
+    `compile_seconds`); if compiling fails the engine says so in one line and stays eager."""
+
+    def __init__(self, model: Decoder, compile: bool = False, fuse: bool = False,
+                 cache_dtype: torch.dtype | None = None):
+        self.model = fuse_projections(model) if fuse else model
+        self.cache_dtype = cache_dtype
+        self.compiled = False
+        self.compile_seconds = 0.0
+        self._cache: KVCache | None = None
+        self._shapes_seen: set[tuple] = set()
+        self._step = decode_step
+        if compile:
+            try:
+                self._step = compile_step(decode_step)
+                self.compiled = True
+            except Exception as e:  # noqa: BLE001 - any failure to set up compile means eager
+                log.warning("memlm: decode runs eager, torch.compile is unavailable (%s)", str(e).splitlines()[0])
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def cache(self, slots: int, needed: int) -> KVCache:
+        """A cache pool of `slots` sequences of at least `needed` tokens, reused when the shape repeats
+        (what is left in it is never seen: each query sees only positions its own row wrote)."""
+        max_len = cache_length(needed, self.model.config.block_size)
+        dtype = self.cache_dtype or self._float_dtype()
+        c = self._cache
+        if c is None or c.slots != slots or c.max_len != max_len or c.k.dtype != dtype:
+            self._cache = None  # free the old pool before allocating the new one
+            c = self._cache = KVCache(self.model.config, slots, max_len, dtype=dtype, device=self.device)
+        return c
+
+    def release_cache(self) -> None:
+        self._cache = None
+
+    def _float_dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.dtype.is_floating_point:
+                return p.dtype
+        return torch.float32
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        return prefill(self.model, ids, lengths, cache, slots)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.compiled:
+            return decode_step(self.model, tokens, positions, cache, slots)
+        shape = (tokens.shape[0], cache.slots, cache.max_len, slots is None)
+        if shape in self._shapes_seen:
+            return self._step(self.model, tokens, positions, cache, slots)
+        t0 = time.perf_counter()
+        try:
+            out = self._step(self.model, tokens, positions, cache, slots)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop generation
+            log.warning("memlm: compiling the decode step failed, running eager (%s)", str(e).splitlines()[0])
+            self.compiled = False
+            return decode_step(self.model, tokens, positions, cache, slots)
+        self.compile_seconds += time.perf_counter() - t0
+        self._shapes_seen.add(shape)
+        return out
+
+
+def as_engine(model_or_engine: Decoder | Engine, cache_dtype: torch.dtype | None = None) -> Engine:
+    """An Engine for a bare model: eager, unfused (the model is not changed)."""
+    if isinstance(model_or_engine, Engine):
+        return model_or_engine
+    if not isinstance(model_or_engine, nn.Module):
+        raise TypeError(f"expected a Decoder or an Engine, got {type(model_or_engine).__name__}")
+    return Engine(model_or_engine, cache_dtype=cache_dtype)

@@ -1,0 +1,130 @@
+"""The inference engine: per-row positions and cache slots against each sequence run alone with no
+cache; fused projections against the unfused model in every format; the compiled decode step
+against the eager one."""
+
+import pytest
+import torch
+
+from memlm.config import ModelConfig, cache_length
+from memlm.infer.engine import Engine, decode_step, fuse_projections, prefill
+from memlm.infer.generate import generate_batch, generate_ids
+from memlm.infer.sampling import SamplingSettings
+from memlm.model import Decoder, KVCache
+
+FLAVOURS = {
+    "llama-gqa-rope": dict(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_heads=2, bias=False),
+    "gpt2-learned": dict(norm="layernorm", positions="learned", mlp="gelu", n_kv_heads=4, bias=True),
+    "sinusoidal": dict(norm="layernorm", positions="sinusoidal", mlp="gelu", n_kv_heads=4, bias=True),
+}
+PROMPTS = [[5, 17, 99], [200, 3, 3, 41, 7, 120, 64, 9, 250], [11, 12, 13, 14, 15]]
+
+
+def flavour_model(name: str, n_embd: int = 32) -> Decoder:
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=259, block_size=64, n_layer=2, n_head=4, n_embd=n_embd, **FLAVOURS[name])
+    return Decoder(cfg).eval()
+
+
+def alone_logits(model: Decoder, ids: list[int]) -> torch.Tensor:
+    """Next-token logits after `ids`, by a full forward with no cache: the reference."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0, -1]
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_right_padded_prefill_equals_each_prompt_alone(flavour):
+    model = flavour_model(flavour)
+    longest = max(map(len, PROMPTS))
+    ids = torch.tensor([p + [7] * (longest - len(p)) for p in PROMPTS])
+    cache = KVCache(model.config, slots=3, max_len=32)
+    for chunk in (256, 2):  # one forward, and chunks that end inside some prompts
+        logits = prefill(model, ids, torch.tensor([len(p) for p in PROMPTS]), cache, chunk=chunk)
+        for row, p in enumerate(PROMPTS):
+            torch.testing.assert_close(logits[row], alone_logits(model, p), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_decode_in_slots_of_a_shared_pool_equals_each_sequence_alone(flavour):
+    """Sequences of different lengths in chosen slots of one pool, one decode step for all of
+    them at their own positions; then a shorter sequence reuses a slot that held a longer one."""
+    model = flavour_model(flavour)
+    pool = KVCache(model.config, slots=4, max_len=40)
+    slots = torch.tensor([3, 0, 1])
+    longest = max(map(len, PROMPTS))
+    ids = torch.tensor([p + [0] * (longest - len(p)) for p in PROMPTS])
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    prefill(model, ids, lengths, pool, slots)
+    seqs = [list(p) for p in PROMPTS]
+    tokens, positions = torch.tensor([4, 8, 15]), lengths.clone()
+    for _ in range(3):
+        logits = decode_step(model, tokens, positions, pool, slots)
+        for row in range(3):
+            seqs[row].append(int(tokens[row]))
+            torch.testing.assert_close(logits[row], alone_logits(model, seqs[row]), atol=1e-5, rtol=1e-5)
+        tokens, positions = logits.argmax(-1), positions + 1
+    # Slot 0 held 12+ tokens; a 2-token sequence there must not see any of them.
+    short = [9, 9]
+    first = prefill(model, torch.tensor([short]), torch.tensor([2]), pool, torch.tensor([0]))
+    torch.testing.assert_close(first[0], alone_logits(model, short), atol=1e-5, rtol=1e-5)
+    nxt = decode_step(model, torch.tensor([3]), torch.tensor([2]), pool, torch.tensor([0]))
+    torch.testing.assert_close(nxt[0], alone_logits(model, short + [3]), atol=1e-5, rtol=1e-5)
+
+
+def _quantized(model: Decoder, fmt: str) -> Decoder:
+    from memlm.compress.quantize import quantize_model
+
+    if fmt != "fp32":
+        # One compute path for every layer: torch's int4 kernel takes only out % 64 == 0 layers
+        # (in bf16), so fusing would move some outputs from one path to the other.
+        quantize_model(model, fmt, group_size=32, progress=False, use_kernel=False)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("flavour", ["llama-gqa-rope", "gpt2-learned"])
+def test_fused_projections_compute_what_the_separate_ones_did(flavour, fmt):
+    model = _quantized(flavour_model(flavour, n_embd=64), fmt)
+    x = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        before = model(x)
+        fuse_projections(model)
+        after = model(x)
+    assert all(b.attn.qkv_proj is not None and not hasattr(b.attn, "q_proj") for b in model.blocks)
+    if model.config.mlp == "swiglu":
+        assert all(b.mlp.gate_up_proj is not None for b in model.blocks)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_greedy_ids_equal_the_bare_model_and_reuse_the_pool():
+    model = flavour_model("llama-gqa-rope")
+    greedy = SamplingSettings(max_new_tokens=10, temperature=0)
+    expected = [list(generate_ids(model, p, greedy)) for p in PROMPTS]
+    engine = Engine(flavour_model("llama-gqa-rope"), fuse=True)
+    assert [list(generate_ids(engine, p, greedy)) for p in PROMPTS] == expected
+    assert generate_batch(engine, PROMPTS, greedy) == expected
+    pool = engine.cache(1, 20)
+    assert engine.cache(1, 30) is pool and pool.max_len == cache_length(20, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_compiled_decode_step_equals_eager(flavour, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    eager = Engine(flavour_model(flavour), fuse=True)
+    compiled = Engine(flavour_model(flavour), fuse=True, compile=True)
+    assert compiled.compiled
+    for engine in (eager, compiled):
+        cache = engine.cache(2, 24)
+        ids = torch.tensor([PROMPTS[0] + [0, 0], PROMPTS[2]])
+        lengths = torch.tensor([3, 5])
+        logits = engine.prefill(ids, lengths, cache)
+        steps = []
+        tokens, positions = logits.argmax(-1), lengths.clone()
+        for _ in range(4):
+            logits = engine.decode(tokens, positions, cache)
+            steps.append(logits)
+            tokens, positions = logits.argmax(-1), positions + 1
+        engine.steps = steps
+    assert compiled.compiled and compiled.compile_seconds > 0  # it did compile, and did not fall back
+    for a, b in zip(compiled.steps, eager.steps):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
