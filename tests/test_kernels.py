@@ -1,0 +1,296 @@
+"""memlm.kernels: the C++ int4/int8 linear ops against their PyTorch references.
+
+The kernels quantize activations to int8 (blocks of 32) before integer dot products, so they
+are compared tightly with references that do the same, and the references loosely (within the
+bound that rounding implies) with the plain float product of the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlm import kernels
+from memlm.compress.quantize import (
+    dequantize_groups,
+    dequantize_int8,
+    pack_int4,
+    quantize_groups,
+    quantize_int8,
+)
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels unavailable: {kernels._failure}")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=[True, False], ids=["avx2", "portable"])
+def simd(request):
+    """Both code paths; the AVX2 one only where the CPU has it."""
+    active = kernels.set_simd(request.param)
+    if request.param and not active:
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    yield active
+    kernels.set_simd(True)
+
+
+def int4_weight(out: int, inp: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    codes, scales, mins = quantize_groups(w, 4, group)
+    return pack_int4(codes), scales, mins, dequantize_groups(codes, scales, mins)
+
+
+def int8_weight(out: int, inp: int, group: int | None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, scales = quantize_int8(torch.randn(out, inp, generator=g) * 0.05, group_size=group)
+    return q, scales, dequantize_int8(q, scales)
+
+
+def activations(rows: int, inp: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inp, generator=g)
+    x[:, :32] *= 20  # an outlier block, as real activations have
+    return x
+
+
+def assert_tight(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same integers, same products: only the order of float additions may differ."""
+    scale = ref.abs().max().item() or 1.0
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+# ------------------------------------------------------------------------------ int4
+
+INT4_SHAPES = [(inp, g) for inp in (64, 576, 1536) for g in (32, 64, 128) if inp % g == 0]
+
+
+@pytest.mark.parametrize("inp,group", INT4_SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_int4_matches_reference(simd, inp, group, rows):
+    packed, scales, mins, _ = int4_weight(37, inp, group)  # 37: not a multiple of the 4-row tile
+    x = activations(rows, inp)
+    y = kernels.int4_linear(x, packed, scales, mins, group)
+    assert y.shape == (rows, 37) and y.dtype == torch.float32
+    assert_tight(y, kernels.int4_linear_reference(x, packed, scales, mins, group))
+
+
+@pytest.mark.parametrize("inp,group", [(576, 32), (576, 64), (1536, 128), (96, 32)])
+def test_int4_reference_within_activation_rounding(inp, group):
+    """The float product of the dequantized weights differs by at most what rounding x to int8 does."""
+    packed, scales, mins, w = int4_weight(64, inp, group)
+    x = activations(5, inp)
+    ref = kernels.int4_linear_reference(x, packed, scales, mins, group)
+    dense = x @ w.t()
+    bound = kernels.activation_error_bound(x, w)
+    assert ((ref - dense).abs() <= bound * 1.001 + 1e-4).all()
+    assert (ref - dense).abs().max() > 0  # the bound is not vacuous: the kernel does round
+
+
+def test_int4_odd_block_count(simd):
+    """in = 96: three blocks of 32, the last one not in a pair."""
+    packed, scales, mins, _ = int4_weight(9, 96, 32)
+    x = activations(3, 96)
+    assert_tight(kernels.int4_linear(x, packed, scales, mins, 32), kernels.int4_linear_reference(x, packed, scales, mins, 32))
+
+
+def test_int4_leading_dims_and_bf16(simd):
+    packed, scales, mins, _ = int4_weight(20, 576, 32)
+    x = activations(6, 576).view(2, 3, 576)
+    y = kernels.int4_linear(x, packed, scales, mins, 32)
+    assert y.shape == (2, 3, 20)
+    assert_tight(y, kernels.int4_linear_reference(x, packed, scales, mins, 32))
+    xb = x.bfloat16()
+    yb = kernels.int4_linear(xb, packed, scales, mins, 32)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, kernels.int4_linear_reference(xb, packed, scales, mins, 32), rtol=1 / 128, atol=0)
+
+
+def test_empty_input():
+    packed, scales, mins, _ = int4_weight(8, 64, 32)
+    assert kernels.int4_linear(torch.empty(0, 64), packed, scales, mins, 32).shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------ int8
+
+
+@pytest.mark.parametrize("group", [None, 32, 64])
+@pytest.mark.parametrize("inp", [64, 576, 1536])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_int8_matches_reference(simd, group, inp, rows):
+    q, scales, _ = int8_weight(37, inp, group)
+    x = activations(rows, inp)
+    y = kernels.int8_linear(x, q, scales)
+    assert y.shape == (rows, 37)
+    assert_tight(y, kernels.int8_linear_reference(x, q, scales))
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_reference_within_activation_rounding(group):
+    q, scales, w = int8_weight(64, 576, group)
+    x = activations(5, 576)
+    ref = kernels.int8_linear_reference(x, q, scales)
+    bound = kernels.activation_error_bound(x, w)
+    assert ((ref - x @ w.t()).abs() <= bound * 1.001 + 1e-4).all()
+
+
+def test_int8_codes_at_minus_128(simd):
+    """GGUF files may hold -128; the sign trick must still multiply it right."""
+    q, scales, _ = int8_weight(8, 64, 32)
+    q[:, ::3] = -128
+    x = activations(2, 64)
+    assert_tight(kernels.int8_linear(x, q, scales), kernels.int8_linear_reference(x, q, scales))
+
+
+# ------------------------------------------------------------------------------ many rows: dequantize + matmul
+
+
+def test_prefill_switches_to_float_matmul_at_the_threshold(simd):
+    packed, scales, mins, w4 = int4_weight(40, 576, 64)
+    q, s8, w8 = int8_weight(40, 576, None)
+    for rows, threshold in ((kernels.INT4_DEQUANT_ROWS, kernels.INT4_DEQUANT_ROWS), (kernels.INT8_DEQUANT_ROWS,) * 2):
+        x = activations(rows, 576)
+        below, at = x[:-1], x
+        # one row short: the integer kernel (its reference quantizes x); at the threshold: x @ W^T
+        assert_tight(kernels.int4_linear(below, packed, scales, mins, 64, threshold),
+                     kernels.int4_linear_reference(below, packed, scales, mins, 64, threshold))
+        torch.testing.assert_close(kernels.int4_linear(at, packed, scales, mins, 64, threshold), at @ w4.t())
+        torch.testing.assert_close(kernels.int8_linear(at, q, s8, threshold), at @ w8.t())
+        assert_tight(kernels.int8_linear(below, q, s8, threshold), kernels.int8_linear_reference(below, q, s8, threshold))
+
+
+def test_float_path_converts_a_large_head_in_chunks():
+    """More than 2^20 weights: converted a slice of rows at a time, same result."""
+    packed, scales, mins, w = int4_weight(2100, 576, 32)
+    x = activations(3, 576)
+    torch.testing.assert_close(kernels.int4_linear(x, packed, scales, mins, 32, 1), x @ w.t())
+
+
+# ------------------------------------------------------------------------------ threads, compile, errors
+
+
+def test_thread_count_does_not_change_the_result():
+    packed, scales, mins, _ = int4_weight(1536, 576, 32)
+    q, s8, _ = int8_weight(1536, 576, 32)
+    x = activations(3, 576)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((kernels.int4_linear(x, packed, scales, mins, 32), kernels.int8_linear(x, q, s8)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_compile_fullgraph_keeps_each_op_whole():
+    packed, scales, mins, _ = int4_weight(64, 576, 32)
+    q, s8, _ = int8_weight(48, 64, 32)
+
+    def two_layers(x):
+        h = torch.relu(kernels.int4_linear(x, packed, scales, mins, 32))
+        return kernels.int8_linear(h, q, s8) * 2
+
+    graphs = []
+
+    def capture(gm, example_inputs):  # a backend that records the graph and runs it as it is
+        graphs.append(gm)
+        return gm.forward
+
+    x = activations(3, 576)
+    eager = two_layers(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(two_layers, fullgraph=True, backend=capture)(x), eager)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("memlm.int4_linear") for t in targets) == 1, targets
+    assert sum(t.startswith("memlm.int8_linear") for t in targets) == 1, targets
+    # fake (meta) shapes: what AOT tracing and inductor see
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(two_layers, fullgraph=True, backend="aot_eager")(x), eager)
+
+
+def test_bad_inputs_raise_clear_errors():
+    packed, scales, mins, _ = int4_weight(8, 64, 32)
+    x = activations(2, 64)
+    cases = [
+        (lambda: kernels.int4_linear(x.long(), packed, scales, mins, 32), "x must be float32 or bfloat16"),
+        (lambda: kernels.int4_linear(x[:, :32], packed, scales, mins, 32), "last dimension must be in_features"),
+        (lambda: kernels.int4_linear(x, packed.to(torch.int8), scales, mins, 32), "packed must be Byte"),
+        (lambda: kernels.int4_linear(x, packed, scales.float(), mins, 32), "scales must be Half"),
+        (lambda: kernels.int4_linear(x, packed, scales, mins[:, :1], 32), "mins must have shape"),
+        (lambda: kernels.int4_linear(x, packed, scales, mins, 48), "group_size must be 32 or a multiple of 64"),
+        (lambda: kernels.int4_linear(x, packed.t().contiguous().t(), scales, mins, 32), "packed must be contiguous"),
+        (lambda: kernels.int4_linear(x, packed[:, :5].contiguous(), scales, mins, 32), "does not divide in_features"),
+        (lambda: kernels.int8_linear(x[:, :48], torch.zeros(8, 48, dtype=torch.int8), torch.ones(8)),
+         "in_features must be a multiple of 32"),
+        (lambda: kernels.int8_linear(x, packed, scales), "w_int8 must be Char"),
+        (lambda: kernels.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 3)), "grouped scales"),
+        (lambda: kernels.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(7)), "scales must have shape"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+# ------------------------------------------------------------------------------ building and loading
+
+
+def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MEMLM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = kernels.build_directory()
+    assert folder.parent == tmp_path / "xdg" / "memlm" / "kernels"
+    assert folder.name.startswith(torch.__version__ + "-")
+    monkeypatch.setenv("MEMLM_CACHE", str(tmp_path / "mine"))
+    assert kernels.build_directory().parent == tmp_path / "mine" / "kernels"
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+PROBE = """
+    import logging, sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    from memlm import kernels
+    print(kernels.available())
+"""
+
+
+def test_disabled_by_environment():
+    done = run_python(PROBE, {"MEMLM_KERNELS": "0"})
+    assert done.stdout.strip() == "False"
+    lines = [line for line in done.stderr.splitlines() if "memlm kernels" in line]
+    assert len(lines) == 1 and "MEMLM_KERNELS=0" in lines[0]
+
+
+def test_failed_build_falls_back_with_one_line(tmp_path):
+    """No working compiler: available() is False, one warning says what is used instead."""
+    done = run_python(PROBE, {"MEMLM_CACHE": str(tmp_path), "CXX": "/bin/false"})
+    assert done.stdout.strip() == "False", done.stderr
+    lines = [line for line in done.stderr.splitlines() if "memlm kernels" in line]
+    assert len(lines) == 1 and lines[0].startswith("WARNING") and "PyTorch's int4/int8 paths" in lines[0]
+
+
+@pytest.mark.slow
+def test_two_processes_build_at_once(tmp_path):
+    """A fresh cache and two processes: one builds (cpp_extension's lock), the other waits; both load."""
+    code = textwrap.dedent(PROBE) + (
+        "import torch\n"
+        "print(kernels.int8_linear(torch.ones(1, 32), torch.ones(2, 32, dtype=torch.int8), torch.ones(2)).tolist())\n")
+    env = {**os.environ, "MEMLM_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+        assert out.split() == ["True", "[[32.0,", "32.0]]"], (out, err)
+    assert len(list((tmp_path / "kernels").glob("*/ready"))) == 1
