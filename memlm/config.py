@@ -137,6 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Shapes of inference, followed by the engine (memlm.infer.engine) and the planner alike.
 PREFILL_CHUNK = 256  # prompt tokens per forward: bounds activations and attention (chunk x cache length)
 CACHE_ROUND = 128  # KV cache lengths are rounded up to a multiple of this: a compiled step meets few shapes
+KERNEL_MAX_ROWS = 16  # rows up to which memlm.kernels beat dequantize-then-matmul (bench/kernels.py)
 
 
 def cache_length(needed: int, block_size: int) -> int:

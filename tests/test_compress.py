@@ -45,6 +45,12 @@ LLAMA = dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_heads=2, n
 GPT2 = dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, ffn_hidden=256, bias=True)
 
 
+def kernels_built() -> bool:
+    from memlm import kernels
+
+    return kernels.available()
+
+
 def tiny(flavour=LLAMA, seed=0) -> Decoder:
     torch.manual_seed(seed)
     return Decoder(ModelConfig(**flavour)).eval()
@@ -147,20 +153,31 @@ def test_int8_linear_close_to_float():
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-def test_group_linear_both_paths(bits):
+def test_group_linear_every_compute_path(bits):
+    """Dequantize (use_kernel=False), PyTorch's int4 kernel (True) and the default (memlm's own
+    kernel where it is built): the same weights, the same state dict, outputs close to the float
+    product (the kernels round activations: bf16 for PyTorch's, int8 blocks for memlm's)."""
+    from memlm import kernels
+
     torch.manual_seed(0)
     lin = nn.Linear(192, 128)
     state = quantize_state(lin, f"int{bits}", 64)
     dense = Q.module_from_state(lin, f"int{bits}", state, use_kernel=False)
-    fast = Q.module_from_state(lin, f"int{bits}", state)
-    assert fast.kernel_layout == (bits == 4 and int4_kernel_available())
+    torch_kernel = Q.module_from_state(lin, f"int{bits}", state, use_kernel=True)
+    default = Q.module_from_state(lin, f"int{bits}", state)
+    assert dense.compute_path() == "dequantize"
+    assert torch_kernel.compute_path() == ("torch-int4" if bits == 4 and int4_kernel_available() else "dequantize")
+    best = "memlm" if kernels.available() else "torch-int4" if int4_kernel_available() else "dequantize"
+    assert default.compute_path() == (best if bits == 4 else "dequantize")
     x = torch.randn(7, 192)
     ref = F.linear(x, dequantize_weight(dense), lin.bias)
-    assert torch.allclose(dense(x), ref, atol=1e-5)
-    assert (fast(x) - ref).norm() / ref.norm() < 0.01  # the kernel runs in bf16
-    assert torch.equal(dequantize_weight(fast), dequantize_weight(dense))
-    sd_fast, sd_dense = fast.state_dict(), dense.state_dict()
-    assert sd_fast.keys() == sd_dense.keys() and all(torch.equal(sd_fast[k], sd_dense[k]) for k in sd_fast)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), ref, atol=1e-5)
+        for fast in (torch_kernel, default):
+            assert (fast(x) - ref).norm() / ref.norm() < 0.01
+            assert torch.equal(dequantize_weight(fast), dequantize_weight(dense))
+            sd_fast, sd_dense = fast.state_dict(), dense.state_dict()
+            assert sd_fast.keys() == sd_dense.keys() and all(torch.equal(sd_fast[k], sd_dense[k]) for k in sd_fast)
 
 
 def test_casting_the_model_keeps_the_stored_scales():
@@ -346,8 +363,9 @@ def _compressed(kind: str, text_tokens) -> Decoder:
         return gptq_quantize_model(tiny(), windows(train_ids, 2, 32), bits=3, group_size=32, progress=False)
     if kind == "gptq4":
         model = gptq_quantize_model(tiny(), windows(train_ids, 2, 32), bits=4, group_size=64, progress=False)
-        kernels = [m.kernel_layout for m in model.modules() if isinstance(m, Int4Linear)]
-        assert kernels and all(k == int4_kernel_available() for k in kernels)  # switched on after calibration
+        paths = [m.compute_path() for m in model.modules() if isinstance(m, Int4Linear)]
+        assert paths and all(p != "dequantize" for p in paths) == (int4_kernel_available() or kernels_built())
+        # a kernel switched on after calibration
         return model
     if kind == "lowrank+int4":
         model = tiny()

@@ -218,12 +218,13 @@ def test_inference_weights_are_exact(name, fmt):
     if fmt == "bf16":
         model.to(torch.bfloat16)
     elif fmt in ("int8", "int4"):
-        from memlm.compress import int4_kernel_available, quantize_model
+        from memlm.compress import quantize_model
+        from memlm.compress.quantize import torch_int4_layout_by_default
 
         quantize_model(model, fmt, progress=False)
         with torch.no_grad():  # the int4 kernel caches its (scale, zero) pairs on first use
             model(torch.zeros(1, 2, dtype=torch.long))
-        kernel = int4_kernel_available()
+        kernel = torch_int4_layout_by_default()
     assert inference_weight_bytes(cfg, fmt, int4_kernel=kernel) == _module_bytes(model)
 
 

@@ -51,7 +51,7 @@ from memlm.compress.quantize import (
     Int8TiedHead,
     choose_group_size,
     dequantize_weight,
-    int4_kernel_available,
+    torch_int4_layout_by_default,
     module_from_codes,
     quantize_embedding_int8,
     quantize_model,
@@ -472,7 +472,8 @@ def plan_compress(source: str, methods: list[str], options: CompressOptions | No
     o.validate()
     check_methods(methods)
     config = model_config_of(source)
-    kernel = o.use_kernel is not False and int4_kernel_available()
+    # PyTorch's int4 layout: asked for, or by default where memlm's own kernels are not built
+    kernel = o.use_kernel is True or (o.use_kernel is None and torch_int4_layout_by_default())
     window = min(o.window, config.block_size)
 
     layouts: dict[str, dict] = {}  # layout_of reads the file's header: once per format

@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.config import KERNEL_MAX_ROWS
 from memlm.errors import MemlmError
 
 Scheme = Literal["int8", "int4", "int3"]
 GROUP_SIZES = (128, 64, 32)  # allowed group sizes, largest first
 INT8_CHUNK_ELEMENTS = 1 << 20  # weights converted to float at once by the fp32 int8 path (4 MB)
+DEQUANT_CHUNK_ELEMENTS = 1 << 20  # int4/int3 weights dequantized at once when no kernel takes the call
 INT8_KERNEL_MAX_ROWS = 8  # `_weight_int8pack_mm` beats convert-then-matmul only for a few rows (bf16)
-KERNEL_MAX_ROWS = 16  # memlm's kernels beat dequantize-then-matmul up to about this many rows (bench/kernels.py)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -409,6 +410,14 @@ def int4_kernel_available() -> bool:
     return _cpu_int4_layout_ok()
 
 
+def torch_int4_layout_by_default() -> bool:
+    """Whether int4 layers hold PyTorch's int4 kernel layout (and its bf16 scale cache) by
+    default: where its kernel runs and memlm's own kernels were not built."""
+    from memlm import kernels
+
+    return int4_kernel_available() and not kernels.available()
+
+
 class GroupQuantLinear(_KeepsScaleDtype):
     """Linear with `bits`-bit codes, float16 scale and min per group of inputs (base of Int4/Int3)."""
 
@@ -499,15 +508,28 @@ class GroupQuantLinear(_KeepsScaleDtype):
 
     # compute
 
-    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized(self, dtype=torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The float weight, or its output rows start..stop."""
+        rows = slice(start, stop)
         if self.bits == 4 and not self.kernel_layout:  # unpack straight into floats (2x faster)
-            p = self.weight_packed
-            q = torch.empty(self.out_features, self.in_features, dtype=dtype, device=p.device)
+            p = self.weight_packed[rows]
+            q = torch.empty(p.shape[0], self.in_features, dtype=dtype, device=p.device)
             q[:, 0::2] = p & 15
             q[:, 1::2] = p >> 4
         else:
-            q = self.codes().to(dtype)
-        return _scale_codes(q, self.scales, self.mins)
+            q = self.codes()[rows].to(dtype)
+        return _scale_codes(q, self.scales[rows], self.mins[rows])
+
+    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T with W dequantized a slice of output rows at a time: no float copy of more
+        than DEQUANT_CHUNK_ELEMENTS weights exists at once, however wide a fused layer is."""
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+        if self.out_features <= step:
+            return F.linear(x, self.dequantized(x.dtype))
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for i in range(0, self.out_features, step):
+            y[..., i:i + step] = F.linear(x, self.dequantized(x.dtype, i, i + step))
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memlm_kernel and not self.kernel_layout and memlm_kernels_fit(x, self.in_features, self.group_size):
@@ -522,8 +544,8 @@ class GroupQuantLinear(_KeepsScaleDtype):
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, self._scale_zeros)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:  # one layer's weight, dequantized for this call only
-            y = F.linear(x, self.dequantized(x.dtype))
+        else:  # the weight dequantized for this call only (a prefill, or no kernel)
+            y = self._dequantized_matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def spec(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from memlm.config import PREFILL_CHUNK, ModelConfig, TrainConfig, cache_length
+from memlm.config import KERNEL_MAX_ROWS, PREFILL_CHUNK, ModelConfig, TrainConfig, cache_length
 from memlm.errors import MemlmError
 
 MiB = 2**20
@@ -788,12 +788,40 @@ def int4_group_size(in_features: int, requested: int = 128) -> int:
     raise MemlmError(f"int4 needs in_features divisible by 32, got {in_features}")
 
 
+DEQUANT_CHUNK = 1 << 20  # weights dequantized at once (memlm.compress.quantize: DEQUANT/INT8_CHUNK_ELEMENTS)
+
+
 def int4_uses_kernel(out_features: int, group: int) -> bool:
     """Whether memlm.compress's Int4Linear runs the CPU int4 kernel for this shape (when available)."""
     return out_features % 64 == 0 and group in (32, 64, 128)
 
 
-def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = True,
+def torch_int4_layout(int4_kernel: bool | None) -> bool:
+    """int4_kernel as given, or (None) what int4 layers do on this machine by default: hold
+    PyTorch's int4 kernel layout only where memlm's own kernels were not built."""
+    if int4_kernel is not None:
+        return int4_kernel
+    from memlm.compress.quantize import torch_int4_layout_by_default
+
+    return torch_int4_layout_by_default()
+
+
+def memlm_kernels_built() -> bool:
+    from memlm import kernels
+
+    return kernels.available()
+
+
+def inference_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of the Linears of one block as inference runs them: q/k/v and gate/up fused
+    (memlm.infer.engine.fuse_projections)."""
+    d, f, hd = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
+    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
+    mlp = [(d, 2 * f), (f, d)] if cfg.mlp == "swiglu" else [(d, f), (f, d)]
+    return [(d, qd + 2 * kvd), (qd, d)] + mlp
+
+
+def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool | None = None,
                        group_size: int | None = None) -> int:
     """Stored bytes of one (n_out, n_in) Linear weight in `fmt` (bias not included).
 
@@ -801,7 +829,8 @@ def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = Tru
     Q8_0 loaded as it is: g = 32) n + 4*out*in/g (an fp32 scale per group);
     int4: n/2 + (2+2)*out*in/g (fp16 scale and min per group of g inputs, g the largest of
     128/64/32 <= group_size (default 128) that divides in: choose_group_size; 32 for GGUF Q4_1);
-    the CPU int4 kernel also caches a bf16 (scale, zero) pair per group on first use: + 4*out*in/g.
+    PyTorch's CPU int4 kernel also caches a bf16 (scale, zero) pair per group on first use:
+    + 4*out*in/g, where its layout is used (int4_kernel; None: as on this machine, torch_int4_layout).
     """
     n = n_in * n_out
     if fmt in ("fp32", "bf16"):
@@ -811,13 +840,13 @@ def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool = Tru
     if fmt == "int4":
         g = int4_group_size(n_in, group_size or 128)
         groups = n_out * (n_in // g)
-        kernel = 4 * groups if (int4_kernel and int4_uses_kernel(n_out, g)) else 0
+        kernel = 4 * groups if (torch_int4_layout(int4_kernel) and int4_uses_kernel(n_out, g)) else 0
         return n // 2 + 4 * groups + kernel
     raise MemlmError(f"unknown weight format '{fmt}'", "use fp32, bf16, int8 or int4")
 
 
 def inference_weight_bytes(cfg: ModelConfig, weight_format: str = "fp32", quantize_embedding: bool = False,
-                           int4_kernel: bool = True, group_size: int | None = None,
+                           int4_kernel: bool | None = None, group_size: int | None = None,
                            embedding_group_size: int | None = None) -> int:
     """Weights of a model for generation: block Linears in `weight_format` (`group_size` as in
     `linear_weight_bytes`); embeddings, norms and biases fp32 (bf16 for the bf16 format); the
@@ -845,16 +874,18 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, kv_dtype: str = "
 
 
 def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: str = "fp32",
-                      int4_kernel: bool = True) -> tuple[int, str]:
+                      int4_kernel: bool | None = None) -> tuple[int, str]:
     """Peak of the temporaries of a no-grad forward over `tokens` new tokens per sequence.
 
     Liveness in Block.forward: the caller's x, the residual after attention, the MLP's input
     norm, then swiglu's silu(gate), up and their product (gelu: up and gelu(up)):
       mlp  3*N*d*a + (3 swiglu | 2 gelu)*N*f*a
       attn 2*N*d*a + N*(2*qd + 2*kvd)*a + RoPE's rotate-half temporaries (3*N*qd*a)
-    plus, for a quantized Linear, its dequantized weight for the call (int8: out*in*4, the
-    fp32 copy of w_int8) or, with the int4 kernel, bf16 copies of input and output (without
-    it: unpacked codes + fp32 dequantization, ~13 bytes per weight of one layer).
+    plus, for a quantized Linear: up to KERNEL_MAX_ROWS rows through memlm's kernels, the int8
+    activation codes and the output (N*i + N*o*4); with PyTorch's int4 kernel layout, bf16
+    copies of input and output; else the weight dequantized a slice at a time (int8: 4 bytes,
+    int4: unpacked codes + fp32 dequantization, ~13 bytes per weight, of at most
+    DEQUANT_CHUNK weights), over the fused inference shapes.
     """
     a = 2 if weight_format == "bf16" else 4
     N, d, f = batch * tokens, cfg.n_embd, cfg.ffn_hidden
@@ -863,14 +894,16 @@ def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: 
     rope = 3 * N * qd * a if cfg.positions == "rope" else 0
     attn = 2 * N * d * a + N * (2 * qd + 2 * kvd) * a + rope
     quant = 0
-    lins = block_linears(cfg)
-    if weight_format == "int8":  # the output's scaling takes the place of an activation
-        quant = max(i * o * 4 for i, o in lins)
-    elif weight_format == "int4":
-        if int4_kernel and all(int4_uses_kernel(o, int4_group_size(i)) for i, o in lins):
+    lins = block_linears(cfg) + inference_linears(cfg)
+    if weight_format in ("int8", "int4"):
+        torch_layout = weight_format == "int4" and torch_int4_layout(int4_kernel)
+        if torch_layout and all(int4_uses_kernel(o, int4_group_size(i)) for i, o in block_linears(cfg)):
             quant = max(N * i * 2 + N * o * 2 for i, o in lins)
-        else:  # unpack (1 B) + to fp32 + q*scale + min: ~13 bytes per weight of one layer
-            quant = max(13 * i * o for i, o in lins)
+        elif N <= KERNEL_MAX_ROWS and not torch_layout and memlm_kernels_built():
+            quant = max(N * i + N * o * 4 for i, o in lins)
+        else:  # int8: to fp32 (4 B); int4: unpack (1 B) + to fp32 + q*scale + min, ~13 B per weight
+            per_weight = 4 if weight_format == "int8" else 13
+            quant = max(per_weight * min(i * o, DEQUANT_CHUNK) for i, o in lins)
     final = N * d * a + batch * cfg.vocab_size * 4  # final norm over all positions, last logits
     peak = max(mlp, attn) + quant
     return max(peak, final), (f"max(mlp 3*N*d*a + {3 if cfg.mlp == 'swiglu' else 2}*N*f*a, "
@@ -880,7 +913,7 @@ def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: 
 
 def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | None = None,
                        weight_format: str = "fp32", kv_dtype: str | None = None, prompt_len: int | None = None,
-                       device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True,
+                       device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool | None = None,
                        group_size: int | None = None, embedding_group_size: int | None = None) -> Breakdown:
     """Peak memory of generation: weights + KV cache for `batch` sequences of `context` tokens +
     the larger of the prefill and decode temporaries + the runtime.
@@ -940,7 +973,7 @@ def _inference_extras(cfg: ModelConfig, weight_format: str, device: str) -> list
 
 
 def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None = None, weight_format: str = "fp32",
-                     device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool = True,
+                     device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool | None = None,
                      group_size: int | None = None, embedding_group_size: int | None = None) -> Breakdown:
     """Peak memory of perplexity scoring (memlm.eval.perplexity): no KV cache, but the logits of
     every position: batch windows of `window` tokens score N = batch*(window-1) positions.
@@ -990,7 +1023,7 @@ RTN_BYTES_PER_WEIGHT = 9
 
 
 def compressed_weight_bytes(cfg: ModelConfig, weight_format: str, group_size: int = 128,
-                            quantize_embedding: bool = False, int4_kernel: bool = True) -> int:
+                            quantize_embedding: bool = False, int4_kernel: bool | None = None) -> int:
     """Weights of a compressed model: `inference_weight_bytes`, plus int3 (which inference does
     not plan for): codes packed 3 bits a weight, n*3/8, and an fp16 scale and min per group."""
     if weight_format != "int3":
@@ -1004,7 +1037,7 @@ def _scoring_terms(cfg: ModelConfig, window: int, weight_format: str, group_size
                    quantize_embedding: bool, int4_kernel: bool, device: str) -> dict[str, tuple[int, str]]:
     """The workspace of one perplexity window (memlm.eval.perplexity): estimate_scoring's."""
     fmt = "int4" if weight_format == "int3" else weight_format  # int3 computes like int4 without the kernel
-    s = estimate_scoring(cfg, 1, window, fmt, device, quantize_embedding, int4_kernel and fmt == "int4",
+    s = estimate_scoring(cfg, 1, window, fmt, device, quantize_embedding, fmt == "int4" and torch_int4_layout(int4_kernel),
                          group_size if fmt == "int4" else None)
     return {"workspace": (s["workspace"], next(t.formula for t in s.terms if t.name == "workspace"))}
 
@@ -1012,7 +1045,7 @@ def _scoring_terms(cfg: ModelConfig, window: int, weight_format: str, group_size
 def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: int = 128,
                       quantize_embedding: bool = False, eval_before: bool = True, eval_after: bool = True,
                       window: int = 512, calib_tokens: int = 16_384, load_format: str | None = None,
-                      load_layout: dict | None = None, int4_kernel: bool = True, device: str = "cpu") -> Breakdown:
+                      load_layout: dict | None = None, int4_kernel: bool | None = None, device: str = "cpu") -> Breakdown:
     """Peak memory of `memlm compress` (memlm.compress.pipeline.compress_to_folder), as a timeline:
 
       load               the model as loaded: float32 (load_format None: the methods need float
@@ -1049,7 +1082,7 @@ def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: in
     n_max = max(i * o for i, o in lins)
     fp32 = inference_weight_bytes(cfg, "fp32")
     fp32_f = "float32 model: 4*P + tables"
-    kernel = int4_kernel and after_fmt == "int4"
+    kernel = after_fmt == "int4" and torch_int4_layout(int4_kernel)
     # After the methods, before any forward: the int4 kernel's bf16 (scale, zero) cache is made on
     # first use, so it joins from the evaluation on.
     after_cold = compressed_weight_bytes(cfg, after_fmt, group_size, False, False)
