@@ -12,8 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def memlm(*args, cwd=None, input=None, timeout=300):
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "MEMLM_MODELS": str(Path(cwd or ROOT) / "no-models")}
+def memlm(*args, cwd=None, input=None, timeout=300, env=None):
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "MEMLM_MODELS": str(Path(cwd or ROOT) / "no-models"),
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "memlm", *args], capture_output=True, text=True, cwd=cwd,
                           input=input, timeout=timeout, env=env)
 
@@ -106,6 +107,19 @@ def test_generate_and_eval_on_the_trained_run(tiny_run):
 
     record = json.loads(proc.stdout)
     assert record["windows"] > 0 and 1 < record["ppl"] < 400
+
+
+@pytest.mark.slow
+def test_generate_compiled_gives_the_eager_text(tiny_run, tmp_path):
+    """--compile: the same greedy text as eager, the compile reported apart, kernels cached."""
+    env_cache = {"MEMLM_CACHE": str(tmp_path / "cache")}
+    args = ("generate", "The for statement", "--model", "runs/small", "--max-new-tokens", "12", "--temperature", "0")
+    eager = memlm(*args, "--no-compile", cwd=tiny_run)
+    compiled = memlm(*args, "--compile", cwd=tiny_run, env=env_cache)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+    assert "decode step compiled in" in compiled.stderr and "decode step compiled" not in eager.stderr
+    assert any((tmp_path / "cache" / "inductor").iterdir())
 
 
 def test_prompt_longer_than_context(tiny_run):
