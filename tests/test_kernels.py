@@ -30,14 +30,14 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=[True, False], ids=["avx2", "portable"])
-def simd(request):
-    """Both code paths; the AVX2 one only where the CPU has it."""
-    active = kernels.set_simd(request.param)
-    if request.param and not active:
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
+@pytest.fixture(params=["avx_vnni", "avx2", "portable"])
+def isa(request):
+    """Every code path the CPU has."""
+    active = kernels.set_isa(request.param)
+    if active != request.param:
+        pytest.skip(f"this CPU has no {request.param}")
     yield active
-    kernels.set_simd(True)
+    kernels.set_isa("best")
 
 
 def int4_weight(out: int, inp: int, group: int, seed: int = 0):
@@ -69,16 +69,17 @@ def assert_tight(y: torch.Tensor, ref: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------ int4
 
 INT4_SHAPES = [(inp, g) for inp in (64, 576, 1536) for g in (32, 64, 128) if inp % g == 0]
+ROWS = (1, 2, 3, 17)
 
 
 @pytest.mark.parametrize("inp,group", INT4_SHAPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 17])
-def test_int4_matches_reference(simd, inp, group, rows):
+def test_int4_matches_reference(isa, inp, group):
     packed, scales, mins, _ = int4_weight(37, inp, group)  # 37: not a multiple of the 4-row tile
-    x = activations(rows, inp)
-    y = kernels.int4_linear(x, packed, scales, mins, group)
-    assert y.shape == (rows, 37) and y.dtype == torch.float32
-    assert_tight(y, kernels.int4_linear_reference(x, packed, scales, mins, group))
+    for rows in ROWS:
+        x = activations(rows, inp)
+        y = kernels.int4_linear(x, packed, scales, mins, group)
+        assert y.shape == (rows, 37) and y.dtype == torch.float32
+        assert_tight(y, kernels.int4_linear_reference(x, packed, scales, mins, group))
 
 
 @pytest.mark.parametrize("inp,group", [(576, 32), (576, 64), (1536, 128), (96, 32)])
@@ -93,14 +94,14 @@ def test_int4_reference_within_activation_rounding(inp, group):
     assert (ref - dense).abs().max() > 0  # the bound is not vacuous: the kernel does round
 
 
-def test_int4_odd_block_count(simd):
+def test_int4_odd_block_count(isa):
     """in = 96: three blocks of 32, the last one not in a pair."""
     packed, scales, mins, _ = int4_weight(9, 96, 32)
     x = activations(3, 96)
     assert_tight(kernels.int4_linear(x, packed, scales, mins, 32), kernels.int4_linear_reference(x, packed, scales, mins, 32))
 
 
-def test_int4_leading_dims_and_bf16(simd):
+def test_int4_leading_dims_and_bf16(isa):
     packed, scales, mins, _ = int4_weight(20, 576, 32)
     x = activations(6, 576).view(2, 3, 576)
     y = kernels.int4_linear(x, packed, scales, mins, 32)
@@ -110,6 +111,16 @@ def test_int4_leading_dims_and_bf16(simd):
     yb = kernels.int4_linear(xb, packed, scales, mins, 32)
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb, kernels.int4_linear_reference(xb, packed, scales, mins, 32), rtol=1 / 128, atol=0)
+
+
+def test_non_finite_activations_give_nan_not_a_wrong_number(isa):
+    packed, scales, mins, _ = int4_weight(8, 64, 32)
+    q, s8, _ = int8_weight(8, 64, 32)
+    x = activations(3, 64)
+    x[0, 5], x[1, 40] = float("inf"), float("nan")
+    for y in (kernels.int4_linear(x, packed, scales, mins, 32), kernels.int8_linear(x, q, s8)):
+        assert y[:2].isnan().all() and y[2].isfinite().all()
+    assert kernels.int4_linear_reference(x, packed, scales, mins, 32)[:2].isnan().all()
 
 
 def test_empty_input():
@@ -122,13 +133,13 @@ def test_empty_input():
 
 @pytest.mark.parametrize("group", [None, 32, 64])
 @pytest.mark.parametrize("inp", [64, 576, 1536])
-@pytest.mark.parametrize("rows", [1, 2, 3, 17])
-def test_int8_matches_reference(simd, group, inp, rows):
+def test_int8_matches_reference(isa, group, inp):
     q, scales, _ = int8_weight(37, inp, group)
-    x = activations(rows, inp)
-    y = kernels.int8_linear(x, q, scales)
-    assert y.shape == (rows, 37)
-    assert_tight(y, kernels.int8_linear_reference(x, q, scales))
+    for rows in ROWS:
+        x = activations(rows, inp)
+        y = kernels.int8_linear(x, q, scales)
+        assert y.shape == (rows, 37)
+        assert_tight(y, kernels.int8_linear_reference(x, q, scales))
 
 
 @pytest.mark.parametrize("group", [None, 32])
@@ -140,7 +151,7 @@ def test_int8_reference_within_activation_rounding(group):
     assert ((ref - x @ w.t()).abs() <= bound * 1.001 + 1e-4).all()
 
 
-def test_int8_codes_at_minus_128(simd):
+def test_int8_codes_at_minus_128(isa):
     """GGUF files may hold -128; the sign trick must still multiply it right."""
     q, scales, _ = int8_weight(8, 64, 32)
     q[:, ::3] = -128
@@ -151,7 +162,7 @@ def test_int8_codes_at_minus_128(simd):
 # ------------------------------------------------------------------------------ many rows: dequantize + matmul
 
 
-def test_prefill_switches_to_float_matmul_at_the_threshold(simd):
+def test_prefill_switches_to_float_matmul_at_the_threshold(isa):
     packed, scales, mins, w4 = int4_weight(40, 576, 64)
     q, s8, w8 = int8_weight(40, 576, None)
     for rows, threshold in ((kernels.INT4_DEQUANT_ROWS, kernels.INT4_DEQUANT_ROWS), (kernels.INT8_DEQUANT_ROWS,) * 2):
@@ -229,7 +240,7 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: kernels.int4_linear(x, packed.t().contiguous().t(), scales, mins, 32), "packed must be contiguous"),
         (lambda: kernels.int4_linear(x, packed[:, :5].contiguous(), scales, mins, 32), "does not divide in_features"),
         (lambda: kernels.int8_linear(x[:, :48], torch.zeros(8, 48, dtype=torch.int8), torch.ones(8)),
-         "in_features must be a multiple of 32"),
+         "in_features must be a positive multiple of 32"),
         (lambda: kernels.int8_linear(x, packed, scales), "w_int8 must be Char"),
         (lambda: kernels.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 3)), "grouped scales"),
         (lambda: kernels.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(7)), "scales must have shape"),
@@ -237,6 +248,8 @@ def test_bad_inputs_raise_clear_errors():
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+    with pytest.raises(RuntimeError, match="unknown path"):
+        kernels.set_isa("sse9")
 
 
 # ------------------------------------------------------------------------------ building and loading

@@ -3,17 +3,22 @@
     int4_linear(x, packed, scales, mins, group_size)   int4 codes + float16 scale/min per group
     int8_linear(x, w_int8, scales)                     int8 codes + float32 scale per row or group
 
-The weights are memlm's portable layouts as saved (memlm/compress/quantize.py); x is float32 or
-bfloat16 (..., in), y comes back (..., out) in x's dtype. As in llama.cpp's q4_1 / q8_0 paths,
-each activation row is first quantized to int8 in blocks of 32 (scale max|x| / 127), so the
-result differs from the float product by that rounding (see `activation_error_bound`).
-`int4_linear_reference` / `int8_linear_reference` compute the same thing in PyTorch.
+The weights are memlm's portable layouts as saved (memlm/compress/quantize.py), used as they
+are; x is float32 or bfloat16 (..., in), y comes back (..., out) in x's dtype. As in llama.cpp's
+q4_1 / q8_0 paths, each activation row is first quantized to int8 in blocks of 32 (scale
+max|x| / 127) and the dot products are done in integers, so the result differs from the float
+product by that rounding (bounded by `activation_error_bound`). From INT4_DEQUANT_ROWS /
+INT8_DEQUANT_ROWS rows on (a long prefill) the ops dequantize a slice of weights at a time and
+use torch's float matmul instead. `int4_linear_reference` / `int8_linear_reference` compute the
+same as the ops in plain PyTorch, for tests.
 
-The extension is compiled on first use (g++ and ninja, ~15 s) into
-$MEMLM_CACHE/kernels/<torch>-<hash> (MEMLM_CACHE defaults to $XDG_CACHE_HOME/memlm, or
-~/.cache/memlm) and loaded from there afterwards. `available()` says whether that worked;
-MEMLM_KERNELS=0 turns the kernels off. The ops are registered as torch.ops.memlm.*, each with a
-fake (shape) function, so torch.compile(fullgraph=True) keeps each call as one opaque op.
+The code path is picked from the CPU at run time: AVX2 + AVX-VNNI, AVX2 (+FMA, F16C), or plain
+C++ (`set_isa` chooses one for tests). The extension is compiled on first use (g++ and ninja,
+about 20 s on 2 cores) into $MEMLM_CACHE/kernels/<torch>-<hash> (MEMLM_CACHE defaults to
+$XDG_CACHE_HOME/memlm, or ~/.cache/memlm) and loaded from there afterwards. `available()` says
+whether that worked; MEMLM_KERNELS=0 turns the kernels off. The ops are registered as
+torch.ops.memlm.*, each with a fake (shape) function, so torch.compile(fullgraph=True) keeps each
+call as one opaque op. They have no autograd formula: inference only.
 """
 
 from __future__ import annotations
@@ -34,11 +39,16 @@ log = logging.getLogger("memlm")
 BLOCK = 32  # activation quantization block (inputs per int8 scale)
 # From this many activation rows on (a prefill), the ops dequantize the weights (4 MB at a time)
 # and use torch's float matmul instead: the integer kernel does not reuse a weight across rows
-# the way MKL's blocked matmul does. Measured on the dev box (576x1536, 1 thread): see below.
+# the way MKL's blocked matmul does. Measured on the 2-core dev box (1 thread, AVX-VNNI path,
+# 576x1536 and 1536x576, ms kernel vs dequantize + matmul):
+#   int4  R=32: 0.72 / 0.62 vs 0.85 / 0.81   R=48: 1.6(noisy) / 0.95 vs 1.25 / 1.01   R=64: 1.37 / 1.30 vs 1.16 / 1.22
+#   int8  R=24: 0.68 / 0.65 vs 0.75 / 0.74   R=32: 0.90 / 0.83 vs 0.85 / 0.83
 INT4_DEQUANT_ROWS = 48
 INT8_DEQUANT_ROWS = 32
 _NAME = "memlm_quant_linear"
-_SOURCES = (Path(__file__).parent / "csrc" / "quant_linear.cpp",)
+_CSRC = Path(__file__).parent / "csrc"
+# Two translation units, so ninja compiles them in parallel: the torch ops and the compute.
+_SOURCES = (_CSRC / "quant_linear.cpp", _CSRC / "quant_kernels.cpp")
 # No -mavx2: the AVX2 functions carry their own target attribute and are chosen at run time, so
 # the portable fallback in the same file never contains AVX2 instructions. -fopenmp: at::parallel_for
 # is a header template that only splits work when the caller is compiled with OpenMP (it then
@@ -46,6 +56,7 @@ _SOURCES = (Path(__file__).parent / "csrc" / "quant_linear.cpp",)
 _CFLAGS = ("-O3", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
+STALE_LOCK_SECONDS = 600  # a build takes well under a minute; an older lock file is a dead build's
 _lock = threading.Lock()
 _LOADED: bool | None = None  # None: not tried yet
 _failure: str | None = None  # why not, when _LOADED is False
@@ -66,8 +77,8 @@ def cache_root() -> Path:
 def build_directory() -> Path:
     """One folder per torch version and source/flags hash: an edit or a new torch builds anew."""
     h = hashlib.sha256()
-    for src in _SOURCES:
-        h.update(src.read_bytes())
+    for src in sorted(_CSRC.glob("*")):  # the .cpp and the header it includes
+        h.update(src.name.encode() + src.read_bytes())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     return cache_root() / "kernels" / f"{torch.__version__}-{h.hexdigest()[:16]}"
 
@@ -84,6 +95,9 @@ def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
     folder.mkdir(parents=True, exist_ok=True)  # racing processes: exist_ok, then cpp_extension's lock file
+    lock = folder / "lock"
+    if lock.is_file() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)  # left by a build that was killed: cpp_extension would wait forever
     start = time.perf_counter()
     cpp_extension.load(name=_NAME, sources=[str(s) for s in _SOURCES], extra_cflags=list(_CFLAGS),
                        extra_ldflags=list(_LDFLAGS),
@@ -140,10 +154,11 @@ def _require() -> None:
                          "install g++ and ninja, or check memlm.kernels.available() before calling them")
 
 
-def set_simd(enabled: bool) -> bool:
-    """Use the AVX2 path (True, where the CPU has it) or the portable C++ one; returns what is in use."""
+def set_isa(name: str = "best") -> str:
+    """Choose the code path: "avx_vnni", "avx2", "portable" (plain C++) or "best", capped at what
+    the CPU has (for tests and benchmarks; the best one is used by default). Returns the one in use."""
     _require()
-    return bool(torch.ops.memlm.set_simd(enabled))
+    return torch.ops.memlm.set_isa(name)
 
 
 # ------------------------------------------------------------------------------ the ops
@@ -158,7 +173,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     (0: always the kernel)."""
     if not _LOADED:
         _require()
-    return torch.ops.memlm.int4_linear(x, packed, scales, mins, group_size, dequant_rows)
+    return torch.ops.memlm.int4_linear.default(x, packed, scales, mins, group_size, dequant_rows)
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
@@ -167,7 +182,7 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
     or (out, in/g) per group of g inputs (g a multiple of 32). `dequant_rows` as for int4_linear."""
     if not _LOADED:
         _require()
-    return torch.ops.memlm.int8_linear(x, w_int8, scales, dequant_rows)
+    return torch.ops.memlm.int8_linear.default(x, w_int8, scales, dequant_rows)
 
 
 # ------------------------------------------------------------------------------ references

@@ -1,0 +1,351 @@
+// The compute of memlm's quantized linear ops (declared in quant_kernels.h): activation
+// quantization, the integer dot-product tiles (portable here, SIMD in simd_kernels.h) and the
+// dequantization of the long-prefill path. No torch headers: this file compiles beside
+// quant_linear.cpp, in parallel.
+
+#include "quant_kernels.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MEMLM_X86 1
+#include <immintrin.h>
+#define MEMLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace memlm::kernels {
+
+Isa best_isa() {
+#ifdef MEMLM_X86
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    return kPortable;
+  return __builtin_cpu_supports("avxvnni") ? kAvxVnni : kAvx2;
+#else
+  return kPortable;
+#endif
+}
+
+// ------------------------------------------------------------------ quantized activations
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Where element j (0..31) of block b goes in the int4 order. A trailing single block (an odd
+// block count) is stored [16 even | 16 odd].
+inline int64_t int4_position(int64_t b, int64_t j, int64_t blocks) {
+  const int64_t pair = b / 2, half = b % 2;
+  const bool single = (b == blocks - 1) && (blocks % 2 == 1);
+  const int64_t odd_offset = single ? 16 : 32;
+  return pair * 64 + half * 16 + (j % 2) * odd_offset + j / 2;
+}
+
+// One block, portable: returns d and sets *qsum; writes codes via `place(j, code)`. A block
+// holding inf or nan gets codes 0 and d = nan, so every output it meets is nan, as it would be
+// (or inf) in the float product, instead of a finite wrong number.
+template <typename Place>
+float quantize_block_scalar(const float* x, Place place, int* qsum) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int j = 0; j < kBlock; ++j) {
+    const float a = std::fabs(x[j]);
+    finite = finite && a <= FLT_MAX;  // false for inf and nan
+    amax = std::max(amax, a);
+  }
+  const float d = finite ? amax / 127.f : NAN;
+  const float id = finite && d != 0.f ? 1.f / d : 0.f;
+  int sum = 0;
+  for (int j = 0; j < kBlock; ++j) {
+    const int v = static_cast<int>(std::nearbyint(x[j] * id));  // ties to even, as torch.round
+    place(j, static_cast<int8_t>(finite ? v : 0));
+    sum += finite ? v : 0;
+  }
+  *qsum = sum;
+  return d;
+}
+
+#ifdef MEMLM_X86
+MEMLM_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+MEMLM_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One block with AVX2: the same arithmetic as quantize_block_scalar, bit for bit. Returns d and
+// sets *qsum; writes the codes of block b into q in the int4 order or natural order.
+MEMLM_AVX2 float quantize_block_avx2(const float* x, int8_t* q, int64_t b, int64_t blocks, bool int4, int* qsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f), largest = _mm256_set1_ps(FLT_MAX);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    const __m256 a = _mm256_andnot_ps(sign, v[i]);
+    amax = _mm256_max_ps(amax, a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, largest, _CMP_NLE_UQ));  // inf or nan
+  }
+  const bool finite = _mm256_movemask_ps(bad) == 0;
+  const float d = finite ? hmax(amax) / 127.f : NAN;
+  const __m256 id = _mm256_set1_ps(finite && d != 0.f ? 1.f / d : 0.f);
+  __m256i c[4];
+  for (int i = 0; i < 4; ++i)
+    c[i] = finite ? _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+                  : _mm256_setzero_si256();
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  *qsum = static_cast<int>(hsum(_mm256_cvtepi32_ps(total)));  // small integers: exact in float
+  // The packs work per 128-bit lane, leaving 4-byte runs in the order 0 2 4 6 1 3 5 7.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  const __m256i codes = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if (!int4) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), codes);
+    return d;
+  }
+  // Within each 16-byte lane: 8 even-column codes, then 8 odd; then gather the even halves of
+  // both lanes, then the odd halves: [16 even | 16 odd], stored where int4_position says.
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(codes, split), _MM_SHUFFLE(3, 1, 2, 0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + int4_position(b, 0, blocks)), _mm256_castsi256_si128(eo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + int4_position(b, 1, blocks)), _mm256_extracti128_si256(eo, 1));
+  return d;
+}
+#endif
+
+// Quantizes rows [r0, r1) of x (rows x in, float) into `a`, in the int4 order (int4 = true,
+// with weight groups of `group` inputs) or natural order.
+void quantize_rows(const float* x, int64_t r0, int64_t r1, bool int4, int64_t group, Acts& a, Isa isa) {
+  const int64_t in = a.in, blocks = a.blocks, per_group = group / kBlock;
+  const bool simd = isa >= kAvx2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * in;
+    int8_t* q = a.q.data() + r * in;
+    float* d = a.d.data() + r * a.d_stride;
+    float* d_pairs = int4 ? a.d_pairs.data() + r * a.d_pairs_stride : nullptr;
+    float* sums = int4 ? a.sums.data() + r * a.sums_stride : nullptr;
+    if (int4) std::fill(sums, sums + a.sums_stride, 0.f);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = xr + b * kBlock;
+      int qsum = 0;
+      float db;
+#ifdef MEMLM_X86
+      if (simd) {
+        db = quantize_block_avx2(xb, q, b, blocks, int4, &qsum);
+      } else
+#endif
+      {
+        if (int4)
+          db = quantize_block_scalar(xb, [&](int j, int8_t v) { q[int4_position(b, j, blocks)] = v; }, &qsum);
+        else
+          db = quantize_block_scalar(xb, [&](int j, int8_t v) { q[b * kBlock + j] = v; }, &qsum);
+      }
+      d[b] = db;
+      if (int4) {
+        float* lanes = d_pairs + (b / 2) * 8 + (b % 2) * 4;
+        std::fill(lanes, lanes + 4, db);
+        sums[b / per_group] += db * static_cast<float>(qsum);
+      }
+    }
+    if (int4) {
+      // The kernel reads the mins of the last groups < 8 as the 8 mins ending at the row's end
+      // (no read past it); these sums line up with that load, zero where a group was counted.
+      const int64_t groups = in / group, full = groups / 8 * 8;
+      float* tail = sums + a.sums_stride - 8;
+      for (int64_t j = 0; j < 8 && groups >= 8; ++j) tail[j] = groups - 8 + j >= full ? sums[groups - 8 + j] : 0.f;
+    }
+  }
+}
+
+void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group) {
+  a.rows = rows;
+  a.in = in;
+  a.blocks = in / kBlock;
+  a.q.assign(rows * in, 0);
+  a.d_stride = round_up(a.blocks, 8);
+  a.d.assign(rows * a.d_stride, 0.f);
+  if (int4) {
+    a.d_pairs_stride = round_up(a.blocks, 2) * 4;
+    a.sums_stride = round_up(in / group, 8) + 8;
+    a.d_pairs.assign(rows * a.d_pairs_stride, 0.f);
+    a.sums.assign(rows * a.sums_stride, 0.f);
+  }
+}
+
+// ------------------------------------------------------------------ dot products
+
+// The portable kernels: nr weight rows from row o against every activation row, into y (rows x
+// out), with the same integer sums and the same products as the SIMD ones.
+void int4_tile_scalar(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y) {
+  const int64_t per_group = w.group / kBlock;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const int8_t* q = a.q.data() + r * a.in;
+    const float* d = a.d.data() + r * a.d_stride;
+    const float* sums = a.sums.data() + r * a.sums_stride;
+    for (int i = 0; i < nr; ++i) {
+      const uint8_t* wr = w.packed + (o + i) * (w.in / 2);
+      const c10::Half* s = w.scales + (o + i) * w.groups;
+      const c10::Half* m = w.mins + (o + i) * w.groups;
+      float acc = 0.f;
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        const int8_t* even = q + int4_position(b, 0, a.blocks);
+        const int8_t* odd = q + int4_position(b, 1, a.blocks);
+        int isum = 0;
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t byte = wr[b * 16 + j];
+          isum += (byte & 15) * even[j] + (byte >> 4) * odd[j];
+        }
+        acc += static_cast<float>(isum) * (static_cast<float>(s[b / per_group]) * d[b]);
+      }
+      for (int64_t g = 0; g < w.groups; ++g) acc += static_cast<float>(m[g]) * sums[g];
+      y[r * w.out + o + i] = acc;
+    }
+  }
+}
+
+void int8_tile_scalar(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y) {
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const int8_t* q = a.q.data() + r * a.in;
+    const float* d = a.d.data() + r * a.d_stride;
+    for (int i = 0; i < nr; ++i) {
+      const int8_t* wr = w.codes + (o + i) * w.in;
+      float acc = 0.f;
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        int isum = 0;
+        for (int j = 0; j < kBlock; ++j) isum += wr[b * kBlock + j] * q[b * kBlock + j];
+        const float fac = w.groups ? w.scales[(o + i) * w.groups + b * kBlock / w.group] * d[b] : d[b];
+        acc += static_cast<float>(isum) * fac;
+      }
+      y[r * w.out + o + i] = w.groups ? acc : acc * w.scales[o + i];
+    }
+  }
+}
+
+// Where the 8 groups (scales, mins, block scales) covering group g onwards are loaded from: g,
+// or for the last few groups of a row the 8 that end the row, so no load reads past it. Rows
+// with fewer than 8 groups start at 0 (and are loaded padded).
+inline int64_t chunk_start(int64_t g, int64_t groups) { return std::max<int64_t>(0, std::min(g, groups - 8)); }
+
+#ifdef MEMLM_X86
+namespace avx2 {
+#define MEMLM_SIMD MEMLM_AVX2
+#define MEMLM_VNNI 0
+#include "simd_kernels.h"
+#undef MEMLM_VNNI
+#undef MEMLM_SIMD
+}  // namespace avx2
+
+namespace avx_vnni {
+#define MEMLM_SIMD __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define MEMLM_VNNI 1
+#include "simd_kernels.h"
+#undef MEMLM_VNNI
+#undef MEMLM_SIMD
+}  // namespace avx_vnni
+#endif
+
+void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
+#ifdef MEMLM_X86
+  if (isa == kAvxVnni) return avx_vnni::int4_tile(w, o, nr, a, y);
+  if (isa == kAvx2) return avx2::int4_tile(w, o, nr, a, y);
+#endif
+  int4_tile_scalar(w, o, nr, a, y);
+}
+
+void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
+#ifdef MEMLM_X86
+  if (isa == kAvxVnni) return avx_vnni::int8_tile(w, o, nr, a, y);
+  if (isa == kAvx2) return avx2::int8_tile(w, o, nr, a, y);
+#endif
+  int8_tile_scalar(w, o, nr, a, y);
+}
+
+// ------------------------------------------------------------------ dequantization (long prefills)
+
+// Rows o..o+n-1 of an int4 weight as floats: q * scale + min, a multiply then an add (no FMA),
+// the arithmetic of memlm.compress.quantize.dequantize_groups.
+void dequant_int4_scalar(const Int4Weights& w, int64_t o, int64_t n, float* dst) {
+  for (int64_t r = o; r < o + n; ++r, dst += w.in) {
+    const uint8_t* p = w.packed + r * (w.in / 2);
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const float s = static_cast<float>(w.scales[r * w.groups + g]);
+      const float m = static_cast<float>(w.mins[r * w.groups + g]);
+      for (int64_t j = g * w.group / 2; j < (g + 1) * w.group / 2; ++j) {
+        const float lo = static_cast<float>(p[j] & 15) * s, hi = static_cast<float>(p[j] >> 4) * s;
+        dst[2 * j] = lo + m;
+        dst[2 * j + 1] = hi + m;
+      }
+    }
+  }
+}
+
+void dequant_int8_scalar(const Int8Weights& w, int64_t o, int64_t n, float* dst) {
+  const int64_t group = w.groups ? w.group : w.in;
+  for (int64_t r = o; r < o + n; ++r, dst += w.in) {
+    const int8_t* q = w.codes + r * w.in;
+    for (int64_t g = 0; g < w.in / group; ++g) {
+      const float s = w.groups ? w.scales[r * w.groups + g] : w.scales[r];
+      for (int64_t j = g * group; j < (g + 1) * group; ++j) dst[j] = static_cast<float>(q[j]) * s;
+    }
+  }
+}
+
+#ifdef MEMLM_X86
+MEMLM_AVX2 void dequant_int4_avx2(const Int4Weights& w, int64_t o, int64_t n, float* dst) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t r = o; r < o + n; ++r, dst += w.in) {
+    const uint8_t* p = w.packed + r * (w.in / 2);
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.scales[r * w.groups + g].x));
+      const __m256 m = _mm256_set1_ps(_cvtsh_ss(w.mins[r * w.groups + g].x));
+      for (int64_t j = g * w.group / 2; j < (g + 1) * w.group / 2; j += 16) {  // 16 bytes, 32 codes
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        const __m128i c[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // natural order
+        for (int h = 0; h < 2; ++h)
+          for (int e = 0; e < 2; ++e) {
+            const __m128i eight = e ? _mm_srli_si128(c[h], 8) : c[h];
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+            _mm256_storeu_ps(dst + 2 * j + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(q, s), m));
+          }
+      }
+    }
+  }
+}
+
+MEMLM_AVX2 void dequant_int8_avx2(const Int8Weights& w, int64_t o, int64_t n, float* dst) {
+  const int64_t group = w.groups ? w.group : w.in;
+  for (int64_t r = o; r < o + n; ++r, dst += w.in) {
+    const int8_t* q = w.codes + r * w.in;
+    for (int64_t g = 0; g < w.in / group; ++g) {
+      const __m256 s = _mm256_set1_ps(w.groups ? w.scales[r * w.groups + g] : w.scales[r]);
+      for (int64_t j = g * group; j < (g + 1) * group; j += 8) {  // groups are multiples of 32
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
+        _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), s));
+      }
+    }
+  }
+}
+#endif
+
+void dequant_int4(const Int4Weights& w, int64_t o, int64_t n, float* dst, Isa isa) {
+#ifdef MEMLM_X86
+  if (isa >= kAvx2) return dequant_int4_avx2(w, o, n, dst);
+#endif
+  dequant_int4_scalar(w, o, n, dst);
+}
+
+void dequant_int8(const Int8Weights& w, int64_t o, int64_t n, float* dst, Isa isa) {
+#ifdef MEMLM_X86
+  if (isa >= kAvx2) return dequant_int8_avx2(w, o, n, dst);
+#endif
+  dequant_int8_scalar(w, o, n, dst);
+}
+
+}  // namespace memlm::kernels

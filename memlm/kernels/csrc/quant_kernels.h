@@ -1,0 +1,61 @@
+// The compute of memlm's quantized linear ops, free of torch (quant_linear.cpp binds it as
+// torch ops and splits the work across threads). See quant_linear.cpp for the method.
+
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace memlm::kernels {
+
+constexpr int64_t kBlock = 32;  // activation block: one scale per 32 inputs, as llama.cpp's q8
+constexpr int kTile = 4;        // output rows per inner loop: each activation load feeds 4 rows
+
+// The instruction sets, in order: each includes the ones before it.
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvxVnni = 2 };
+inline const char* const kIsaNames[] = {"portable", "avx2", "avx_vnni"};
+Isa best_isa();  // what this CPU has
+
+// All activation rows, quantized once per call before any dot product.
+//   q:    rows x in int8 codes, in the int4 order (see quant_linear.cpp) or natural order (int8)
+//   d:    rows x d_stride floats, one per block, zero-padded to a multiple of 8
+//   d_pairs: int4 only, rows x d_pairs_stride floats, 8 per pair of blocks [d0 d0 d0 d0 d1 d1 d1 d1]
+//         (the lane layout of a pair's integer sums); a trailing single block pads with zeros
+//   sums: int4 only, rows x sums_stride floats, per weight group: sum over its blocks of d*sum(q)
+//         (what the group's min multiplies), zero-padded to a multiple of 8; then 8 more, the
+//         last 8 groups' sums with those already in a full chunk of 8 zeroed (see quantize_rows)
+struct Acts {
+  int64_t rows = 0, in = 0, blocks = 0, d_stride = 0, d_pairs_stride = 0, sums_stride = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, d_pairs, sums;
+};
+
+struct Int4Weights {
+  const uint8_t* packed;    // out x in/2, low nibble = even column
+  const c10::Half* scales;  // out x groups
+  const c10::Half* mins;    // out x groups
+  int64_t in, out, groups, group;
+};
+
+struct Int8Weights {
+  const int8_t* codes;  // out x in
+  const float* scales;  // out (per row) or out x groups
+  int64_t in, out, groups, group;  // groups == 0: one scale per row
+};
+
+// Sizes (zeroed) the buffers of `a` for rows x in activations; int4: with weight groups of `group`.
+void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group);
+// Quantizes rows [r0, r1) of x (rows x in, float32) into `a` (prepared with the same arguments).
+void quantize_rows(const float* x, int64_t r0, int64_t r1, bool int4, int64_t group, Acts& a, Isa isa);
+
+// y (rows x out) for the nr (<= kTile) weight rows from row o, against every activation row.
+void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa);
+void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa);
+
+// Rows o..o+n-1 of the weight as float32 into dst (n x in).
+void dequant_int4(const Int4Weights& w, int64_t o, int64_t n, float* dst, Isa isa);
+void dequant_int8(const Int8Weights& w, int64_t o, int64_t n, float* dst, Isa isa);
+
+}  // namespace memlm::kernels
