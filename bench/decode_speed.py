@@ -193,9 +193,9 @@ def worker_llama(qtype: str) -> dict[str, Any]:
     path = llama_file(qtype)
     t = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(path), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=256,
-                          n_batch=PROMPT_TOKENS, verbose=False)
+                          n_batch=256, verbose=False)  # logits rows for every position
     load_s = time.perf_counter() - t
-    eos = llm.token_eos()
+    eos, n_vocab = llm.token_eos(), llm.n_vocab()
 
     def generate(first):
         llm.reset()
@@ -203,7 +203,8 @@ def worker_llama(qtype: str) -> dict[str, Any]:
         first()
         ids = []
         for i in range(NEW_TOKENS):
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            # the last evaluated token's logits, straight from llama.cpp's context
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)).copy()
             logits[eos] = -np.inf
             nxt = int(logits.argmax())
             ids.append(nxt)
