@@ -7,6 +7,7 @@ dequantizes the same file on its own: logits, greedy generation and tokenization
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import gguf
@@ -232,6 +233,49 @@ def test_unsupported_tensor_type_is_named():
     t = GGUFTensor("w", QType.IQ2_XXS, (1, 256), np.zeros((1, 66), dtype=np.uint8))
     with pytest.raises(MemlmError, match=r"IQ2_XXS.*Q4_1"):
         dequantize(t)
+
+
+# ---- memlm's own readers against gguf-py ---------------------------------------------------------
+
+ROW_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1]
+
+
+@pytest.mark.parametrize("qtype", ROW_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("shape", [(23, 96), (96,)], ids=["matrix", "vector"])
+def test_dequantization_is_gguf_quants_bit_for_bit(qtype, shape, monkeypatch):
+    """The loader's dequantizers (in-place numpy over a slice of rows at a time) give exactly
+    gguf.quants' floats; in bfloat16, those floats rounded once."""
+    import memlm.interop.gguf as memlm_gguf
+
+    monkeypatch.setattr(memlm_gguf, "_CHUNK_VALUES", 5 * 96)  # several slices of rows, the last one short
+    values = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    raw = gguf.quants.quantize(values, qtype)
+    want = gguf.quants.dequantize(raw, qtype).reshape(shape)
+    t = GGUFTensor("w", qtype, shape, raw)
+    assert np.array_equal(dequantize(t).numpy(), want)
+    assert torch.equal(dequantize(t, torch.bfloat16), torch.from_numpy(want).bfloat16())
+
+
+def test_format_constants_are_gguf_pys():
+    """The ids and sizes memlm reads files with (so that loading does not import gguf-py)."""
+    from memlm.interop import gguf as memlm_gguf
+
+    for q in memlm_gguf.QType:
+        theirs = QType(int(q))
+        assert theirs.name == q.name and memlm_gguf._QUANT_SIZES[q] == gguf.GGML_QUANT_SIZES[theirs]
+    assert {v.name: int(v) for v in memlm_gguf._Value} == {v.name: int(v) for v in gguf.GGUFValueType}
+    assert (memlm_gguf._TOKEN_NORMAL, memlm_gguf._TOKEN_CONTROL, memlm_gguf._TOKEN_USER_DEFINED,
+            memlm_gguf._TOKEN_UNUSED) == (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL,
+                                          gguf.TokenType.USER_DEFINED, gguf.TokenType.UNUSED)
+    assert memlm_gguf._DEFAULT_ALIGNMENT == gguf.GGUF_DEFAULT_ALIGNMENT
+
+
+def test_loading_does_not_import_gguf_py(tmp_path, tok):
+    path = save_gguf(random_model(LLAMA_LIKE), tok, tmp_path / "m.gguf", qtype="Q4_1")
+    code = ("import sys, memlm; memlm.load(sys.argv[1]); memlm.load(sys.argv[1], weight_format='int4'); "
+            "print('gguf' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False"]
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -63,10 +63,12 @@ def logits(model: Decoder) -> torch.Tensor:
 
 
 def plain_path(model: Decoder) -> Decoder:
-    """int4 layers on the dequantize-then-matmul path: float32 arithmetic on exactly the stored grid."""
+    """Quantized layers on PyTorch's float paths: float32 arithmetic on exactly the stored grid."""
     for m in model.modules():
         if isinstance(m, GroupQuantLinear):
             m.set_kernel(False)
+        elif hasattr(m, "memlm_kernel"):  # memlm.kernels' int8 ops round the activations to int8
+            m.memlm_kernel = False
     return model
 
 
@@ -137,7 +139,7 @@ def test_q8_0_blocks_become_group_32_int8_layers_exactly(tmp_path, tok):
     m = model.blocks[0].attn.v_proj
     assert np.array_equal(m.weight_int8.numpy(), blocks[..., 2:].copy().view(np.int8).reshape(m.weight_int8.shape))
     assert np.array_equal(m.scales.numpy(), blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
-    assert torch.allclose(logits(model), logits(ref), atol=1e-5, rtol=0)
+    assert torch.allclose(logits(plain_path(model)), logits(ref), atol=1e-5, rtol=0)
 
 
 def test_gpt2_fused_qkv_splits_into_int4_layers(tmp_path, tok):
@@ -186,6 +188,60 @@ def test_bad_format_requests(tmp_path, tok):
 
 
 # ---- float checkpoints: converted while read, identical to load-then-quantize ---------------------
+
+def test_load_converts_on_one_torch_thread_and_restores_the_count(tmp_path, tok, monkeypatch):
+    """The loader's conversions run with one torch thread (see memlm.loading.one_torch_thread);
+    the caller's thread count is back afterwards, on success and on error."""
+    import memlm.interop.gguf as memlm_gguf
+
+    path = save_gguf(random_model(LLAMA), tok, tmp_path / "m.gguf", qtype="Q4_1")
+    seen = []
+    real = memlm_gguf._tokenizer_from
+    monkeypatch.setattr(memlm_gguf, "_tokenizer_from", lambda f: (seen.append(torch.get_num_threads()), real(f))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        load(path, weight_format="int4")
+        assert seen == [1] and torch.get_num_threads() == 2
+        (tmp_path / "bad.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little"))  # cut after the version
+        with pytest.raises(MemlmError, match="not a valid GGUF file"):
+            load(tmp_path / "bad.gguf")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_in_order_keeps_the_order_bounds_the_lead_and_raises_in_order():
+    import threading
+    import time
+
+    from memlm.compress.assemble import InOrder
+
+    started, lock = [], threading.Lock()
+
+    def convert(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (i % 3))  # later items may finish first
+        if i == 7:
+            raise ValueError("item 7")
+        return i * i
+
+    got = []
+    with pytest.raises(ValueError, match="item 7"):
+        with InOrder(convert, range(12), workers=2, ahead=2) as results:
+            for _ in range(200):  # the first conversions start before anything is taken
+                if started:
+                    break
+                time.sleep(0.005)
+            assert started
+            for r in results:
+                got.append(r)
+                with lock:  # at most `ahead` + 1 items past the last one taken
+                    assert len(started) <= len(got) + 3
+    assert got == [i * i for i in range(7)]
+    assert max(started) < 12
+
 
 def same_model(a: Decoder, b: Decoder) -> None:
     """Same module types and bit-identical tensors (codes, scales, mins, floats), same logits."""

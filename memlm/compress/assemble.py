@@ -5,10 +5,16 @@ and hands each one to a `ModelAssembler`, which converts a block Linear to the t
 (`linear_in_format`) as soon as its weight arrives. The float copy of a layer is dropped before
 the next tensor is read, so loading for int4 never holds the float32 model: its peak is the
 converted model plus about one layer. A loader that already has a layer in its final form (a
-GGUF Q4_1 tensor is an int4 layer, bit for bit) hands over the module instead.
+GGUF Q4_1 tensor is an int4 layer, bit for bit) hands over the module instead. `InOrder` lets
+a loader convert the next tensors in worker threads while it assembles the current one.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +30,59 @@ from memlm.compress.quantize import (
 from memlm.errors import MemlmError
 from memlm.memory.measure import return_free_heap
 from memlm.model import Decoder
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Threads a loader converts tensors on (see `InOrder`): the dev box has 2 cores, and each more
+# would hold another tensor's temporaries while loading.
+LOAD_WORKERS = 2
+
+
+class InOrder:
+    """convert(item) for each item, taken in order, computed by `workers` threads at most `ahead`
+    items before the one being taken. The first conversions start at once, so the caller can
+    do other work (build the tokenizer) before taking any; a loader holds at most `ahead` + 1
+    results beside what it has assembled, so `ahead` bounds the extra memory when results are
+    not final (a float layer still to be quantized).
+
+    `convert` must only read shared state. An exception it raises comes out of the iteration, in
+    order; on leaving the `with` block, conversions not started are cancelled and running ones
+    finish first.
+
+        with InOrder(convert, tensors, workers=2, ahead=2) as results:
+            ...
+            for result in results:
+                ...
+    """
+
+    def __init__(self, convert: Callable[[T], R], items: Iterable[T], workers: int = LOAD_WORKERS, ahead: int = 1):
+        self._convert, self._items, self._ahead = convert, iter(items), max(0, ahead)
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="memlm-load")
+        self._pending: deque = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) <= self._ahead:
+            item = next(self._items, _END)
+            if item is _END:
+                return
+            self._pending.append(self._pool.submit(self._convert, item))
+
+    def __iter__(self) -> Iterator[R]:
+        while self._pending:
+            result = self._pending.popleft().result()
+            self._fill()
+            yield result
+
+    def __enter__(self) -> InOrder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
 
 
 class ModelAssembler:
@@ -72,7 +131,7 @@ class ModelAssembler:
         if bias is not None:
             module.bias = bias
         set_module(self.model, name, module)
-        return_free_heap()  # the loader's temporaries of this layer (raw blocks, unpacked codes)
+        return_free_heap()  # the loader's temporaries of this layer (raw blocks, repacked codes)
 
     def missing(self) -> list[str]:
         """State-dict keys no tensor has been put for yet (a tied head counts as present)."""

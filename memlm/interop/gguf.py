@@ -4,12 +4,13 @@ Two llama.cpp architectures map onto memlm's `Decoder`:
   llama  RMSNorm, RoPE, SwiGLU, grouped-query attention (SmolLM2, Llama 2, TinyLlama, ...)
   gpt2   LayerNorm with bias, learned positions, tanh-GELU, one fused qkv projection
 
-The header is parsed with plain reads (`_HeaderReader`: gguf.GGUFReader's per-element numpy
-views cost more than an int4 model). Each tensor is then read into fresh memory on its own,
-converted (dequantized, or copied as it is into a quantized layer of the same grid) straight
-into a model built on the meta device, and freed before the next is read: loading holds the
-result plus about one tensor, whatever the target format (see `load_gguf`).
-`iter_gguf_tensors` hands out the raw (still quantized) blocks for code that wants to keep them.
+The header is parsed from a memory map of the file (`_HeaderReader`: gguf.GGUFReader's
+per-element numpy views cost more than an int4 model), without importing gguf-py (see QType).
+Each tensor is then read into fresh memory on its own, converted (dequantized with whole-row
+numpy ops, or its blocks repacked as they are into a quantized layer of the same grid) into a
+model built on the meta device, and its raw blocks freed: loading holds the result plus a
+tensor's blocks or two, whatever the target format (see `load_gguf`). `iter_gguf_tensors`
+hands out the raw (still quantized) blocks for code that wants to keep them.
 
 Layout facts this module relies on:
   * ggml lists a tensor's dimensions fastest-first, the reverse of numpy/torch. GGUFReader's
@@ -24,7 +25,10 @@ Layout facts this module relies on:
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
+import mmap
 import os
 import re
 import struct
@@ -33,21 +37,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import tokenizers
 import torch
-from gguf import GGMLQuantizationType as QType
 from tokenizers import decoders, models, pre_tokenizers
 
-from memlm.compress.assemble import ModelAssembler
+from memlm.compress.assemble import LOAD_WORKERS, InOrder, ModelAssembler
 from memlm.compress.lowrank import LowRankLinear
 from memlm.compress.quantize import (
     GroupQuantLinear,
+    Int4Linear,
     Int8Embedding,
     Int8Linear,
     dequantize_weight,
     embedding_from_codes,
+    format_float_dtype,
     module_from_codes,
 )
 from memlm.config import ModelConfig
@@ -57,18 +61,93 @@ from memlm.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "gpt2")
 
-# Tensor types we can dequantize (all through gguf.quants; see tests/test_gguf.py for a hand check).
+
+# ---- the format's constants ----------------------------------------------------------------------
+# Ids fixed by the GGUF format. memlm keeps the ones it reads here, with gguf-py's names and sizes
+# (tests/test_gguf.py checks them against gguf-py), so that loading a file does not import gguf-py
+# (~0.1 s: its writer, model-card and YAML code). Writing files and the k-quant dequantizers use
+# gguf-py, imported where they run; a tensor type not listed here is looked up there too.
+
+
+class QType(enum.IntEnum):
+    """ggml tensor types by id; equal (as integers) to gguf.GGMLQuantizationType's members."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    BF16 = 30
+
+
+# (values per block, bytes per block) of each type (gguf.GGML_QUANT_SIZES).
+_QUANT_SIZES = {
+    QType.F32: (1, 4), QType.F16: (1, 2), QType.Q4_0: (32, 18), QType.Q4_1: (32, 20), QType.Q5_0: (32, 22),
+    QType.Q5_1: (32, 24), QType.Q8_0: (32, 34), QType.Q2_K: (256, 84), QType.Q3_K: (256, 110),
+    QType.Q4_K: (256, 144), QType.Q5_K: (256, 176), QType.Q6_K: (256, 210), QType.I8: (1, 1), QType.I16: (1, 2),
+    QType.I32: (1, 4), QType.I64: (1, 8), QType.F64: (1, 8), QType.BF16: (1, 2),
+}
+
+
+class _Value(enum.IntEnum):
+    """GGUF metadata value types (gguf.GGUFValueType)."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+# gguf.TokenType
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
+_DEFAULT_ALIGNMENT = 32  # gguf.GGUF_DEFAULT_ALIGNMENT
+
+
+def _qtype(type_id: int) -> tuple[enum.IntEnum, int, int]:
+    """A stored tensor type id: (the type, values per block, bytes per block). Types memlm does
+    not read are named by gguf-py (ValueError for an id it does not know either)."""
+    if type_id in _QUANT_SIZES:
+        qtype = QType(type_id)
+        return (qtype, *_QUANT_SIZES[qtype])
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(type_id)
+    return (qtype, *gguf.GGML_QUANT_SIZES[qtype])
+
+
+# Tensor types we can dequantize (see tests/test_gguf.py for a hand check).
 SUPPORTED_TYPES = (
     QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
 )
 
-# What save_gguf writes, and the llama.cpp "file type" each one announces.
-EXPORT_TYPES: dict[str, tuple[QType, gguf.LlamaFileType]] = {
-    "F32": (QType.F32, gguf.LlamaFileType.ALL_F32),
-    "F16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "Q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "Q4_1": (QType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+# What save_gguf writes, and the llama.cpp "file type" (a gguf.LlamaFileType name) each announces.
+EXPORT_TYPES: dict[str, tuple[QType, str]] = {
+    "F32": (QType.F32, "ALL_F32"),
+    "F16": (QType.F16, "MOSTLY_F16"),
+    "Q8_0": (QType.Q8_0, "MOSTLY_Q8_0"),
+    "Q4_1": (QType.Q4_1, "MOSTLY_Q4_1"),
 }
 
 # llama.cpp's pre-tokenizers for the "gpt2" tokenizer model that memlm can reproduce exactly.
@@ -121,29 +200,85 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[GGUFTensor]:
 
 def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A tensor's values as a fresh torch tensor of `tensor.shape` (never a view of the file)."""
-    return torch.from_numpy(_dequantize_np(tensor)).to(dtype)
-
-
-def _dequantize_np(t: GGUFTensor) -> np.ndarray:
+    t = tensor
     if t.qtype not in SUPPORTED_TYPES:
         raise MemlmError(
             f"GGUF tensor '{t.name}' has type {t.qtype.name}, which memlm cannot read",
             f"supported tensor types: {', '.join(q.name for q in SUPPORTED_TYPES)}",
         )
-    out = gguf.quants.dequantize(t.data, t.qtype)
-    if t.qtype == QType.F32:  # dequantize returns a view of the memory map: copy it out
-        out = np.array(out, dtype=np.float32)
-    return out.reshape(t.shape)
+    if t.qtype not in _ROW_TYPES:  # the k-quants: through gguf.quants, whole
+        import gguf
+
+        values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(int(t.qtype)))
+        return torch.from_numpy(values.reshape(t.shape)).to(dtype)
+    n = t.shape[-1] if t.shape else 1
+    rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+    raw = t.data.reshape(rows, -1)
+    out = torch.empty(rows, n, dtype=dtype)
+    direct = out.numpy() if dtype == torch.float32 else None
+    step = max(1, _CHUNK_VALUES // max(n, 1))
+    scratch = None if direct is not None else np.empty((min(step, rows), n), dtype=np.float32)
+    # A slice of rows at a time: the few passes over each slice stay in cache, and the result
+    # is written once (straight into `out` for float32; else converted from a float32 slice).
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        part = direct[i:j] if direct is not None else scratch[:j - i]
+        _dequantize_rows(t.qtype, raw[i:j], part)
+        if direct is None:
+            out[i:j].copy_(torch.from_numpy(part))
+    return out.view(t.shape)
+
+
+# Types dequantized by `_dequantize_rows` (bit for bit gguf.quants' arithmetic, with in-place
+# numpy ops and no per-block Python: several times faster); any other goes through gguf.quants.
+_ROW_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1)
+_CHUNK_VALUES = 1 << 18  # values dequantized per slice (1 MB of float32)
+
+
+def _dequantize_rows(qtype: QType, raw: np.ndarray, out: np.ndarray) -> None:
+    """Rows of one tensor's stored data (values, or raw blocks as uint8) into `out` (rows, n) float32.
+
+    Q8_0: x = d * q (fp16 d, int8 q); Q4_0: x = d * (q - 8); Q4_1: x = d * q + m (fp16 d and
+    m, 4-bit q: value j in the low nibble of byte j, value j + 16 in its high nibble), in float32
+    with the operations in gguf.quants' order, so every value is the same float.
+    """
+    rows, n = out.shape
+    if qtype in (QType.F32, QType.F16):
+        np.copyto(out, raw.reshape(rows, n), casting="unsafe")  # F16 -> F32 is exact
+        return
+    if qtype == QType.BF16:  # the high half of a float32
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw.view(np.uint16).reshape(rows, n), casting="unsafe")
+        np.left_shift(bits, 16, out=bits)
+        return
+    groups = n // 32
+    o = out.reshape(rows, groups, 32)
+    if qtype == QType.Q8_0:
+        b = raw.reshape(rows, groups, 34)
+        d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(np.float32)  # (rows, groups, 1)
+        np.multiply(b[..., 2:].view(np.int8), d, out=o)
+        return
+    width = 18 if qtype == QType.Q4_0 else 20
+    b = raw.reshape(rows, groups, width)
+    qs = b[..., width - 16:]
+    np.bitwise_and(qs, 15, out=o[..., :16], casting="unsafe")
+    np.right_shift(qs, 4, out=o[..., 16:], casting="unsafe")
+    scale = np.ascontiguousarray(b[..., :width - 16]).view(np.float16).astype(np.float32)  # (rows, groups, 1|2)
+    if qtype == QType.Q4_0:
+        np.subtract(o, 8, out=o)
+        np.multiply(o, scale, out=o)
+    else:
+        np.multiply(o, scale[..., :1], out=o)
+        np.add(o, scale[..., 1:], out=o)
 
 
 # ---- reading the file safely ---------------------------------------------------------------------
 
 # struct formats of GGUF's scalar metadata types (little-endian; big-endian files are refused).
 _SCALARS = {
-    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+    _Value.UINT8: "<B", _Value.INT8: "<b", _Value.UINT16: "<H", _Value.INT16: "<h", _Value.UINT32: "<I",
+    _Value.INT32: "<i", _Value.FLOAT32: "<f", _Value.BOOL: "<?", _Value.UINT64: "<Q", _Value.INT64: "<q",
+    _Value.FLOAT64: "<d",
 }
 # numpy dtypes GGUF tensors of these types are viewed as (GGUFReader's convention); any other
 # type is handed out as its raw blocks, uint8.
@@ -156,49 +291,74 @@ _U32 = struct.Struct("<I")
 
 
 class _HeaderReader:
-    """GGUF's header (metadata and tensor infos) parsed with plain buffered reads.
+    """GGUF's header (metadata and tensor infos) parsed from a buffer (the file's memory map).
 
     gguf.GGUFReader builds a numpy view per metadata element: for SmolLM2's 49k tokens and
     merges that is 2.9 s and 160 MB of Python objects, more than the int4 model itself. Here a
-    value becomes its Python value directly. Every read is bounded by the file's size, so a
-    truncated or corrupted file fails on its first impossible length instead of parsing garbage
-    (or looping over a huge array length).
+    value becomes its Python value directly, and the string arrays (the token lists: the hot
+    loop of the header, 98k strings) are walked by one tight loop over offsets. Every read is
+    bounded by the file's size, so a truncated or corrupted file fails on its first impossible
+    length instead of parsing garbage (or looping over a huge array length).
     """
 
-    def __init__(self, f, size: int):
-        self._f, self.size, self.pos = f, size, 0
+    def __init__(self, buf, size: int):
+        self._buf, self.size, self.pos = buf, size, 0
+
+    def _need(self, n: int) -> int:
+        """The current position, after checking that n more bytes exist; advances past them."""
+        pos = self.pos
+        if n > self.size - pos:
+            raise ValueError(f"it ends after {self.size} bytes but a field or tensor needs {pos + n}")
+        self.pos = pos + n
+        return pos
 
     def take(self, n: int) -> bytes:
-        if n > self.size - self.pos:
-            raise ValueError(f"it ends after {self.size} bytes but a field or tensor needs {self.pos + n}")
-        self.pos += n
-        return self._f.read(n)
+        pos = self._need(n)
+        return self._buf[pos:pos + n]
 
     def u32(self) -> int:
-        return _U32.unpack(self.take(4))[0]
+        return _U32.unpack_from(self._buf, self._need(4))[0]
 
     def u64(self) -> int:
-        return _U64.unpack(self.take(8))[0]
+        return _U64.unpack_from(self._buf, self._need(8))[0]
 
     def string(self) -> str:
         return self.take(self.u64()).decode("utf-8")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings (each an 8-byte length, then UTF-8 bytes); the caller has checked that
+        count * 8 bytes fit."""
+        buf, pos, unpack = self._buf, self.pos, _U64.unpack_from
+        out = []
+        append = out.append
+        try:
+            for _ in range(count):
+                n = unpack(buf, pos)[0]
+                pos += 8
+                append(buf[pos:pos + n].decode("utf-8"))  # a slice past the end comes out short:
+                pos += n                                   # caught by the check below
+        except struct.error:  # a length field past the end of the buffer
+            pos = self.size + 1
+        if pos > self.size:
+            raise ValueError(f"it ends after {self.size} bytes but a string array needs more")
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
-        if vtype == gguf.GGUFValueType.STRING:
+        if vtype == _Value.STRING:
             return self.string()
-        if vtype == gguf.GGUFValueType.ARRAY:
+        if vtype == _Value.ARRAY:
             etype, count = self.u32(), self.u64()
             fmt = _SCALARS.get(etype)
             if fmt is not None:
                 width = struct.calcsize(fmt)
                 return np.frombuffer(self.take(count * width), dtype=np.dtype(fmt)).tolist()
-            if etype not in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
+            if etype not in (_Value.STRING, _Value.ARRAY):
                 raise ValueError(f"unknown metadata value type {etype}")
             if count * 8 > self.size - self.pos:  # every element starts with an 8-byte length
                 raise ValueError(f"an array of {count} elements does not fit in the file")
-            if etype == gguf.GGUFValueType.STRING:  # the token lists: the hot loop of the header
-                take, u64 = self.take, self.u64
-                return [take(u64()).decode("utf-8") for _ in range(count)]
+            if etype == _Value.STRING:
+                return self.strings(count)
             return [self.value(etype) for _ in range(count)]
         fmt = _SCALARS.get(vtype)
         if fmt is None:
@@ -240,8 +400,10 @@ class _GGUFFile:
 
     def _parse(self) -> None:
         size = self.path.stat().st_size
-        with open(self.path, "rb", buffering=1 << 20) as f:
-            h = _HeaderReader(f, size)
+        with open(self.path, "rb") as f, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size
+                                          else contextlib.nullcontext(b"")) as buf:
+            # Mapped, not read: only the header's pages are touched, and unmapped at the end.
+            h = _HeaderReader(buf, size)
             if h.take(4) != b"GGUF":
                 raise ValueError("GGUF magic invalid")
             version = h.u32()
@@ -269,18 +431,17 @@ class _GGUFFile:
                 if n_dims > 8:
                     raise ValueError(f"tensor '{name}' has {n_dims} dimensions")
                 dims = [h.u64() for _ in range(n_dims)]  # ggml order: fastest first
-                qtype = QType(h.u32())
+                qtype = _qtype(h.u32())
                 infos.append((name, qtype, dims, h.u64()))
-            alignment = self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+            alignment = self.fields.get("general.alignment", _DEFAULT_ALIGNMENT)
             if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
                 raise ValueError(f"general.alignment is {alignment!r}")
             data_start = -(-h.pos // alignment) * alignment
         self._infos: dict[str, tuple[QType, tuple[int, ...]]] = {}
         self._spans: dict[str, _Span] = {}
-        for name, qtype, dims, offset in infos:
+        for name, (qtype, block, type_size), dims, offset in infos:
             if name in self._infos:
                 raise ValueError(f"tensor '{name}' appears twice")
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
             shape = tuple(int(d) for d in reversed(dims))  # numpy order
             if dims and dims[0] % block:
                 raise ValueError(f"tensor '{name}' has rows of {dims[0]} values, not whole {qtype.name} blocks")
@@ -350,7 +511,7 @@ class _GGUFFile:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.invalid(f"metadata '{key}' should be a number, got {value!r}")
-        if self.types[key] == gguf.GGUFValueType.FLOAT32:
+        if self.types[key] == _Value.FLOAT32:
             # Keep the float32's shortest decimal (1e-05, not 9.999999747378752e-06).
             return float(str(np.float32(value)))
         return float(value)
@@ -474,7 +635,7 @@ def _has_bias(f: _GGUFFile) -> bool:
     equivalent to none, so they load as a bias-free model.
     """
     for t in f.tensors.values():
-        if t.name.endswith(".bias") and np.any(_dequantize_np(f.read(t))):
+        if t.name.endswith(".bias") and bool(dequantize(f.read(t)).any()):
             return True
     return False
 
@@ -487,9 +648,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
 
     weight_format None dequantizes every tensor to `dtype`. "fp32", "bf16", "int8", "int4" (the
     formats of memlm.memory.estimate) are reached tensor by tensor while the file is read, so
-    the float32 model never exists: each tensor is read into fresh memory, converted, and freed
-    before the next. Where the file already holds a tensor on the target's grid it is copied,
-    not re-rounded:
+    the float32 model never exists: each tensor is read into fresh memory and converted, by two
+    threads while this one builds the tokenizer and assembles the results in file order. Where
+    the file already holds a tensor on the target's grid it is copied, not re-rounded:
       int4  Q4_1 block weights -> Int4Linear with groups of 32 (the same codes, fp16 scales d
             and mins m: x = d*q + m, bit for bit)
       int8  Q8_0 block weights -> Int8Linear with a float32 scale per 32 inputs (Q8_0's fp16 d)
@@ -510,45 +671,73 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
             f"{f.path} holds tensors of type {', '.join(unsupported)}, which memlm cannot read",
             f"supported tensor types: {', '.join(q.name for q in SUPPORTED_TYPES)}",
         )
-    tokenizer = _tokenizer_from(f)
-    f.forget("tokenizer.ggml.")  # ~10 MB of Python strings the tokenizer now holds itself
-    if tokenizer.vocab_size > config.vocab_size:
-        raise MemlmError(
-            f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
-            "the file is inconsistent; re-export it",
-        )
-    model = Decoder.empty(config)
-    assembler = ModelAssembler(model, weight_format, dtype, use_kernel, source=str(f.path))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    float_dtype = format_float_dtype(weight_format, dtype)
     arch = f.get_str("general.architecture")
     int8_embedding = _int8_embedding(f, config, weight_format)
-    for t in f.tensors.values():
+
+    def convert(t: GGUFTensor) -> list[tuple[str, str, tuple[int, ...], torch.Tensor | torch.nn.Module]]:
+        """One file tensor as what the assembler takes: (file name, state-dict key, shape, values
+        in the model's dtype or a finished layer). Runs in a worker thread: reads, changes nothing."""
         if (t.name == "output.weight" and config.tied_embeddings) or (t.name.endswith(".bias") and not config.bias):
-            continue  # a copy of the embedding, or all-zero biases (see _is_tied, _has_bias)
+            return []  # a copy of the embedding, or all-zero biases (see _is_tied, _has_bias)
         if int8_embedding and t.name in ("token_embd.weight", "output.weight"):
-            _put_q8_0_table(f, t, assembler, expected)
-            continue
+            key = {"token_embd.weight": "tok_emb.weight", "output.weight": "lm_head.weight"}[t.name]
+            return [(t.name, key, t.shape, _q8_0_table(f, t))]
         scheme = _direct_scheme(t, weight_format)
-        stored = f.read(t)
-        values = stored.data if scheme else _dequantize_np(stored)
-        del stored
-        for key, value in _to_memlm(t, values, arch, config):
-            if key not in expected:  # e.g. blk.12.* in a 12-layer model
-                raise _unexpected(t.name, arch)
-            shape = (value.shape[0], t.shape[-1]) if scheme else tuple(value.shape)
-            if shape != expected[key]:
-                raise MemlmError(
-                    f"{f.path}: tensor '{t.name}' has shape {shape}, expected {expected[key]}",
-                    "the metadata does not match the tensors; re-export the file",
-                )
+        raw, qtype = f.read(t).data, t.qtype
+        if len(t.shape) < 2:  # a norm or a bias: its values are what rows are moved of
+            raw, qtype = dequantize(GGUFTensor(t.name, t.qtype, t.shape, raw)).numpy(), QType.F32
+        # Rows are moved (q/k reordered, a fused qkv split) on the stored blocks, then each part
+        # is converted: dequantized once into the model's dtype, or its blocks kept as they are.
+        parts = []
+        for key, rows in _to_memlm(t, raw, arch, config):
+            shape = (rows.shape[0], *t.shape[1:])
             if scheme == "int4":
-                assembler.put_module(key.removesuffix(".weight"), module_from_codes("int4", _q4_1_to_int4(value),
-                                                                                    use_kernel=use_kernel))
+                value = _q4_1_to_int4(rows, use_kernel)
             elif scheme == "int8":
-                assembler.put_module(key.removesuffix(".weight"), module_from_codes("int8", _q8_0_to_int8(value)))
+                value = module_from_codes("int8", _q8_0_to_int8(rows))
             else:
-                assembler.put(key, torch.from_numpy(value))  # converted here, before the next tensor is read
-        del values
+                value = dequantize(GGUFTensor(t.name, qtype, shape, rows), float_dtype)
+            parts.append((t.name, key, shape, value))
+        return parts
+
+    # Two threads convert (numpy and torch release the GIL, and two threads that never wait for
+    # each other keep their share of a busy machine) from here on, while this one builds the model
+    # and the tokenizer, then puts each result in file order. Results are the model's own tensors
+    # and layers, so the threads may run ahead: beyond those, loading holds a tensor's raw blocks
+    # per thread. Where the assembler still quantizes what it is put (a float block weight loaded
+    # as int8/int4), it does so here, one layer at a time, while one thread prepares the next: at
+    # most one float layer waits beside it.
+    tensors = list(f.tensors.values())
+    requantized = weight_format in ("int8", "int4") and any(
+        _BLOCK_RE.match(t.name) and t.name.endswith(".weight") and not _direct_scheme(t, weight_format)
+        for t in tensors)
+    workers, ahead = (1, 1) if requantized else (LOAD_WORKERS, len(tensors))
+    with InOrder(convert, tensors, workers=workers, ahead=ahead) as results:
+        model = Decoder.empty(config)
+        assembler = ModelAssembler(model, weight_format, dtype, use_kernel, source=str(f.path))
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        tokenizer = _tokenizer_from(f)
+        f.forget("tokenizer.ggml.")  # ~10 MB of Python strings the tokenizer now holds itself
+        if tokenizer.vocab_size > config.vocab_size:
+            raise MemlmError(
+                f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
+                "the file is inconsistent; re-export it",
+            )
+        for parts in results:
+            for name, key, shape, value in parts:
+                if key not in expected:  # e.g. blk.12.* in a 12-layer model
+                    raise _unexpected(name, arch)
+                if shape != expected[key]:
+                    raise MemlmError(
+                        f"{f.path}: tensor '{name}' has shape {shape}, expected {expected[key]}",
+                        "the metadata does not match the tensors; re-export the file",
+                    )
+                if isinstance(value, torch.nn.Module):
+                    assembler.put_module(key.removesuffix(".weight"), value)
+                else:  # converted to the format here, before the next tensor is taken
+                    assembler.put(key, value)
+            del parts
     for key in assembler.missing():
         if not key.endswith(".bias"):
             raise MemlmError(f"{f.path}: no tensor for '{key}'", "the file is incomplete; re-export it")
@@ -588,47 +777,70 @@ def _int8_embedding(f: _GGUFFile, config: ModelConfig, weight_format: str | None
     return all(name in f.tensors and f.tensors[name].qtype == QType.Q8_0 for name in tables)
 
 
-def _put_q8_0_table(f: _GGUFFile, t: GGUFTensor, assembler: ModelAssembler, expected: dict[str, tuple]) -> None:
+def _q8_0_table(f: _GGUFFile, t: GGUFTensor) -> torch.nn.Module:
     """A Q8_0 embedding (or untied head) as an int8 module, converted a slice of rows at a time:
     the raw blocks of the whole table (30 MB for SmolLM2) never sit beside its codes."""
-    key = {"token_embd.weight": "tok_emb.weight", "output.weight": "lm_head.weight"}[t.name]
-    if t.shape != expected[key]:
-        raise MemlmError(f"{f.path}: tensor '{t.name}' has shape {t.shape}, expected {expected[key]}",
-                         "the metadata does not match the tensors; re-export the file")
     rows, n = t.shape
     codes = torch.empty(rows, n, dtype=torch.int8)
     scales = torch.empty(rows, n // 32, dtype=torch.float32)
     step = 4096
     for i in range(0, rows, step):
-        part = _q8_0_to_int8(f.read(t, (i, min(i + step, rows))).data)
-        codes[i:i + step], scales[i:i + step] = part["weight_int8"], part["scales"]
-    if key == "tok_emb.weight":
-        assembler.put_module("tok_emb", embedding_from_codes(codes, scales))
-    else:
-        assembler.put_module("lm_head", module_from_codes("int8", {"weight_int8": codes, "scales": scales}))
+        j = min(i + step, rows)
+        _q8_0_into(f.read(t, (i, j)).data, codes[i:j].numpy(), scales[i:j].numpy())
+    if t.name == "token_embd.weight":
+        return embedding_from_codes(codes, scales)
+    return module_from_codes("int8", {"weight_int8": codes, "scales": scales})
 
 
-def _q4_1_to_int4(blocks: np.ndarray) -> dict[str, torch.Tensor]:
-    """Q4_1 blocks (rows, n / 32 * 20) as memlm int4 tensors (codes, scales, mins), bit for bit:
-    the inverse of `_int4_to_q4_1` (a block: fp16 d, fp16 m, 16 bytes holding value j in the low
-    nibble and value j + 16 in the high nibble)."""
+def _q4_1_to_int4(blocks: np.ndarray, use_kernel: bool | None = None) -> Int4Linear:
+    """Q4_1 blocks (rows, n / 32 * 20) as an Int4Linear with groups of 32 (no bias), bit for bit:
+    the inverse of `_int4_to_q4_1`. A block is fp16 d, fp16 m, then 16 bytes holding value j in
+    the low nibble of byte j and value j + 16 in its high nibble; memlm's portable layout (what
+    it saves, and what the layer loads from a state dict) packs values 2i, 2i + 1 into byte i.
+
+    The nibbles are moved 8 bytes at a time: in a 64-bit word w of 8 Q4_1 bytes, the low
+    nibbles l = w & 0x0F.. and `l | l >> 4` put values (2i, 2i + 1) into byte 2i, whose even
+    bytes are then the packed bytes (a uint16 view, truncated to uint8); the high nibbles alike.
+    """
     rows, groups = blocks.shape[0], blocks.shape[1] // 20
     b = blocks.reshape(rows, groups, 20)
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).reshape(rows, groups)
-    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16).reshape(rows, groups)
-    qs = b[..., 4:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, groups * 32)
-    return {"codes": torch.from_numpy(codes), "scales": torch.from_numpy(d), "mins": torch.from_numpy(m)}
+    dm = np.ascontiguousarray(b[..., :4]).view(np.float16)  # (rows, groups, 2): d, m
+    words = b[..., 4:].view(np.uint64)  # (rows, groups, 2): bytes 0-7 and 8-15 of the codes
+    packed = np.empty((rows, groups, 16), dtype=np.uint8)
+    four = np.uint64(4)
+    low = words & _LOW_NIBBLES
+    low |= low >> four
+    np.copyto(packed[..., :8], low.view(np.uint16), casting="unsafe")  # values 0..15 of the group
+    high = words >> four
+    high &= _LOW_NIBBLES
+    high |= high >> four
+    np.copyto(packed[..., 8:], high.view(np.uint16), casting="unsafe")  # values 16..31
+    layer = Int4Linear(groups * 32, rows, 32, bias=False, device="meta", use_kernel=use_kernel)
+    layer.load_state_dict({"weight_packed": torch.from_numpy(packed.reshape(rows, groups * 16)),
+                           "scales": torch.from_numpy(np.ascontiguousarray(dm[..., 0])),
+                           "mins": torch.from_numpy(np.ascontiguousarray(dm[..., 1]))}, assign=True)
+    return layer
+
+
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
 def _q8_0_to_int8(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     """Q8_0 blocks (rows, n / 32 * 34) as memlm int8 codes (rows, n) and float32 scales (rows, n / 32),
     exact: a block is an fp16 d then 32 int8 codes q, x = d * q, and every fp16 is a float32."""
     rows, groups = blocks.shape[0], blocks.shape[1] // 34
+    codes = np.empty((rows, groups * 32), dtype=np.int8)
+    scales = np.empty((rows, groups), dtype=np.float32)
+    _q8_0_into(blocks, codes, scales)
+    return {"weight_int8": torch.from_numpy(codes), "scales": torch.from_numpy(scales)}
+
+
+def _q8_0_into(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
+    """Q8_0 blocks (rows, groups * 34) into int8 `codes` (rows, groups * 32) and float32 `scales`."""
+    rows, groups = scales.shape
     b = blocks.reshape(rows, groups, 34)
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).reshape(rows, groups).astype(np.float32)
-    q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, groups * 32)
-    return {"weight_int8": torch.from_numpy(q), "scales": torch.from_numpy(d)}
+    codes.reshape(rows, groups, 32)[...] = b[..., 2:].view(np.int8)
+    scales[...] = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]
 
 
 def _to_memlm(t: GGUFTensor, w: np.ndarray, arch: str, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
@@ -702,10 +914,10 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
         )
     tokens: list[str] = f.get_list("tokenizer.ggml.tokens")
     merges: list[str] = f.get_list("tokenizer.ggml.merges", [])
-    types: list[int] = f.get_list("tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))
+    types: list[int] = f.get_list("tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise f.invalid(f"{len(tokens)} tokens but {len(types)} token types")
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+    vocab = dict(zip(tokens, range(len(tokens))))
     if len(vocab) != len(tokens):
         raise f.invalid("the token list has duplicate tokens")
     pairs = []
@@ -726,9 +938,9 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
     # Control tokens are special (matched whole in text, skippable on decode); user-defined
     # tokens are matched whole too but decoded like text.
     special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-               for i, ty in enumerate(types) if ty == gguf.TokenType.CONTROL]
+               for i, ty in enumerate(types) if ty == _TOKEN_CONTROL]
     user = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
-            for i, ty in enumerate(types) if ty == gguf.TokenType.USER_DEFINED]
+            for i, ty in enumerate(types) if ty == _TOKEN_USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
     return Tokenizer(
@@ -777,11 +989,14 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
     bit). Anything else (other group sizes, int3, low-rank or 2:4 layers, or a format that does
     not match `qtype`) is dequantized to float32, then converted to the tensor's type.
     """
+    import gguf
+
     if qtype not in EXPORT_TYPES:
         raise MemlmError(f"cannot export GGUF as '{qtype}'", f"choose one of: {', '.join(EXPORT_TYPES)}")
     config = model.config
     arch = gguf_architecture(config)
-    weight_type, file_type = EXPORT_TYPES[qtype]
+    weight_type, file_type_name = EXPORT_TYPES[qtype]
+    file_type = gguf.LlamaFileType[file_type_name]
     meta = _tokenizer_metadata(tokenizer, config.vocab_size)
     plan = _export_plan(model, arch)
 
@@ -796,20 +1011,22 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
         for item in plan:
             t = _storage_type(item.name, item.shape, weight_type)
             types.append(t)
-            block, size = gguf.GGML_QUANT_SIZES[t]  # (1, 4) for F32, (32, 34) for Q8_0, ...
+            block, size = _QUANT_SIZES[t]  # (1, 4) for F32, (32, 34) for Q8_0, ...
             n_bytes = int(np.prod(item.shape)) // block * size
+            theirs = gguf.GGMLQuantizationType(int(t))
             if t in (QType.F32, QType.F16):
-                writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), n_bytes, raw_dtype=t)
+                writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), n_bytes, raw_dtype=theirs)
             else:  # the writer takes a quantized tensor's shape in bytes
-                byte_shape = gguf.quant_shape_to_byte_shape(item.shape, t)
-                writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), n_bytes, raw_dtype=t)
+                byte_shape = gguf.quant_shape_to_byte_shape(item.shape, theirs)
+                writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), n_bytes, raw_dtype=theirs)
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for item, t in zip(plan, types):
             data = item.encode(t) if t not in (QType.F32, QType.F16) else None
             if data is None:  # float values, rounded to the tensor's type here
-                data = gguf.quants.quantize(np.ascontiguousarray(item.make(), dtype=np.float32), t)
+                data = gguf.quants.quantize(np.ascontiguousarray(item.make(), dtype=np.float32),
+                                            gguf.GGMLQuantizationType(int(t)))
             writer.write_tensor_data(data)
         writer.close()
         os.replace(tmp, path)
@@ -829,7 +1046,7 @@ def _storage_type(name: str, shape: tuple[int, ...], weight_type: QType) -> QTyp
         return QType.F32  # norms and biases: tiny, and precision-sensitive
     if weight_type == QType.Q4_1 and name in _EIGHT_BIT_UNDER_Q4:
         weight_type = QType.Q8_0
-    if weight_type in (QType.Q8_0, QType.Q4_1) and shape[-1] % gguf.GGML_QUANT_SIZES[weight_type][0]:
+    if weight_type in (QType.Q8_0, QType.Q4_1) and shape[-1] % _QUANT_SIZES[weight_type][0]:
         return QType.F16
     return weight_type
 
@@ -919,6 +1136,8 @@ def _int8_to_q8_0(codes: torch.Tensor, scales: torch.Tensor, rows_per_chunk: int
     whichever is closer to memlm's values, by the block's largest error. None when the groups
     do not line up with Q8_0's blocks (a group size that is not a multiple of 32).
     """
+    import gguf
+
     q_all = codes.cpu().numpy()
     s_all = scales.detach().float().cpu().numpy()
     rows, n = q_all.shape
@@ -939,8 +1158,8 @@ def _int8_to_q8_0(codes: torch.Tensor, scales: torch.Tensor, rows_per_chunk: int
         values = q.astype(np.float32) * s[..., None]
         err_keep = np.abs(q.astype(np.float32)).max(axis=-1) * np.abs(d.astype(np.float32) - s)
         keep = np.concatenate([d.view(np.uint8).reshape(r, groups, 2), q.view(np.uint8)], axis=-1)
-        requant = gguf.quants.quantize(values.reshape(r, n), QType.Q8_0)
-        back = gguf.quants.dequantize(requant, QType.Q8_0).reshape(r, groups, 32)
+        requant = gguf.quants.quantize(values.reshape(r, n), gguf.GGMLQuantizationType.Q8_0)
+        back = gguf.quants.dequantize(requant, gguf.GGMLQuantizationType.Q8_0).reshape(r, groups, 32)
         err_requant = np.abs(back - values).max(axis=-1)
         chosen = np.where((err_keep <= err_requant)[..., None], keep, requant.reshape(r, groups, 34))
         out[r0:r0 + r] = chosen.reshape(r, groups * 34)
@@ -1039,6 +1258,8 @@ def _export_plan(model: Decoder, arch: str) -> list[_Export]:
 
 def _write_metadata(w: gguf.GGUFWriter, config: ModelConfig, arch: str, file_type: gguf.LlamaFileType,
                     weight_type: QType, meta: dict[str, Any]) -> None:
+    import gguf
+
     w.add_name(config.name)
     w.add_file_type(int(file_type))
     if weight_type not in (QType.F32, QType.F16):
@@ -1097,13 +1318,13 @@ def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]
             tokens[i] = token
     if any(t is None for t in tokens):
         raise MemlmError("the tokenizer's ids are not contiguous", "GGUF needs one token for every id 0..n-1")
-    types = [int(gguf.TokenType.NORMAL)] * n
+    types = [_TOKEN_NORMAL] * n
     for added in spec.get("added_tokens", []):
-        types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
+        types[added["id"]] = _TOKEN_CONTROL if added["special"] else _TOKEN_USER_DEFINED
     # Rows past the tokenizer (a vocabulary padded for speed) get placeholder tokens, as
     # llama.cpp's converter does: every embedding row needs a token.
     tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
-    types += [int(gguf.TokenType.UNUSED)] * (vocab_size - n)
+    types += [_TOKEN_UNUSED] * (vocab_size - n)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     return {
         "pre": pre, "tokens": tokens, "types": types, "merges": merges,
