@@ -42,22 +42,24 @@ SHAPES = {  # SmolLM2-135M: d_model 576, 9 heads x 64 (3 kv heads), MLP 1536, vo
 GROUP = 32
 
 
-def time_calls(fns: dict[str, callable], budget_s: float, max_reps: int, rounds: int = 5) -> dict[str, list[float]]:
-    """Call times (microseconds) of each function, interleaved: `rounds` rounds that each give
-    every function budget_s / rounds (at least 2 calls), so a burst of other work on the machine
-    hits all of them alike instead of one."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            n = 0
-            while n < max_reps // rounds and (n < 2 or time.perf_counter() - start < budget_s / rounds):
-                t = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t) * 1e6)
-                n += 1
+def time_cells(cells: dict[tuple, dict[str, callable]], budget_s: float, rounds: int) -> dict[tuple, dict[str, list[float]]]:
+    """Call times (microseconds) of every function of every cell, interleaved: each of `rounds`
+    rounds visits all cells and gives each function budget_s / rounds (at least 2 calls). A burst
+    of other work on the machine then hits a little of everything instead of all of one cell."""
+    times = {cell: {name: [] for name in fns} for cell, fns in cells.items()}
+    for fns in cells.values():
+        for fn in fns.values():
+            fn()  # warm up
+    for round_ in range(rounds):
+        for cell, fns in cells.items():
+            for name, fn in fns.items():
+                start, n = time.perf_counter(), 0
+                while n < 2 or time.perf_counter() - start < budget_s / rounds:
+                    t = time.perf_counter()
+                    fn()
+                    times[cell][name].append((time.perf_counter() - t) * 1e6)
+                    n += 1
+        print(f"round {round_ + 1}/{rounds}", flush=True)
     return times
 
 
@@ -101,23 +103,24 @@ def main() -> None:
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit(f"memlm kernels unavailable: {kernels._failure}")
-    budget, max_reps = (0.05, 50) if args.quick else (0.4, 2000)
+    budget, rounds = (0.05, 2) if args.quick else (0.5, 10)
 
+    found = {(layer, rows): methods(inp, out, rows) for layer, (inp, out) in SHAPES.items() for rows in (1, 64)}
     rows_out = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for layer, (inp, out) in SHAPES.items():
-                for rows in (1, 64):
-                    found = methods(inp, out, rows)
-                    times = time_calls({name: fn for name, (fn, _) in found.items()}, budget, max_reps)
-                    for name, (_, nbytes) in found.items():
-                        med, best = statistics.median(times[name]), min(times[name])
-                        rows_out.append({"layer": layer, "shape": f"{inp}->{out}", "R": rows, "threads": threads,
-                                         "method": name, "median_us": med, "min_us": best, "calls": len(times[name]),
-                                         "weight_bytes": nbytes, "GB/s": nbytes / med / 1e3})
-                    print(f"{threads} thread(s) {layer} R={rows} done", flush=True)
+            times = time_cells({cell: {name: fn for name, (fn, _) in fns.items()} for cell, fns in found.items()},
+                               budget, rounds)
+            for (layer, rows), fns in found.items():
+                inp, out = SHAPES[layer]
+                for name, (_, nbytes) in fns.items():
+                    t = times[(layer, rows)][name]
+                    med = statistics.median(t)
+                    rows_out.append({"layer": layer, "shape": f"{inp}->{out}", "R": rows, "threads": threads,
+                                     "method": name, "median_us": med, "min_us": min(t), "calls": len(t),
+                                     "weight_bytes": nbytes, "GB/s": nbytes / med / 1e3})
     finally:
         torch.set_num_threads(before)
 
@@ -131,8 +134,10 @@ def main() -> None:
         f"Load average at the end: {load_average()} (other work on this 2-core machine inflates times)."
     )
     best = pivot(rows_out, "min_us")
-    notes += ("\n\nThe fastest call of each (what the code does when nothing else runs; the machine "
-              "was shared while this ran):\n\n" + markdown_table(best, COLUMNS))
+    notes += ("\n\n## Fastest call\n\nWhat the code does when nothing else runs (this 2-core machine was "
+              "shared with other work while the bench ran, which inflates medians, most of all with 2 threads: "
+              "a thread that loses its core stalls the whole call).\n\n" + markdown_table(best, COLUMNS)
+              + "\n\n## Median call")
     write_results("kernels", table, extra={
         "group_size": GROUP, "load_average": load_average(), "raw": rows_out,
         "build": ready.read_text().strip() if ready.is_file() else None,
