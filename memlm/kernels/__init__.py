@@ -204,7 +204,7 @@ def _block_sums(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, tor
     """Activation codes, their scales, and the integer dot product of every (row, out, block)."""
     q, d = quantize_activations(x)
     out, blocks = codes.shape[0], q.shape[1]
-    # All integers below 2^24 (32 * 15 * 127 at most), so float32 holds them exactly.
+    # All integers below 2^24 (32 * 128 * 127 at most), so float32 sums them exactly.
     isum = torch.einsum("rbj,obj->rob", q, codes.float().view(out, blocks, BLOCK))
     return q, d, isum
 
@@ -221,8 +221,8 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
     xf = x.float().reshape(-1, inp)
     codes = torch.stack([packed & 15, packed >> 4], dim=-1).view(out, inp)  # low nibble = even column
     if 0 < dequant_rows <= xf.shape[0]:
-        per_group = (codes.float().view(out, -1, group_size) * scales.float()[..., None]) + mins.float()[..., None]
-        return _dense(x, per_group.view(out, inp))
+        w = codes.float().view(out, -1, group_size) * scales.float()[..., None] + mins.float()[..., None]
+        return _dense(x, w.view(out, inp))
     q, d, isum = _block_sums(xf, codes)
     per_group = group_size // BLOCK
     s = scales.float().repeat_interleave(per_group, dim=1)  # (out, blocks)
