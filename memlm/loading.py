@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from memlm.errors import MemlmError
+from memlm.infer.engine import Engine
 from memlm.infer.generate import Piece, complete_batch, stream_text
 from memlm.infer.sampling import SamplingSettings
 from memlm.model import Decoder
@@ -256,6 +257,7 @@ class LoadedModel:
     model: Decoder
     tokenizer: Tokenizer
     cache_dtype: torch.dtype | None = None  # None: the weights' dtype
+    engine: Engine | None = None  # how it generates (memlm.infer.engine); None: eager, as loaded
 
     @property
     def config(self):
@@ -266,7 +268,8 @@ class LoadedModel:
             yield piece.text
 
     def stream_pieces(self, prompt: str | list[int], **settings) -> Iterator[Piece]:
-        return stream_text(self.model, self.tokenizer, prompt, SamplingSettings(**settings), self.cache_dtype)
+        return stream_text(self.engine or self.model, self.tokenizer, prompt, SamplingSettings(**settings),
+                           self.cache_dtype)
 
     def generate(self, prompt: str | list[int], **settings) -> str:
         """Generate a continuation; settings are SamplingSettings fields (temperature, top_k, ...)."""
@@ -274,8 +277,8 @@ class LoadedModel:
 
     def generate_batch(self, prompts: list[str | list[int]], **settings) -> list[str]:
         """A continuation of each prompt, all decoded together in one batch (prompts may differ in length)."""
-        return [p.text for p in complete_batch(self.model, self.tokenizer, prompts, SamplingSettings(**settings),
-                                               self.cache_dtype)]
+        return [p.text for p in complete_batch(self.engine or self.model, self.tokenizer, prompts,
+                                               SamplingSettings(**settings), self.cache_dtype)]
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

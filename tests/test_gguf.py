@@ -21,6 +21,8 @@ from tokenizers import pre_tokenizers
 from memlm.config import ModelConfig
 from memlm.data import default_split
 from memlm.errors import MemlmError
+from memlm.infer.generate import generate_ids
+from memlm.infer.sampling import SamplingSettings
 from memlm.interop.gguf import (
     GGUFTensor,
     dequantize,
@@ -29,7 +31,7 @@ from memlm.interop.gguf import (
     read_gguf_config,
     save_gguf,
 )
-from memlm.model import Decoder, KVCache
+from memlm.model import Decoder
 from memlm.tokenizer import Tokenizer, train_bpe
 
 VOCAB = 320  # model rows; the tokenizer has fewer, so export must pad the token list
@@ -414,15 +416,9 @@ def test_smollm2_greedy_generation_matches_transformers(smollm, hf_smollm):
     model, tok = smollm
     hf_model, _ = hf_smollm
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a story about a robot."}]))
-    cache = KVCache(model.config, batch_size=1, max_len=len(prompt) + 32)
-    ours, x = [], torch.tensor([prompt])
+    # memlm's own generation path: static cache, per-row positions (the fixture is shared: not fused)
+    ours = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=32, temperature=0), tok.eos_id))
     with torch.no_grad():
-        for _ in range(32):
-            nxt = int(model(x, cache, last_only=True)[0, -1].argmax())
-            ours.append(nxt)
-            if nxt == tok.eos_id:
-                break
-            x = torch.tensor([[nxt]])
         out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                 do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_id)
     theirs = out[0, len(prompt):].tolist()
