@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def memlm(*args, cwd=None, input=None, timeout=300, env=None):
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "MEMLM_MODELS": str(Path(cwd or ROOT) / "no-models"),
            **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}  # None: not set for the command
     return subprocess.run([sys.executable, "-m", "memlm", *args], capture_output=True, text=True, cwd=cwd,
                           input=input, timeout=timeout, env=env)
 
@@ -112,7 +113,7 @@ def test_generate_and_eval_on_the_trained_run(tiny_run):
 @pytest.mark.slow
 def test_generate_compiled_gives_the_eager_text(tiny_run, tmp_path):
     """--compile: the same greedy text as eager, the compile reported apart, kernels cached."""
-    env_cache = {"MEMLM_CACHE": str(tmp_path / "cache")}
+    env_cache = {"MEMLM_CACHE": str(tmp_path / "cache"), "TORCHINDUCTOR_CACHE_DIR": None}
     args = ("generate", "The for statement", "--model", "runs/small", "--max-new-tokens", "12", "--temperature", "0")
     eager = memlm(*args, "--no-compile", cwd=tiny_run)
     compiled = memlm(*args, "--compile", cwd=tiny_run, env=env_cache)
