@@ -198,8 +198,9 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[GGUFTensor]:
     yield from _GGUFFile(path).tensors.values()
 
 
-def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A tensor's values as a fresh torch tensor of `tensor.shape` (never a view of the file)."""
+def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A tensor's values as a fresh torch tensor of `tensor.shape` (never a view of the file),
+    or written into `out` (contiguous, of that shape; its dtype wins over `dtype`)."""
     t = tensor
     if t.qtype not in SUPPORTED_TYPES:
         raise MemlmError(
@@ -209,13 +210,14 @@ def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.
     if t.qtype not in _ROW_TYPES:  # the k-quants: through gguf.quants, whole
         import gguf
 
-        values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(int(t.qtype)))
-        return torch.from_numpy(values.reshape(t.shape)).to(dtype)
+        values = torch.from_numpy(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(int(t.qtype))).reshape(t.shape))
+        return values.to(dtype) if out is None else out.copy_(values)
     n = t.shape[-1] if t.shape else 1
     rows = int(np.prod(t.shape[:-1], dtype=np.int64))
     raw = t.data.reshape(rows, -1)
-    out = torch.empty(rows, n, dtype=dtype)
-    direct = out.numpy() if dtype == torch.float32 else None
+    result = torch.empty(t.shape, dtype=dtype) if out is None else out
+    out = result.view(rows, n)
+    direct = out.numpy() if out.dtype == torch.float32 else None
     step = max(1, _CHUNK_VALUES // max(n, 1))
     scratch = None if direct is not None else np.empty((min(step, rows), n), dtype=np.float32)
     # A slice of rows at a time: the few passes over each slice stay in cache, and the result
@@ -226,7 +228,7 @@ def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.
         _dequantize_rows(t.qtype, raw[i:j], part)
         if direct is None:
             out[i:j].copy_(torch.from_numpy(part))
-    return out.view(t.shape)
+    return result
 
 
 # Types dequantized by `_dequantize_rows` (bit for bit gguf.quants' arithmetic, with in-place
@@ -675,31 +677,55 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
     arch = f.get_str("general.architecture")
     int8_embedding = _int8_embedding(f, config, weight_format)
 
-    def convert(t: GGUFTensor) -> list[tuple[str, str, tuple[int, ...], torch.Tensor | torch.nn.Module]]:
-        """One file tensor as what the assembler takes: (file name, state-dict key, shape, values
-        in the model's dtype or a finished layer). Runs in a worker thread: reads, changes nothing."""
+    def plan(t: GGUFTensor) -> tuple[GGUFTensor, list[_Part]]:
+        """What a file tensor becomes, with the memory each part is written into: allocated
+        here, by the thread that keeps the model (glibc gives each thread its own heap, and a
+        result allocated in a worker's would leave its memory there, unusable to this thread,
+        when the model later frees it: `memlm compress` then peaked 13-18% higher)."""
         if (t.name == "output.weight" and config.tied_embeddings) or (t.name.endswith(".bias") and not config.bias):
-            return []  # a copy of the embedding, or all-zero biases (see _is_tied, _has_bias)
+            return t, []  # a copy of the embedding, or all-zero biases (see _is_tied, _has_bias)
         if int8_embedding and t.name in ("token_embd.weight", "output.weight"):
             key = {"token_embd.weight": "tok_emb.weight", "output.weight": "lm_head.weight"}[t.name]
-            return [(t.name, key, t.shape, _q8_0_table(f, t))]
+            return t, [_Part(key, 0, t.shape[0], None, t.shape, "table", _int8_buffers(*t.shape))]
         scheme = _direct_scheme(t, weight_format)
+        parts = []
+        for key, start, stop, heads in _parts(t, arch, config):
+            shape = (stop - start, *t.shape[1:])
+            if scheme == "int4":
+                out = _int4_buffers(*shape)
+            elif scheme == "int8":
+                out = _int8_buffers(*shape)
+            else:
+                out = (torch.empty(shape, dtype=float_dtype),)
+            parts.append(_Part(key, start, stop, heads, shape, scheme or "float", out))
+        return t, parts
+
+    def convert(planned: tuple[GGUFTensor, list[_Part]]) -> list[tuple[str, _Part, torch.Tensor | torch.nn.Module]]:
+        """A planned tensor read and written into its parts' memory: (file name, part, values in
+        the model's dtype or a finished layer). Runs in a worker thread: reads, changes nothing."""
+        t, parts = planned
+        if not parts:
+            return []
+        if parts[0].kind == "table":
+            return [(t.name, parts[0], _q8_0_table(f, t, *parts[0].out))]
         raw, qtype = f.read(t).data, t.qtype
         if len(t.shape) < 2:  # a norm or a bias: its values are what rows are moved of
             raw, qtype = dequantize(GGUFTensor(t.name, t.qtype, t.shape, raw)).numpy(), QType.F32
         # Rows are moved (q/k reordered, a fused qkv split) on the stored blocks, then each part
         # is converted: dequantized once into the model's dtype, or its blocks kept as they are.
-        parts = []
-        for key, rows in _to_memlm(t, raw, arch, config):
-            shape = (rows.shape[0], *t.shape[1:])
-            if scheme == "int4":
-                value = _q4_1_to_int4(rows, use_kernel)
-            elif scheme == "int8":
-                value = module_from_codes("int8", _q8_0_to_int8(rows))
+        done = []
+        for part in parts:
+            rows = _rows(raw, part.start, part.stop, part.heads)
+            if part.kind == "int4":
+                value = _q4_1_to_int4(rows, *part.out, use_kernel=use_kernel)
+            elif part.kind == "int8":
+                codes, scales = part.out
+                _q8_0_into(rows, codes.numpy(), scales.numpy())
+                value = module_from_codes("int8", {"weight_int8": codes, "scales": scales})
             else:
-                value = dequantize(GGUFTensor(t.name, qtype, shape, rows), float_dtype)
-            parts.append((t.name, key, shape, value))
-        return parts
+                value = dequantize(GGUFTensor(t.name, qtype, part.shape, rows), float_dtype, out=part.out[0])
+            done.append((t.name, part, value))
+        return done
 
     # Two threads convert (numpy and torch release the GIL, and two threads that never wait for
     # each other keep their share of a busy machine) from here on, while this one builds the model
@@ -713,7 +739,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
         _BLOCK_RE.match(t.name) and t.name.endswith(".weight") and not _direct_scheme(t, weight_format)
         for t in tensors)
     workers, ahead = (1, 1) if requantized else (LOAD_WORKERS, len(tensors))
-    with InOrder(convert, tensors, workers=workers, ahead=ahead) as results:
+    with InOrder(convert, (plan(t) for t in tensors), workers=workers, ahead=ahead) as results:
         model = Decoder.empty(config)
         assembler = ModelAssembler(model, weight_format, dtype, use_kernel, source=str(f.path))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -724,20 +750,20 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
                 f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
                 "the file is inconsistent; re-export it",
             )
-        for parts in results:
-            for name, key, shape, value in parts:
-                if key not in expected:  # e.g. blk.12.* in a 12-layer model
+        for done in results:
+            for name, part, value in done:
+                if part.key not in expected:  # e.g. blk.12.* in a 12-layer model
                     raise _unexpected(name, arch)
-                if shape != expected[key]:
+                if part.shape != expected[part.key]:
                     raise MemlmError(
-                        f"{f.path}: tensor '{name}' has shape {shape}, expected {expected[key]}",
+                        f"{f.path}: tensor '{name}' has shape {part.shape}, expected {expected[part.key]}",
                         "the metadata does not match the tensors; re-export the file",
                     )
                 if isinstance(value, torch.nn.Module):
-                    assembler.put_module(key.removesuffix(".weight"), value)
+                    assembler.put_module(part.key.removesuffix(".weight"), value)
                 else:  # converted to the format here, before the next tensor is taken
-                    assembler.put(key, value)
-            del parts
+                    assembler.put(part.key, value)
+            del done
     for key in assembler.missing():
         if not key.endswith(".bias"):
             raise MemlmError(f"{f.path}: no tensor for '{key}'", "the file is incomplete; re-export it")
@@ -777,12 +803,37 @@ def _int8_embedding(f: _GGUFFile, config: ModelConfig, weight_format: str | None
     return all(name in f.tensors and f.tensors[name].qtype == QType.Q8_0 for name in tables)
 
 
-def _q8_0_table(f: _GGUFFile, t: GGUFTensor) -> torch.nn.Module:
-    """A Q8_0 embedding (or untied head) as an int8 module, converted a slice of rows at a time:
-    the raw blocks of the whole table (30 MB for SmolLM2) never sit beside its codes."""
-    rows, n = t.shape
-    codes = torch.empty(rows, n, dtype=torch.int8)
-    scales = torch.empty(rows, n // 32, dtype=torch.float32)
+@dataclass(frozen=True)
+class _Part:
+    """One state-dict entry a file tensor provides (see `_parts`), as `load_gguf` plans it: its
+    rows of the tensor, its shape, how it is converted ("float", "int4", "int8", "table": a Q8_0
+    table to int8) and the tensors it is written into."""
+
+    key: str
+    start: int
+    stop: int
+    heads: int | None
+    shape: tuple[int, ...]
+    kind: str
+    out: tuple[torch.Tensor, ...]
+
+
+def _int4_buffers(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An int4 g32 layer's tensors in the portable layout: packed codes, fp16 scales and mins."""
+    return (torch.empty(rows, n // 2, dtype=torch.uint8), torch.empty(rows, n // 32, dtype=torch.float16),
+            torch.empty(rows, n // 32, dtype=torch.float16))
+
+
+def _int8_buffers(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group-32 int8 layer's (or table's) tensors: int8 codes and float32 scales."""
+    return torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, n // 32, dtype=torch.float32)
+
+
+def _q8_0_table(f: _GGUFFile, t: GGUFTensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.nn.Module:
+    """A Q8_0 embedding (or untied head) as an int8 module, written into `codes` and `scales` a
+    slice of rows at a time: the raw blocks of the whole table (30 MB for SmolLM2) never sit
+    beside its codes."""
+    rows = t.shape[0]
     step = 4096
     for i in range(0, rows, step):
         j = min(i + step, rows)
@@ -792,33 +843,37 @@ def _q8_0_table(f: _GGUFFile, t: GGUFTensor) -> torch.nn.Module:
     return module_from_codes("int8", {"weight_int8": codes, "scales": scales})
 
 
-def _q4_1_to_int4(blocks: np.ndarray, use_kernel: bool | None = None) -> Int4Linear:
+def _q4_1_to_int4(blocks: np.ndarray, packed: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                  mins: torch.Tensor | None = None, use_kernel: bool | None = None) -> Int4Linear:
     """Q4_1 blocks (rows, n / 32 * 20) as an Int4Linear with groups of 32 (no bias), bit for bit:
-    the inverse of `_int4_to_q4_1`. A block is fp16 d, fp16 m, then 16 bytes holding value j in
-    the low nibble of byte j and value j + 16 in its high nibble; memlm's portable layout (what
-    it saves, and what the layer loads from a state dict) packs values 2i, 2i + 1 into byte i.
+    the inverse of `_int4_to_q4_1`; written into `packed`, `scales`, `mins` (see `_int4_buffers`)
+    when given. A block is fp16 d, fp16 m, then 16 bytes holding value j in the low nibble of
+    byte j and value j + 16 in its high nibble; memlm's portable layout (what it saves, and what
+    the layer loads from a state dict) packs values 2i, 2i + 1 into byte i.
 
     The nibbles are moved 8 bytes at a time: in a 64-bit word w of 8 Q4_1 bytes, the low
     nibbles l = w & 0x0F.. and `l | l >> 4` put values (2i, 2i + 1) into byte 2i, whose even
     bytes are then the packed bytes (a uint16 view, truncated to uint8); the high nibbles alike.
     """
     rows, groups = blocks.shape[0], blocks.shape[1] // 20
+    if packed is None:
+        packed, scales, mins = _int4_buffers(rows, groups * 32)
     b = blocks.reshape(rows, groups, 20)
-    dm = np.ascontiguousarray(b[..., :4]).view(np.float16)  # (rows, groups, 2): d, m
+    dm = b[..., :4]  # (rows, groups, 4): the bytes of d and m
+    scales.numpy().view(np.uint8).reshape(rows, groups, 2)[...] = dm[..., :2]
+    mins.numpy().view(np.uint8).reshape(rows, groups, 2)[...] = dm[..., 2:]
     words = b[..., 4:].view(np.uint64)  # (rows, groups, 2): bytes 0-7 and 8-15 of the codes
-    packed = np.empty((rows, groups, 16), dtype=np.uint8)
+    out = packed.numpy().reshape(rows, groups, 16)
     four = np.uint64(4)
     low = words & _LOW_NIBBLES
     low |= low >> four
-    np.copyto(packed[..., :8], low.view(np.uint16), casting="unsafe")  # values 0..15 of the group
+    np.copyto(out[..., :8], low.view(np.uint16), casting="unsafe")  # values 0..15 of the group
     high = words >> four
     high &= _LOW_NIBBLES
     high |= high >> four
-    np.copyto(packed[..., 8:], high.view(np.uint16), casting="unsafe")  # values 16..31
+    np.copyto(out[..., 8:], high.view(np.uint16), casting="unsafe")  # values 16..31
     layer = Int4Linear(groups * 32, rows, 32, bias=False, device="meta", use_kernel=use_kernel)
-    layer.load_state_dict({"weight_packed": torch.from_numpy(packed.reshape(rows, groups * 16)),
-                           "scales": torch.from_numpy(np.ascontiguousarray(dm[..., 0])),
-                           "mins": torch.from_numpy(np.ascontiguousarray(dm[..., 1]))}, assign=True)
+    layer.load_state_dict({"weight_packed": packed, "scales": scales, "mins": mins}, assign=True)
     return layer
 
 
@@ -843,34 +898,37 @@ def _q8_0_into(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> Non
     scales[...] = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]
 
 
-def _to_memlm(t: GGUFTensor, w: np.ndarray, arch: str, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """The memlm state-dict entries one GGUF tensor provides (gpt2's fused qkv provides three).
-
-    `w` is the tensor's values, or its raw blocks (rows, bytes per row): only whole rows are
-    moved (the split of a fused qkv, llama.cpp's reordering of q/k rows), so both work alike.
-    """
+def _parts(t: GGUFTensor, arch: str, config: ModelConfig) -> list[tuple[str, int, int, int | None]]:
+    """The memlm state-dict entries one GGUF tensor provides (gpt2's fused qkv provides three):
+    (key, first row, end row, heads whose rows llama.cpp reordered or None). Only whole rows are
+    moved, so a part applies alike to values and to raw blocks (rows, bytes per row)."""
+    rows = t.shape[0] if t.shape else 1
     m = _BLOCK_RE.match(t.name)
     if m is None:
         stem, _, kind = t.name.rpartition(".")
         ours = {v: k for k, v in _GLOBAL_NAMES.items()}.get(stem)
         if ours is None or (ours == "pos_emb" and arch != "gpt2"):
             raise _unexpected(t.name, arch)
-        yield f"{ours}.{kind}", w
-        return
+        return [(f"{ours}.{kind}", 0, rows, None)]
     i, part, kind = int(m.group(1)), m.group(2), m.group(3)
     prefix = f"blocks.{i}."
     if arch == "gpt2" and part == "attn_qkv":
         d, kv = config.n_head * config.head_dim, config.n_kv_heads * config.head_dim
-        for name, start, stop in (("q_proj", 0, d), ("k_proj", d, d + kv), ("v_proj", d + kv, d + 2 * kv)):
-            yield f"{prefix}attn.{name}.{kind}", np.ascontiguousarray(w[start:stop])
-        return
+        return [(f"{prefix}attn.{name}.{kind}", min(start, rows), min(stop, rows), None)  # short: the shape check
+                for name, start, stop in (("q_proj", 0, d), ("k_proj", d, d + kv), ("v_proj", d + kv, d + 2 * kv))]
     ours = {v: k for k, v in _LAYER_NAMES[arch].items()}.get(part)
     if ours is None:
         raise _unexpected(t.name, arch)
     heads = {"attn.q_proj": config.n_head, "attn.k_proj": config.n_kv_heads}.get(ours)
-    if heads is not None and w.shape[0] == heads * config.head_dim:  # else the caller's shape check fails
-        w = np.ascontiguousarray(_unpermute_rope(w, heads))
-    yield f"{prefix}{ours}.{kind}", w
+    if heads is not None and rows != heads * config.head_dim:  # not reordered: the shape check refuses it
+        heads = None
+    return [(f"{prefix}{ours}.{kind}", 0, rows, heads)]
+
+
+def _rows(w: np.ndarray, start: int, stop: int, heads: int | None) -> np.ndarray:
+    """Rows [start, stop) of `w`, in memlm's order (see `_parts`)."""
+    w = w[start:stop]
+    return np.ascontiguousarray(_unpermute_rope(w, heads)) if heads is not None else w
 
 
 def _unexpected(name: str, arch: str) -> MemlmError:
