@@ -80,7 +80,7 @@ def timed_runs(generate) -> dict[str, Any]:
     ids = generate(lambda: None)
     warmup = time.perf_counter() - t
     prefill, decode = [], []
-    for _ in range(TIMED):
+    for _ in range(int(os.environ.get("W1_TIMED", TIMED))):
         mark: list[float] = []
         t0 = time.perf_counter()
         ids = generate(lambda: mark.append(time.perf_counter()))
@@ -263,7 +263,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated substrings of row names")
     ap.add_argument("--prompt", help="(worker) the prompt's token ids as JSON")
+    ap.add_argument("--timed", type=int, default=TIMED,
+                    help=f"timed generations per row (W1: {TIMED}; fewer only for a quick, labelled look)")
     args = ap.parse_args()
+    os.environ["W1_TIMED"] = str(args.timed)
     if args.worker:
         PROMPT.extend(json.loads(args.prompt) if args.prompt else w1_prompt())
         print(json.dumps(run_worker(args.worker)))
@@ -326,14 +329,15 @@ def main() -> None:
         "int4_eager_vs_llama_Q4_1": ratio("memlm-int4-eager", "llama-Q4_1"),
         "fp32_eager_vs_hf": ratio("memlm-fp32-eager", "hf-fp32"),
     }
-    notes = (f"W1: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, {THREADS} threads; each row a fresh "
-             f"process, {args.rounds} interleaved rounds, medians of {TIMED} timed generations after 1 warm-up. "
+    quick = "" if args.timed == TIMED else f"QUICK LOOK, not W1: {args.timed} timed generations, not {TIMED}. "
+    notes = (quick + f"W1: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, {THREADS} threads; each row a fresh "
+             f"process, {args.rounds} interleaved rounds, medians of {args.timed} timed generations after 1 warm-up. "
              f"Read bandwidth {gb_s:.1f} GB/s (1 GiB sum, 2 threads); roofline = bandwidth / weight bytes read "
              f"per token. Load average during the run: {loads[0]} .. {loads[-1]}. Ratios (decode): "
              + ", ".join(f"{k} {v}" for k, v in ratios.items() if v is not None))
     columns = ["system", "decode_tok_s", "prefill_tok_s", "decode_rounds", "load_s", "compile_s", "peak_rss_mib",
                "weight_mb_per_token", "roofline_tok_s", "pct_of_limit", "ids_equal_hf", "kernels"]
-    write_results("decode_speed", table, extra={"read_gb_s": gb_s, "ratios": ratios, "threads": THREADS,
+    write_results("decode_speed" + ("" if not quick else "_quick"), table, extra={"read_gb_s": gb_s, "ratios": ratios, "threads": THREADS,
                                                  "load_average": loads, "environment": "default"},
                   columns=columns, notes=notes)
 
