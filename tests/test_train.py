@@ -206,12 +206,16 @@ def test_param_groups_decay_matrices_and_embeddings_only():
 
 
 def test_adamw_matches_torch_adamw():
+    """Our AdamW is torch's, with our groups and hyperparameters, fused on CPU (one pass, no
+    temporaries). Both get the same gradients each step: Adam turns rounding noise in a
+    gradient that is ~0 into lr-sized moves, so losses computed twice would not compare."""
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.8, beta2=0.9, eps=1e-7)
     torch.manual_seed(0)
     ours = Decoder(MODEL)
     ref = copy.deepcopy(ours)
     opt = build_optimizer(ours, cfg)
-    ref_opt = torch.optim.AdamW(
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW(  # torch's default (single-tensor) path on CPU
         [
             {"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": 0.1},
             {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0},
@@ -220,9 +224,84 @@ def test_adamw_matches_torch_adamw():
     )
     for step in range(3):
         x, y = _batch(step)
-        for model, o in ((ours, opt), (ref, ref_opt)):
-            compute_loss(model, x, y, cfg).backward()
+        compute_loss(ours, x, y, cfg).backward()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            q.grad = p.grad.clone()
+        for o in (opt, ref_opt):
             o.step()
+            o.zero_grad(set_to_none=True)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)
+
+
+def test_default_loss_is_cross_entropy_over_the_full_logits():
+    """fp32 without loss_chunk: the one-buffer head + loss (linear_cross_entropy) gives
+    F.cross_entropy's value and gradients, ignored targets included, and the same under no_grad."""
+    from memlm.train.loss import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = Decoder(dataclasses.replace(MODEL, bias=False))  # the head path needs a bias-free head
+    x, y = _batch(3)
+    y = y.clone()  # a view of the rows x is cut from
+    y[0, :5] = IGNORE_INDEX
+    cfg = TrainConfig()
+    loss = compute_loss(model, x, y, cfg)
+    assert loss.grad_fn is not None and type(loss.grad_fn).__name__ == "_LinearCEBackward"
+    (loss * 0.5).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref = torch.nn.functional.cross_entropy(model(x).reshape(-1, MODEL.vocab_size), y.reshape(-1))
+    (ref * 0.5).backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-7, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(compute_loss(model, x, y, cfg), ref, atol=1e-6, rtol=0)
+
+
+def test_clip_grad_norm_matches_torch():
+    from memlm.train.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    for max_norm in (0.5, 1e6):  # clipped, and left alone
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300, 12)]
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p, q in zip(params, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        norm = clip_grad_norm(params, max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        assert norm == pytest.approx(ref_norm.item(), rel=1e-6)
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p.grad, q.grad, atol=0, rtol=1e-6)
+    assert clip_grad_norm([torch.nn.Parameter(torch.ones(3))], 1.0) == 0.0  # no gradients
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
+def test_clipped_step_is_clip_then_step(max_norm):
+    """The fused AdamW takes the clipping factor as its grad_scale (no pass over the gradients):
+    the same weights as torch's clip_grad_norm_ followed by step(); the factor is this step's only."""
+    from memlm.train.optim import clipped_step, takes_grad_scale
+
+    torch.manual_seed(0)
+    ours = Decoder(MODEL)
+    ref = copy.deepcopy(ours)
+    cfg = TrainConfig(lr=1e-2)
+    opt, ref_opt = build_optimizer(ours, cfg), build_optimizer(ref, cfg)
+    assert takes_grad_scale(opt)
+    for step in range(3):
+        x, y = _batch(step)
+        compute_loss(ours, x, y, cfg).backward()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            q.grad = p.grad.clone()
+        norm = clipped_step(opt, ours.parameters(), max_norm)
+        assert not hasattr(opt, "grad_scale")
+        if max_norm > 0:
+            assert norm == pytest.approx(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item(), rel=1e-5)
+        else:
+            assert norm is None
+        ref_opt.step()
+        for o in (opt, ref_opt):
             o.zero_grad(set_to_none=True)
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)

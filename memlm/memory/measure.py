@@ -101,6 +101,46 @@ def return_free_heap() -> None:
 
 _malloc_trim = None
 
+HUGE_PAGE = 2 * 2**20  # transparent huge pages on x86-64 and most arm64 kernels
+_MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """`torch.empty(shape)`, backed by transparent huge pages where the kernel offers them.
+
+    A fresh large tensor is mapped but not resident: the first write faults its pages in, 4 KiB
+    at a time. In this VM that costs ~4 us a page, so a step's 400 MB logits buffer (W3) spent
+    ~0.43 s faulting before the 0.1 s of writing it (`torch.empty(N).fill_(1)`: 430 ms fresh,
+    100 ms reused). Marked MADV_HUGEPAGE, the kernel maps 2 MiB pages instead: 200 faults, not
+    100,000 (50 ms for the same fresh fill). Only the 2 MiB-aligned pages inside the tensor are
+    marked, so it occupies no more memory than before: for buffers written whole, once a step.
+    Linux with THP "madvise" or "always"; elsewhere (or on CUDA) this is plain torch.empty.
+    """
+    t = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < 2 * HUGE_PAGE or not sys.platform.startswith("linux"):
+        return t
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL("libc.so.6").madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise:
+        start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal changes nothing
+    return t
+
+
+_madvise = None
+
 
 class _RssSampler(threading.Thread):
     """Polls VmRSS until stopped, keeping the maximum (the fallback when VmHWM cannot be reset)."""

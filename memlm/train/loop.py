@@ -39,13 +39,14 @@ from memlm.memory.measure import PeakMemory, format_bytes, process_peak_rss_byte
 from memlm.train.checkpoint import config_differences, latest_checkpoint, read_trainer_state
 from memlm.train.distributed import local_state_bytes
 from memlm.train.distributed import setup as setup_distributed
-from memlm.train.loss import chunked_cross_entropy
-from memlm.train.optim import build_optimizer, lr_at, set_lr
+from memlm.train.loss import chunked_cross_entropy, linear_cross_entropy
+from memlm.train.optim import build_optimizer, clipped_step, lr_at, set_lr
 from memlm.train.progressive import step_shape
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CACHE_DIR = "cache"
+BAR_INTERVAL_S = 0.25  # the progress bar is redrawn after a step at most this often
 # Train-config fields that decide which data each step sees: a resume must not change them.
 _TRAJECTORY_FIELDS = (
     "corpus", "seed", "micro_batch", "grad_accum", "seq_len",
@@ -72,7 +73,9 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
     Under "bf16-autocast" the matmuls run in bfloat16 while the weights stay fp32; the
     cross-entropy itself is computed in fp32 (autocast's rule for it). With `cfg.loss_chunk`
     the head and the loss run `loss_chunk` tokens at a time (memlm.train.loss): same value and
-    gradients, without the (tokens x vocab) logits.
+    gradients, without the (tokens x vocab) logits. Without it, in fp32, the head and the loss
+    run over the full logits in one buffer (memlm.train.loss.linear_cross_entropy: the same
+    value, gradients and saved tensors as F.cross_entropy, a third of its memory at the peak).
 
     With a `teacher` (memlm.train.distill.Teacher) the loss is its distillation loss instead,
     which needs the student's full logits (no chunking).
@@ -81,11 +84,16 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
         if teacher is not None:
             return teacher.loss(model, x, y)
         head = getattr(model, "lm_head", None)
-        # The chunked path needs the head's weight matrix; a head of another kind (quantized,
+        # The head's own paths need its weight matrix; a head of another kind (quantized,
         # LoRA-wrapped) computes its own logits, so it takes the plain path.
-        if cfg.loss_chunk > 0 and type(head) is nn.Linear and head.bias is None and hasattr(model, "hidden_states"):
-            h = model.hidden_states(x)  # (B, T, d)
-            return chunked_cross_entropy(h.reshape(-1, h.size(-1)), head.weight, y.reshape(-1), cfg.loss_chunk)
+        if type(head) is nn.Linear and head.bias is None and hasattr(model, "hidden_states"):
+            if cfg.loss_chunk > 0:
+                h = model.hidden_states(x)  # (B, T, d)
+                return chunked_cross_entropy(h.reshape(-1, h.size(-1)), head.weight, y.reshape(-1), cfg.loss_chunk)
+            # fp32 weights as plain tensors (FSDP's are sharded DTensors: they take the plain path)
+            if cfg.precision == "fp32" and head.weight.dtype == torch.float32 and type(head.weight.data) is torch.Tensor:
+                h = model.hidden_states(x)  # (B, T, d)
+                return linear_cross_entropy(h.reshape(-1, h.size(-1)), head.weight, y.reshape(-1))
         logits = model(x)  # (B, T, vocab)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
@@ -387,50 +395,55 @@ def train(
                                             "raise --memory-budget")
 
     latest_step_saved = step
-    with PeakMemory(device) as pm, progress:
+    drawn_at = 0.0  # when the progress bar was last drawn
+    # CUDA: the allocator's peak. CPU: VmHWM, read as it is (PeakMemory would only add a 1 kHz
+    # sampling thread, on kernels that refuse its reset, for a number the loop does not use).
+    with (PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext()) as pm, progress:
         while step < end_step:
+            # A step's time is all of it but evaluation and checkpoints: the guard's checks, the
+            # data, forward, backward, clipping, the optimizer, the metrics and the progress bar.
+            t0 = time.perf_counter()
             stop_if_no_room()
             step += 1
             ctx.fault_point(step)
-            t0 = time.perf_counter()
             set_lr(optimizer, lr_at(step, cfg))
             shape = step_shape(step, cfg)
             tokens_per_step = shape.tokens * cfg.grad_accum
-            loss_sum = 0.0
+            loss_sum = None  # on the device: one host sync a step, not one per micro-batch
             for k in range(cfg.grad_accum):
                 x, y = micro_batch((step - 1) * cfg.grad_accum + k, shape)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 ctx.sync_gradients(net, now=k == cfg.grad_accum - 1)
                 loss = compute_loss(net, x, y, cfg, teacher) / cfg.grad_accum
                 loss.backward()  # with fused_backward, this also steps the optimizer
-                loss_sum += loss.item()
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = ctx.clip_grad_norm(model, cfg.grad_clip)
-            optimizer.step()
+                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+            # clipped to the global norm: DDP's gradients are all-reduced, FSDP's are DTensors
+            grad_norm = clipped_step(optimizer, model.parameters(), cfg.grad_clip)
             if state_bytes == 0:
                 state_bytes = ctx.max(local_state_bytes(model, optimizer))
             optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
             if guard is not None:
                 guard.after_unit()
 
-            last_loss = ctx.mean(loss_sum)  # the global batch's loss: every rank saw its share
+            last_loss = ctx.mean(loss_sum.item())  # the global batch's loss: every rank saw its share
             if not math.isfinite(last_loss):
                 raise MemlmError(
                     f"the loss became {last_loss} at step {step}",
                     "lower --lr, keep grad_clip on, or use fp32 precision",
                 )
+            peak = peak_now()
+            window_tokens += tokens_per_step
+            progress.update(task, completed=step, loss=last_loss, mem=format_bytes(peak),
+                            tps=window_tokens / max(window_time + time.perf_counter() - t0, 1e-9))
+            if time.perf_counter() - drawn_at >= BAR_INTERVAL_S or step == end_step:
+                progress.refresh()  # drawn from here, at most every BAR_INTERVAL_S: no drawing thread
+                drawn_at = time.perf_counter()
+            dt = time.perf_counter() - t0
             tokens_seen += tokens_per_step
             session_tokens += tokens_per_step
             session_time += dt
-            window_tokens += tokens_per_step
             window_time += dt
             wall_time += dt
-            peak = peak_now()
-            progress.update(
-                task, completed=step, loss=last_loss, tps=window_tokens / max(window_time, 1e-9), mem=format_bytes(peak)
-            )
 
             if step % max(cfg.log_every, 1) == 0 or step == end_step:
                 record = {
@@ -489,7 +502,12 @@ def _teacher_bytes(teacher: Any | None) -> int:
 
 
 def _progress(console: Console | None):
-    """A progress bar: step/total, loss, tokens/s, peak memory, ETA (silent without a console)."""
+    """A progress bar: step/total, loss, tokens/s, peak memory, ETA (silent without a console).
+
+    Drawn by the loop after a step (`refresh()`), not by rich's refresh thread: ten redraws a
+    second from a third thread compete with torch's threads for the cores and the GIL, and the
+    bar only changes when a step ends.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
@@ -502,4 +520,5 @@ def _progress(console: Console | None):
         TimeRemainingColumn(),
         console=console,
         disable=console is None,
+        auto_refresh=False,
     )
