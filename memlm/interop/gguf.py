@@ -859,9 +859,9 @@ def _q4_1_to_int4(blocks: np.ndarray, packed: torch.Tensor | None = None, scales
     if packed is None:
         packed, scales, mins = _int4_buffers(rows, groups * 32)
     b = blocks.reshape(rows, groups, 20)
-    dm = b[..., :4]  # (rows, groups, 4): the bytes of d and m
-    scales.numpy().view(np.uint8).reshape(rows, groups, 2)[...] = dm[..., :2]
-    mins.numpy().view(np.uint8).reshape(rows, groups, 2)[...] = dm[..., 2:]
+    dm = b[..., :4].view(np.float16)  # (rows, groups, 2): d, m
+    np.copyto(scales.numpy(), dm[..., 0])
+    np.copyto(mins.numpy(), dm[..., 1])
     words = b[..., 4:].view(np.uint64)  # (rows, groups, 2): bytes 0-7 and 8-15 of the codes
     out = packed.numpy().reshape(rows, groups, 16)
     four = np.uint64(4)
