@@ -82,24 +82,13 @@ def run():
     return memlm.load(path, weight_format=fmt)
 
 if profile:
-    # cProfile sees one thread: the loader's conversion threads run inline here instead, so the
-    # phases add up to the work done (sequentially), not to the timed rows' wall time.
+    # cProfile sees one thread: the loader's conversions run inline here instead (workers=0), so
+    # the phases add up to the work done (sequentially), not to the timed rows' wall time.
     import cProfile
-    import concurrent.futures as cf
+    import memlm.compress.assemble as assemble
 
-    class Inline(cf.Executor):
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def submit(self, fn, *args, **kwargs):
-            future = cf.Future()
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:
-                future.set_exception(e)
-            return future
-
-    cf.ThreadPoolExecutor = Inline  # before memlm.compress.assemble imports it, inside the load
+    if hasattr(assemble, "LOAD_WORKERS"):
+        assemble.LOAD_WORKERS = 0
     prof = cProfile.Profile()
     t2 = time.perf_counter()
     prof.runcall(run)

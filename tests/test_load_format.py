@@ -241,6 +241,8 @@ def test_in_order_keeps_the_order_bounds_the_lead_and_raises_in_order():
                     assert len(started) <= len(got) + 3
     assert got == [i * i for i in range(7)]
     assert max(started) < 12
+    with InOrder(lambda i: i + 1, range(5), workers=0) as results:  # inline, as each item is taken
+        assert list(results) == [1, 2, 3, 4, 5]
 
 
 def same_model(a: Decoder, b: Decoder) -> None:

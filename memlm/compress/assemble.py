@@ -11,9 +11,11 @@ a loader convert the next tensors in worker threads while it assembles the curre
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
@@ -44,7 +46,8 @@ class InOrder:
     items before the one being taken. The first conversions start at once, so the caller can
     do other work (build the tokenizer) before taking any; a loader holds at most `ahead` + 1
     results beside what it has assembled, so `ahead` bounds the extra memory when results are
-    not final (a float layer still to be quantized).
+    not final (a float layer still to be quantized). workers=0: each item converted as it is
+    taken, by the caller (what a profiler sees whole).
 
     `convert` must only read shared state. An exception it raises comes out of the iteration, in
     order; on leaving the `with` block, conversions not started are cancelled and running ones
@@ -54,22 +57,44 @@ class InOrder:
             ...
             for result in results:
                 ...
+
+    The threads are started up front (a ThreadPoolExecutor starts a second one only while no
+    thread is idle, and short first items kept SmolLM2's load on one).
     """
 
     def __init__(self, convert: Callable[[T], R], items: Iterable[T], workers: int = LOAD_WORKERS, ahead: int = 1):
         self._convert, self._items, self._ahead = convert, iter(items), max(0, ahead)
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="memlm-load")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: deque = deque()
-        self._fill()
+        self._threads = [threading.Thread(target=self._work, name=f"memlm-load-{i}", daemon=True)
+                         for i in range(max(0, workers))]
+        for thread in self._threads:
+            thread.start()
+        if self._threads:
+            self._fill()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, item = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._convert(item))
+                except BaseException as e:  # handed to the caller by result()
+                    future.set_exception(e)
 
     def _fill(self) -> None:
         while len(self._pending) <= self._ahead:
             item = next(self._items, _END)
             if item is _END:
                 return
-            self._pending.append(self._pool.submit(self._convert, item))
+            future: Future = Future()
+            self._jobs.put((future, item))
+            self._pending.append(future)
 
     def __iter__(self) -> Iterator[R]:
+        if not self._threads:
+            yield from map(self._convert, self._items)
+            return
         while self._pending:
             result = self._pending.popleft().result()
             self._fill()
@@ -79,7 +104,12 @@ class InOrder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._pending:
+            future.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 _END = object()

@@ -42,7 +42,8 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers
 
-from memlm.compress.assemble import LOAD_WORKERS, InOrder, ModelAssembler
+from memlm.compress import assemble
+from memlm.compress.assemble import InOrder, ModelAssembler
 from memlm.compress.lowrank import LowRankLinear
 from memlm.compress.quantize import (
     GroupQuantLinear,
@@ -735,10 +736,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
     # as int8/int4), it does so here, one layer at a time, while one thread prepares the next: at
     # most one float layer waits beside it.
     tensors = list(f.tensors.values())
-    requantized = weight_format in ("int8", "int4") and any(
-        _BLOCK_RE.match(t.name) and t.name.endswith(".weight") and not _direct_scheme(t, weight_format)
-        for t in tensors)
-    workers, ahead = (1, 1) if requantized else (LOAD_WORKERS, len(tensors))
+    requantized = weight_format in ("int8", "int4") and any(  # a block Linear's weight not kept as stored
+        _BLOCK_RE.match(t.name) and t.name.endswith(".weight") and len(t.shape) == 2
+        and not _direct_scheme(t, weight_format) for t in tensors)
+    workers = assemble.LOAD_WORKERS  # read when called: 0 runs the conversions inline (a profile)
+    workers, ahead = (min(1, workers), 1) if requantized else (workers, len(tensors))
     with InOrder(convert, (plan(t) for t in tensors), workers=workers, ahead=ahead) as results:
         model = Decoder.empty(config)
         assembler = ModelAssembler(model, weight_format, dtype, use_kernel, source=str(f.path))
