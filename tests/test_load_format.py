@@ -244,6 +244,14 @@ def test_in_order_keeps_the_order_bounds_the_lead_and_raises_in_order():
     with InOrder(lambda i: i + 1, range(5), workers=0) as results:  # inline, as each item is taken
         assert list(results) == [1, 2, 3, 4, 5]
 
+    def items():  # making an item fails before any `with` block: the threads stop all the same
+        yield 1
+        raise ValueError("no item 2")
+
+    with pytest.raises(ValueError, match="no item 2"):
+        InOrder(lambda i: i, items(), workers=2, ahead=5)
+    assert not [t for t in threading.enumerate() if t.name.startswith("memlm-load")]
+
 
 def same_model(a: Decoder, b: Decoder) -> None:
     """Same module types and bit-identical tensors (codes, scales, mins, floats), same logits."""

@@ -71,7 +71,11 @@ class InOrder:
         for thread in self._threads:
             thread.start()
         if self._threads:
-            self._fill()
+            try:
+                self._fill()
+            except BaseException:  # an item that could not be made: no `with` block to stop the threads
+                self.__exit__()
+                raise
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
