@@ -427,8 +427,14 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true",
                     help="run each row's process on its own, one after the other, instead of step by step")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="run nothing: write the markdown (and JSON) again from a session's results JSON")
     args = ap.parse_args()
     args.cli_set = [item for kv in args.cli_set for item in ("--set", kv)]
+    if args.render:
+        run = json.loads(args.render.read_text())
+        render(run["name"], run, day=run["date"])
+        return
 
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.nanogpt)))
@@ -449,7 +455,7 @@ def main() -> None:
     print(f"data: {info['train_tokens']:,} train tokens ({info['gguf']}'s tokenizer, {info['tokenize_s']:.2f} s "
           f"to tokenize); load average {load_before}", flush=True)
     results: list[dict[str, Any]] = []
-    loads = []
+    loads: list[str] = []
     for rnd in range(1, args.rounds + 1):
         loads.append(load_average())
         groups = [[row] for row in rows] if args.sequential else [rows]
@@ -470,9 +476,17 @@ def main() -> None:
                 r["speed_vs_nanogpt"] = r["tokens_per_s"] / base["tokens_per_s"]
                 r["best_step_vs_nanogpt"] = r["best_step_tokens_per_s"] / base["best_step_tokens_per_s"]
                 r["peak_vs_nanogpt"] = r["peak_mib"] / base["peak_mib"]
-    summary = summarize(results, rows)
-    load_after = load_average()
+    run = {"rows_run": rows, "rounds": args.rounds, "steps": args.steps, "data": info, "load_before": load_before,
+           "load_after": load_average(), "round_loads": loads, "note": args.note, "cli_set": args.cli_set,
+           "sequential": args.sequential, "nanogpt": args.nanogpt, "seconds": time.time() - started,
+           "results": results}
+    render(args.name, run)
 
+
+def render(name: str, run: dict[str, Any], day: str | None = None) -> None:
+    """Write bench/results/NAME-DATE.{json,md} for one session (also from its saved JSON: --render)."""
+    results, rows = run["results"], run["rows_run"]
+    summary = summarize(results, rows)
     table = [{"round": r["round"], "row": r["row"], "tokens/s": r.get("tokens_per_s"),
               "speed / nanoGPT": r.get("speed_vs_nanogpt"), "best step tokens/s": r.get("best_step_tokens_per_s"),
               "best step / nanoGPT": r.get("best_step_vs_nanogpt"), "peak MiB": r.get("peak_mib"),
@@ -482,42 +496,38 @@ def main() -> None:
     if not any(t["error"] for t in table):
         for t in table:
             t.pop("error")
+    info, steps = run["data"], run["steps"]
     cli_rows = [r for r in results if r["row"] == CLI and "error" not in r]
-    notes = "\n".join(filter(None, [
+    threads = next((r["threads"] for r in results if "threads" in r), "?")
+    paragraphs = [
         "W3 (shared/BENCHMARKS.md), every row a fresh process under a pseudo-terminal, "
-        + ("each row's process on its own, one after the other" if args.sequential else
+        + ("each row's process on its own, one after the other" if run.get("sequential") else
            "the rows' processes interleaved step by step (one runs, the others SIGSTOPped; a step's time is "
            "the time its process ran for it)")
-        + f" ({' / '.join(rows)}), {args.rounds} rounds, {args.steps} steps per row; tokens/s = 20 x 2,048 tokens / "
-        f"the time of steps {WARMUP + 1}-{args.steps}; best step = 2,048 / the fastest of those steps (the least "
+        + f" ({' / '.join(rows)}), {run['rounds']} rounds, {steps} steps per row; tokens/s = 20 x 2,048 tokens / "
+        f"the time of steps {WARMUP + 1}-{steps}; best step = 2,048 / the fastest of those steps (the least "
         "disturbed by other jobs); peak = the process's ru_maxrss (VmHWM), start to exit. Ratios within a round.",
-        f"Data: the benchmark train split tokenized with {info['gguf']}'s tokenizer: {info['train_tokens']:,} tokens, "
-        f"{info['tokenize_s']:.2f} s to tokenize (here; `memlm train` does it inside its run, before the steps: "
-        "part of its process time, not of its tokens/s; it trains no tokenizer, one is given). Every row trains on "
-        "the batches `memlm train` draws (memlm.data.Batches, seed 1337).",
-        f"memlm train command: `{' '.join(cli_command(args.steps, Path('RUN'), 'TOKENIZER', args.cli_set)[1:])}`; "
+        f"Data: the benchmark train split tokenized with {info['gguf']}'s tokenizer: {info['train_tokens']:,} tokens "
+        f"({info['tokenize_s']:.2f} s to tokenize here). `memlm train` is given that tokenizer (it trains none) and "
+        "tokenizes the corpus inside its run, before the steps: part of its running time, not of its tokens/s. Every "
+        "row trains on the batches `memlm train` draws (memlm.data.Batches, seed 1337).",
+        f"memlm train command: `memlm {' '.join(cli_command(steps, Path('RUN'), 'TOKENIZER', run['cli_set'])[3:])}`; "
         "its defaults otherwise (grad_clip 1.0, progress bar, metrics, eval + checkpoint at the end).",
-        f"nanoGPT: model.py from {args.nanogpt} (karpathy/nanoGPT, MIT), GPTConfig({W3_MODEL}), "
-        "configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cpu'), the step of its train.py, no clipping." if args.nanogpt
-        else "",
-        f"Threads: torch's default ({next((r['threads'] for r in results if 'threads' in r), '?')}). "
-        f"Load average before / after: {load_before} / {load_after}; at the start of each round: {', '.join(loads)}. "
-        "Other jobs share these cores: compare within a round.",
-        f"memlm train's running time beyond its steps (imports, tokenization, model build, eval, checkpoint): "
-        + ", ".join(f"{r['process_s'] - r['steps_s']:.1f} s" for r in cli_rows) if cli_rows else "",
-        args.note,
-        f"Total time {time.time() - started:.0f} s.",
-        "",
-        "## Summary (medians over rounds)",
-        "",
-        markdown_table(summary) if summary else "(no rows)",
-        "",
+        f"nanoGPT: model.py read from {run.get('nanogpt') or 'bench/.work/nanogpt/model.py'} (karpathy/nanoGPT, MIT, "
+        f"not vendored), GPTConfig({W3_MODEL}), configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cpu'), the step of its "
+        "train.py, no clipping.",
+        f"Threads: torch's default ({threads}). Load average before / after: {run['load_before']} / "
+        f"{run['load_after']}; at the start of each round: {', '.join(run['round_loads'])}. Other jobs share these "
+        "cores: compare within a round.",
+        ("memlm train's running time beyond its steps (imports, tokenization, model build, eval, checkpoint): "
+         + ", ".join(f"{r['process_s'] - r['steps_s']:.1f} s" for r in cli_rows) + ".") if cli_rows else "",
+        run.get("note", ""),
+        f"Total time {run['seconds']:.0f} s." if run.get("seconds") else "",
+        "## Summary (medians over rounds)\n\n" + (markdown_table(summary) if summary else "(no rows)"),
         "## Every row",
-    ]))
-    write_results(args.name, table, notes=notes, extra={
-        "rows_run": rows, "rounds": args.rounds, "steps": args.steps, "data": info, "summary": summary,
-        "load_before": load_before, "load_after": load_after, "note": args.note, "results": results,
-        "cli_set": args.cli_set})
+    ]
+    write_results(name, table, notes="\n\n".join(p for p in paragraphs if p), day=day,
+                  extra={**{k: v for k, v in run.items() if k != "results"}, "summary": summary, "results": results})
 
 
 if __name__ == "__main__":
