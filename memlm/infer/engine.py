@@ -140,7 +140,7 @@ class Engine:
         max_len = cache_length(needed, self.model.config.block_size)
         dtype = self.cache_dtype or self._float_dtype()
         c = self._cache
-        if c is None or c.slots != slots or c.max_len != max_len or c.k.dtype != dtype:
+        if c is None or c.slots != slots or c.max_len != max_len or c.dtype != dtype:
             self._cache = None  # free the old pool before allocating the new one
             c = self._cache = KVCache(self.model.config, slots, max_len, dtype=dtype, device=self.device)
         return c

@@ -22,9 +22,18 @@ class KVCache(nn.Module):
         super().__init__()
         self.slots = slots
         self.max_len = max_len or config.block_size
-        shape = (config.n_layer, slots, config.n_kv_heads, self.max_len, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (slots, config.n_kv_heads, self.max_len, config.head_dim)
+        # One buffer per layer, not one (L, ...) tensor: a compiled step writes each layer's
+        # buffer in place, where a write into a view of one big buffer made inductor copy the
+        # whole cache at every layer (measured: most of a compiled int4 step's time).
+        for i in range(config.n_layer):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.n_layer = config.n_layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k0.dtype
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +44,15 @@ class KVCache(nn.Module):
         one generation, or a server decoding all its slots). Indexed assignment (`index_put_`)
         rather than `index_copy_`: each row writes at its own positions."""
         rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
+        keys, values = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
         # Advanced indices around a slice put their dims first: the target is (B, T, nkv, hd).
-        self.k[layer][rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        keys, values = (self.k[layer], self.v[layer]) if slots is None else (self.k[layer][slots], self.v[layer][slots])
+        keys[rows[:, None], :, positions] = k.transpose(1, 2).to(keys.dtype)
+        values[rows[:, None], :, positions] = v.transpose(1, 2).to(values.dtype)
+        if slots is not None:
+            keys, values = keys[slots], values[slots]
         if keys.dtype != k.dtype:  # a low-precision cache for higher-precision compute: widen per layer
             keys, values = keys.to(k.dtype), values.to(k.dtype)
         return keys, values
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(b.nbytes for b in self.buffers())
