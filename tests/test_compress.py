@@ -243,7 +243,7 @@ def test_gptq_quantizes_a_block_in_call_order_stages(flavour, want):
     xs, rests = _block_inputs(model, [torch.randint(0, 512, (1, 8))])
     block = model.blocks[0]
     linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
-    assert _stages(block, linears, xs[0], _block_args(rests[0], 0)) == want
+    assert _stages(block, linears, xs[0], _block_args(rests[0])) == want
 
 
 def test_gptq_model_end_to_end(text_tokens):

@@ -212,13 +212,13 @@ def gptq_quantize_model(
             # True-sequential: each group of Linears is quantized on the inputs that the groups
             # before it produce once quantized (o_proj sees quantized q/k/v's attention, and so on).
             # The dense Linears hold the dequantized weights meanwhile: no dequantization per batch.
-            for stage in _stages(block, linears, xs[0], _block_args(rests[0], i)):
+            for stage in _stages(block, linears, xs[0], _block_args(rests[0])):
                 recorder = _HessianRecorder({name: linears[name] for name in stage})
                 stop = linears[stage[-1]].register_forward_hook(_stop_forward)  # the rest of the block can wait
                 try:
                     for x, rest in zip(xs, rests):
                         try:
-                            block(x, *_block_args(rest, i))
+                            block(x, *_block_args(rest))
                         except _StopForward:
                             pass
                 finally:
@@ -235,7 +235,7 @@ def gptq_quantize_model(
                     advance()
                 del recorder
             # The next block sees what this block computes now that it is quantized.
-            xs = [block(x, *_block_args(rest, i)) for x, rest in zip(xs, rests)]
+            xs = [block(x, *_block_args(rest)) for x, rest in zip(xs, rests)]
             for name, linear in linears.items():
                 set_module(block, name, module_from_state(linear, scheme, states[name], use_kernel))
     model.train(was_training)
@@ -275,8 +275,6 @@ def _stages(block: nn.Module, linears: dict[str, nn.Linear], x: torch.Tensor, ar
     return stages
 
 
-def _block_args(rest: tuple, layer: int) -> tuple:
-    """Block i gets block 0's (rope, cache, layer, start) with its own layer index and no cache."""
-    rope = rest[0] if len(rest) > 0 else None
-    start = rest[3] if len(rest) > 3 else 0
-    return (rope, None, layer, start)
+def _block_args(rest: tuple) -> tuple:
+    """Block i gets block 0's rope (the same for every block) and no cache."""
+    return rest[:1]

@@ -10,6 +10,7 @@ Flavour choices are made once, in `__init__`; `forward` has no flavour branches:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -84,14 +85,17 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                      slots: torch.Tensor | None = None) -> torch.Tensor:
+                      slots: torch.Tensor | None = None, blocks: Sequence[Callable] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final normed hidden states (B, T, d).
 
         Without a cache (training, scoring) the tokens sit at positions 0..T-1. With one, token
         (b, t) sits at positions[b, t] of cache slot slots[b] (slots None: slot b): its key and
         value are stored there, and it sees its row's keys up to its own position. Nothing here
         depends on a Python count of tokens so far, so the same code serves a compiled step.
-        The caller keeps positions inside the context (memlm.infer.generate checks)."""
+        The caller keeps positions inside the context (memlm.infer.generate checks).
+
+        blocks: what runs each of self.blocks (default: the blocks themselves; a compiled decode
+        step passes their compiled forms, memlm.infer.engine)."""
         B, T = idx.shape
         x = self.tok_emb(idx)  # (B, T, d)
         mask = None
@@ -108,17 +112,19 @@ class Decoder(nn.Module):
             if positions is not None:
                 rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): one set per row, all heads
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(blocks or self.blocks):
+            kv = None if cache is None else cache[i]
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, rope, cache, i, positions, slots, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, kv, positions, slots, mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i, positions, slots, mask)
+                x = block(x, rope, kv, positions, slots, mask)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                slots: torch.Tensor | None = None, last_only: bool = False,
+                blocks: Sequence[Callable] | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) of the last position only (see hidden_states)."""
-        h = self.hidden_states(idx, cache, positions, slots)
+        h = self.hidden_states(idx, cache, positions, slots, blocks)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

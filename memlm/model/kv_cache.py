@@ -16,26 +16,15 @@ from torch import nn
 from memlm.config import ModelConfig
 
 
-class KVCache(nn.Module):
-    def __init__(self, config: ModelConfig, slots: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+class LayerKV(nn.Module):
+    """One layer's keys and values for every slot: k, v (slots, n_kv, max_len, head_dim)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        self.slots = slots
-        self.max_len = max_len or config.block_size
-        shape = (slots, config.n_kv_heads, self.max_len, config.head_dim)
-        # One buffer per layer, not one (L, ...) tensor: a compiled step writes each layer's
-        # buffer in place, where a write into a view of one big buffer made inductor copy the
-        # whole cache at every layer (measured: most of a compiled int4 step's time).
-        for i in range(config.n_layer):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.n_layer = config.n_layer
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k0.dtype
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hd) of batch row b at positions[b] (B, T) of slot slots[b], and
         return every stored key and value of those slots (B, nkv, max_len, hd).
@@ -44,15 +33,36 @@ class KVCache(nn.Module):
         one generation, or a server decoding all its slots). Indexed assignment (`index_put_`)
         rather than `index_copy_`: each row writes at its own positions."""
         rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
-        keys, values = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
         # Advanced indices around a slice put their dims first: the target is (B, T, nkv, hd).
-        keys[rows[:, None], :, positions] = k.transpose(1, 2).to(keys.dtype)
-        values[rows[:, None], :, positions] = v.transpose(1, 2).to(values.dtype)
-        if slots is not None:
-            keys, values = keys[slots], values[slots]
+        self.k[rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        keys, values = (self.k, self.v) if slots is None else (self.k[slots], self.v[slots])
         if keys.dtype != k.dtype:  # a low-precision cache for higher-precision compute: widen per layer
             keys, values = keys.to(k.dtype), values.to(k.dtype)
         return keys, values
+
+
+class KVCache(nn.Module):
+    """The pool: one LayerKV per layer (`cache[i]`), all of `slots` x `max_len` tokens.
+
+    A buffer per layer, not one (L, ...) tensor: each layer's write is in place in its own buffer
+    (a compiled step that wrote into a view of one big buffer copied the whole cache at every
+    layer), and every block gets the same kind of argument, so one compiled block serves all."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.slots = slots
+        self.max_len = max_len or config.block_size
+        shape = (slots, config.n_kv_heads, self.max_len, config.head_dim)
+        self.layers = nn.ModuleList(LayerKV(shape, dtype, device) for _ in range(config.n_layer))
+
+    def __getitem__(self, layer: int) -> LayerKV:
+        return self.layers[layer]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k.dtype
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())

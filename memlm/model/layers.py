@@ -64,9 +64,10 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, cache=None, layer: int = 0, positions=None, slots=None, mask=None):
-        """With a cache: this chunk's keys and values are stored at `positions` (B, T) and the
-        queries see what `mask` (B, 1, T, max_len) allows; without one, plain causal attention."""
+    def forward(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):
+        """With a cache (kv: this layer's LayerKV): this chunk's keys and values are stored at
+        `positions` (B, T) and the queries see what `mask` (B, 1, T, max_len) allows; without one,
+        plain causal attention."""
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(
@@ -79,8 +80,8 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, k, v, positions, slots)  # (B, nkv, max_len, hd)
+        if kv is not None:
+            k, v = kv.write(k, v, positions, slots)  # (B, nkv, max_len, hd)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -140,6 +141,6 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer: int = 0, positions=None, slots=None, mask=None):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, layer, positions, slots, mask))
+    def forward(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv, positions, slots, mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
