@@ -290,18 +290,27 @@ def chat(
 @app.command()
 def serve(
     model: ModelOpt = "smollm2-135m-instruct",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Longest request (prompt + completion) in tokens.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="MEMLM_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
+    max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 1MiB (413 beyond).")] = "1MiB",
+    queue: Annotated[int, typer.Option(help="Completions that may wait for the model (429 beyond).")] = 64,
     compile: Compile = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
+    from memlm.memory.measure import parse_size
     from memlm.serve.app import serve as run_server
 
+    if queue < 1:
+        raise MemlmError(f"--queue must be at least 1, got {queue}")
     fitted = _load_fitted(model, memory_budget, context, compile=compile)
     run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard,
-               context=fitted.breakdown.settings["context"])
+               context=fitted.breakdown.settings["context"], api_key=api_key or None,
+               max_body=parse_size(max_body), queue_size=queue)
     _report_peak(fitted.predicted_peak)
 
 
