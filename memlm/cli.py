@@ -298,17 +298,19 @@ def serve(
         envvar="MEMLM_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
     max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 1MiB (413 beyond).")] = "1MiB",
-    queue: Annotated[int, typer.Option(help="Completions that may wait for the model (429 beyond).")] = 64,
+    slots: Annotated[int, typer.Option(help="Completions decoded together (KV pool slots).")] = 8,
+    queue: Annotated[int, typer.Option(help="Completions that may wait for a slot (429 beyond).")] = 64,
     compile: Compile = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
     from memlm.memory.measure import parse_size
     from memlm.serve.app import serve as run_server
 
-    if queue < 1:
-        raise MemlmError(f"--queue must be at least 1, got {queue}")
-    fitted = _load_fitted(model, memory_budget, context, compile=compile)
-    run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard,
+    for name, value in (("--slots", slots), ("--queue", queue)):
+        if value < 1:
+            raise MemlmError(f"{name} must be at least 1, got {value}")
+    fitted = _load_fitted(model, memory_budget, context, slots, compile=compile)
+    run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard, slots=slots,
                context=fitted.breakdown.settings["context"], api_key=api_key or None,
                max_body=parse_size(max_body), queue_size=queue)
     _report_peak(fitted.predicted_peak)

@@ -45,3 +45,18 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+class CacheWindow:
+    """The first `slots` slots and `max_len` positions of a KVCache, sharing its memory.
+
+    A server's pool is as long as its longest request and as wide as its most concurrent ones;
+    a decode step whose rows sit in the first slots and have not gone past `max_len` attends
+    over this window instead: the attention costs what the rows hold, and the keys and values
+    are views, never copied."""
+
+    def __init__(self, pool: KVCache, slots: int, max_len: int):
+        self.k, self.v = pool.k[:, :slots, :, :max_len], pool.v[:, :slots, :, :max_len]
+        self.slots, self.max_len = slots, max_len
+
+    write = KVCache.write  # the same indexed writes, into the views

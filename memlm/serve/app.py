@@ -2,7 +2,8 @@
 as server-sent events or not), /health. Needs the `serve` extra (FastAPI + uvicorn).
 
 The handlers are asyncio coroutines that never run the model: they validate a request, hand its
-completions to the scheduler thread (memlm.serve.scheduler) and relay what it produces. So a
+completions to the scheduler thread (memlm.serve.scheduler: continuous batching over a KV pool
+of `slots` sequences) and relay what it produces. So a
 client that disconnects or times out only cancels its own sequences, and no request holds a
 thread while it waits.
 
@@ -102,18 +103,18 @@ async def _send_error(send, error) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(lm: LoadedModel, model_name: str, *, context: int | None = None, queue_size: int = 64,
-               default_max_tokens: int = 256, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-               guard=None):
+def create_app(lm: LoadedModel, model_name: str, *, slots: int = 4, context: int | None = None,
+               queue_size: int = 64, default_max_tokens: int = 256, api_key: str | None = None,
+               max_body: int = MAX_BODY_BYTES, guard=None):
     """The FastAPI app around one model.
 
-    context: the longest request (prompt + max_tokens) served, the one the memory plan sized
-    the KV cache for (default: the model's). queue_size: completions that may wait for the
-    model; beyond, 429. api_key: required as a Bearer token on every route but /health.
+    slots, context: the KV pool (slots x context tokens, allocated now): the most completions
+    decoded at once, and the longest request (prompt + max_tokens). queue_size: completions
+    that may wait for a slot; beyond, 429. api_key: required as a Bearer token on every route but /health.
     max_body: request body limit in bytes. guard (memlm.memory.guard.MemoryGuard): with a
     memory budget, a request that would take the process over it is refused (503)."""
     context = min(context or lm.config.block_size, lm.config.block_size)
-    scheduler = Scheduler(lm, queue_size)
+    scheduler = Scheduler(lm, slots, context, queue_size)
 
     @asynccontextmanager
     async def lifespan(app):
