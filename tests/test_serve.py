@@ -215,6 +215,10 @@ def test_a_client_that_hangs_up_mid_stream_leaves_the_server_serving(tiny_chat):
     try:
         for _ in range(2):
             assert b"200 OK" in _stream_and_hang_up(s.base)
+        deadline = time.time() + 10  # the slots are freed (within a step of the disconnect being seen)
+        while httpx.get(s.base + "/health").json()["slots_in_use"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(s.base + "/health").json()["slots_in_use"] == 0
         resp = s.client(timeout=30).completions.create(model=MODEL, prompt="The while", max_tokens=5, temperature=0)
         assert resp.choices[0].finish_reason in ("length", "stop")
     finally:
@@ -319,3 +323,92 @@ def test_api_key_guards_every_route_but_health(tiny_chat):
         assert ok.choices[0].finish_reason in ("stop", "length")
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------------------ the pool, the queue, limits, metrics
+
+
+def test_beyond_the_pool_and_the_queue_requests_get_429_with_retry_after(tiny_lm):
+    """One slot and one place in the queue, both taken (the scheduler is not started, so nothing
+    leaves): the next request is refused at once, as OpenAI's rate-limit error, with Retry-After.
+    A request of more completions than slot + queue can ever hold is refused the same way."""
+    from memlm.infer.sampling import SamplingSettings as Settings
+    from memlm.serve.scheduler import Sequence
+
+    app = create_app(tiny_lm, MODEL, slots=1, queue_size=1)
+    client = TestClient(app)  # no lifespan: the scheduler thread does not run
+    waiting = [Sequence([5, 6], Settings(max_new_tokens=2), i, lambda out: None) for i in range(2)]
+    app.state.scheduler.submit(waiting)
+    assert client.get("/health").json()["queue_depth"] == 2
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=client, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert refused.value.body["code"] == "server_busy"
+    app.state.scheduler.cancel(waiting)
+    with pytest.raises(openai.RateLimitError):
+        oai.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=3)
+
+
+def test_the_budget_sizes_the_kv_pool(tiny_chat):
+    """--memory-budget with more --slots than it holds: the best format that holds one slot,
+    with as many slots as fit in the rest of the budget; the server's pool is the plan's."""
+    from memlm.loading import model_config_of
+    from memlm.memory.estimate import estimate_inference, kv_cache_bytes
+    from memlm.memory.plan import SAFETY_MARGIN
+
+    config = model_config_of(tiny_chat)
+    need = estimate_inference(config, batch=2000, context=128, weight_format="fp32", prompt_len=1).total
+    budget = int(need / (1 - SAFETY_MARGIN))  # 2000 slots fit, 4096 do not
+    s = Server(tiny_chat, "--memory-budget", str(budget), "--slots", "4096", "--context", "128")
+    try:
+        stats = httpx.get(s.base + "/stats").json()
+    finally:
+        s.stop()
+    slots = stats["slots"]
+    assert 1000 < slots < 4096 and stats["context"] == 128
+    assert stats["memory"]["kv_pool_bytes"] == kv_cache_bytes(config, slots, 128)
+    predicted = estimate_inference(config, batch=slots, context=128, weight_format="fp32", prompt_len=1).total
+    assert stats["memory"]["predicted_peak_bytes"] == predicted <= budget * (1 - SAFETY_MARGIN)
+    assert stats["memory"]["budget_bytes"] == budget
+    assert stats["memory"]["peak_resident_bytes"] <= budget
+
+
+def test_a_request_past_its_timeout_is_408_and_frees_its_slot(tiny_lm):
+    with TestClient(create_app(tiny_lm, MODEL, slots=2, request_timeout=0.01)) as client:
+        long = {"prompt": "The for statement", "max_tokens": 100, "ignore_eos": True}
+        r = client.post("/v1/completions", json=long)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+        events = client.post("/v1/completions", json={**long, "stream": True}).text
+        assert "request_timeout" in events
+        scheduler = client.app.state.scheduler
+        deadline = time.time() + 10
+        while scheduler.running and time.time() < deadline:
+            time.sleep(0.01)
+        assert scheduler.running == 0
+
+
+def test_metrics_count_what_was_served(tiny_lm):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(create_app(tiny_lm, MODEL, slots=3)) as client:
+        tokens = 0
+        for i in range(4):
+            r = client.post("/v1/completions", json={"prompt": f"The {i}", "max_tokens": 5 + i, "n": 2,
+                                                     "ignore_eos": True})
+            tokens += r.json()["usage"]["completion_tokens"]
+        client.post("/v1/completions", json={"prompt": "hi", "max_tokens": "x"})
+        text = client.get("/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert tokens == 2 * sum(5 + i for i in range(4))
+    assert samples[("memlm_generated_tokens_total", ())] == tokens
+    assert samples[("memlm_requests_total", (("route", "/v1/completions"), ("status", "200")))] == 4
+    assert samples[("memlm_requests_total", (("route", "/v1/completions"), ("status", "400")))] == 1
+    assert samples[("memlm_time_to_first_token_seconds_count", ())] == 8  # one per completion
+    assert samples[("memlm_inter_token_latency_seconds_count", ())] == tokens - 8
+    assert samples[("memlm_queue_depth", ())] == 0 and samples[("memlm_kv_slots_in_use", ())] == 0
+    assert samples[("memlm_kv_slots", ())] == 3
+    assert 0 < samples[("memlm_resident_memory_bytes", ())] <= samples[("memlm_peak_resident_memory_bytes", ())]
