@@ -18,7 +18,7 @@ from memlm.loading import LoadedModel, layout_of, load, model_config_of, stored_
 from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_layout
 from memlm.memory.guard import DoesNotFit, MemoryGuard, expected_from
 from memlm.memory.measure import format_bytes, parse_size
-from memlm.memory.plan import Plan, plan_inference, plan_scoring
+from memlm.memory.plan import WEIGHT_FORMATS, Plan, plan_inference, plan_scoring
 
 
 @dataclass
@@ -66,7 +66,7 @@ def prompt_tokens_bound(text: str) -> int:
 
 def load_for_inference(name_or_path: str, budget: str | int | None = None, context: int | None = None,
                        batch: int = 1, prompt_len: int | None = None, compile: bool = False,
-                       max_batch: int | None = None) -> Fitted:
+                       max_batch: int | None = None, runtime: str = "infer") -> Fitted:
     """`memlm.load`, planned: with a budget, the best weight format whose predicted peak for
     `batch` sequences of `context` tokens fits, loaded straight into that format; without one,
     the model as stored and the prediction of its own format. It generates through an Engine
@@ -74,18 +74,20 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
 
     context: the KV cache's length (default: the model's block size). prompt_len: tokens
     prefilled at once per sequence (default: the whole context). max_batch: with a budget, the
-    rest of it goes to more sequences, up to this many (default: batch).
+    rest of it goes to more sequences, up to this many (default: batch). runtime: "infer" (a
+    command) or "serve" (memlm serve's process; memlm.memory.estimate.RUNTIME_BYTES).
     """
     if budget is None:
         lm = load(name_or_path)
         ctx = min(context or lm.config.block_size, lm.config.block_size)
-        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx))
+        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime)
         fitted = Fitted(lm, b)
     else:
         config = model_config_of(name_or_path)
         ctx = min(context or config.block_size, config.block_size)
         plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
-                              min_batch=batch, max_batch=max(batch, max_batch or batch), **_candidates(name_or_path))
+                              min_batch=batch, max_batch=max(batch, max_batch or batch), runtime=runtime,
+                              **_candidates(name_or_path))
         fitted = _load_planned(name_or_path, plan, "the model", "token",
                                "raise --memory-budget, shorten the context or use a smaller model "
                                "(see: memlm plan --task infer)")
@@ -103,12 +105,12 @@ def load_for_serving(name_or_path: str, budget: str | int | None = None, context
     (default: the model's context, at most SERVE_CONTEXT). The server prefills at most
     PREFILL_CHUNK prompt tokens a forward in all (memlm.serve.scheduler), so each of b slots is
     planned for PREFILL_CHUNK / b of them. With a budget: the best format that holds every slot;
-    when none does, the best that holds one, with as many slots as the rest of the budget holds.
-    The pool is the plan's: `breakdown.settings["batch"]` x `["context"]`."""
+    when none does, the format that holds the most (a server's users wait for slots, not for
+    fidelity). The pool is the plan's: `breakdown.settings["batch"]` x `["context"]`."""
     ctx = context or min(model_config_of(name_or_path).block_size, SERVE_CONTEXT)
     if budget is not None:
         slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots)
-    return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile)
+    return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile, runtime="serve")
 
 
 def _prefill_share(slots: int) -> int:
@@ -116,20 +118,25 @@ def _prefill_share(slots: int) -> int:
 
 
 def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) -> int:
+    """The most slots (up to `slots`) any one format holds in the budget (at least 1: if not even
+    one fits, load_for_inference refuses it with the leanest plan's need)."""
     config, candidates = model_config_of(name_or_path), _candidates(name_or_path)
+    formats = candidates.pop("formats", WEIGHT_FORMATS["cpu"])
 
-    def most(prompt_len: int, least: int) -> Plan:
-        return plan_inference(config, budget, context=context, prompt_len=prompt_len, min_batch=least,
-                              max_batch=slots, **candidates)
+    def most(fmt: str, prompt_len: int) -> int:
+        plan = plan_inference(config, budget, context=context, prompt_len=prompt_len, max_batch=slots,
+                              formats=[fmt], runtime="serve", **candidates)
+        return plan.settings["concurrent_sequences"] if plan.feasible else 0
 
-    if most(_prefill_share(slots), slots).feasible:
-        return slots
-    first = most(PREFILL_CHUNK, 1)  # a slot count that fits even if each slot prefilled a whole chunk
-    if not first.feasible:
-        return 1  # load_for_inference refuses it, with the leanest plan's need
-    # with that many slots each prefills less of the chunk, which leaves room for more
-    more = most(_prefill_share(first.settings["concurrent_sequences"]), 1)
-    return max(first.settings["concurrent_sequences"], more.settings["concurrent_sequences"])
+    best = 0
+    for fmt in formats:  # best fidelity first: a later format is taken only for more slots
+        held = most(fmt, PREFILL_CHUNK)  # each slot prefilling a whole chunk: an under-count
+        if held:  # with that many slots each prefills less of the chunk, which leaves room for more
+            held = max(held, most(fmt, _prefill_share(held)))
+        best = max(best, held)
+        if best == slots:
+            break
+    return max(best, 1)
 
 
 def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str) -> Fitted:

@@ -353,24 +353,30 @@ def test_beyond_the_pool_and_the_queue_requests_get_429_with_retry_after(tiny_lm
 
 
 def test_the_budget_sizes_the_kv_pool(tiny_chat):
-    """--memory-budget with more --slots than it holds: the best format that holds one slot,
-    with as many slots as fit in the rest of the budget; the server's pool is the plan's."""
+    """--memory-budget with more --slots than any format holds: the pool gets as many slots as
+    the format that holds the most (at fp32 the budget holds 2000; bf16's cache is half as big),
+    and the server's pool, prediction and memory are the plan's."""
+    import re
+
     from memlm.loading import model_config_of
     from memlm.memory.estimate import estimate_inference, kv_cache_bytes
     from memlm.memory.plan import SAFETY_MARGIN
 
     config = model_config_of(tiny_chat)
-    need = estimate_inference(config, batch=2000, context=128, weight_format="fp32", prompt_len=1).total
-    budget = int(need / (1 - SAFETY_MARGIN))  # 2000 slots fit, 4096 do not
+    need = estimate_inference(config, batch=2000, context=128, weight_format="fp32", prompt_len=1,
+                              runtime="serve").total
+    budget = int(need / (1 - SAFETY_MARGIN))
     s = Server(tiny_chat, "--memory-budget", str(budget), "--slots", "4096", "--context", "128")
     try:
         stats = httpx.get(s.base + "/stats").json()
     finally:
         s.stop()
     slots = stats["slots"]
-    assert 1000 < slots < 4096 and stats["context"] == 128
-    assert stats["memory"]["kv_pool_bytes"] == kv_cache_bytes(config, slots, 128)
-    predicted = estimate_inference(config, batch=slots, context=128, weight_format="fp32", prompt_len=1).total
+    weights, kv = re.search(r"(\w+) weights, (\w+) KV cache for (\d+) x 128 tokens", stats["plan"]).groups()[:2]
+    assert 2000 <= slots < 4096 and stats["context"] == 128 and f"for {slots} x 128" in stats["plan"]
+    assert stats["memory"]["kv_pool_bytes"] == kv_cache_bytes(config, slots, 128, kv)
+    predicted = estimate_inference(config, batch=slots, context=128, weight_format=weights, prompt_len=1,
+                                   runtime="serve").total
     assert stats["memory"]["predicted_peak_bytes"] == predicted <= budget * (1 - SAFETY_MARGIN)
     assert stats["memory"]["budget_bytes"] == budget
     assert stats["memory"]["peak_resident_bytes"] <= budget

@@ -27,10 +27,11 @@ RATE_WINDOW = 5.0  # seconds over which tokens/s is measured
 
 @dataclass
 class MemoryFacts:
-    """What the plan said: the budget (None: none given) and the predicted peak."""
+    """What the plan said: the budget (None: none given), the predicted peak, the plan in words."""
 
     budget: int | None
     predicted_peak: int
+    plan: str = ""
 
 
 class ServerMetrics:
@@ -60,6 +61,7 @@ class ServerMetrics:
             "model": self.model, "slots": s.slots, "slots_in_use": s.running, "context": s.context,
             "queue_depth": s.waiting, "queue_size": s.queue_size, "tokens_generated": s.stats.tokens,
             "prompt_tokens": s.stats.prompt_tokens, "tokens_per_second": self.tokens_per_second(),
+            "plan": self.memory.plan,
             "memory": {"budget_bytes": self.memory.budget, "predicted_peak_bytes": self.memory.predicted_peak,
                        "resident_bytes": current_rss_bytes(), "peak_resident_bytes": process_peak_rss_bytes(),
                        "kv_pool_bytes": s.pool.nbytes()},
