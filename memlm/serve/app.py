@@ -360,6 +360,7 @@ def serve(fitted, model_name: str, host: str = "127.0.0.1", port: int = 8000, **
 
     settings = fitted.breakdown.settings
     app = create_app(fitted.lm, model_name, slots=settings["batch"], context=settings["context"], guard=fitted.guard,
-                     memory=MemoryFacts(fitted.plan.budget_bytes if fitted.plan else None, fitted.predicted_peak),
+                     memory=MemoryFacts(fitted.plan.budget_bytes if fitted.plan else None, fitted.predicted_peak,
+                                        fitted.describe()),
                      **options)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
