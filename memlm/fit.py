@@ -123,19 +123,22 @@ def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) ->
     config, candidates = model_config_of(name_or_path), _candidates(name_or_path)
     formats = candidates.pop("formats", WEIGHT_FORMATS["cpu"])
 
-    def most(fmt: str, prompt_len: int) -> int:
-        plan = plan_inference(config, budget, context=context, prompt_len=prompt_len, max_batch=slots,
-                              formats=[fmt], runtime="serve", **candidates)
+    def most(fmt: str, prompt_len: int, least: int = 1) -> int:
+        plan = plan_inference(config, budget, context=context, prompt_len=prompt_len, min_batch=least,
+                              max_batch=slots, formats=[fmt], runtime="serve", **candidates)
         return plan.settings["concurrent_sequences"] if plan.feasible else 0
 
     best = 0
     for fmt in formats:  # best fidelity first: a later format is taken only for more slots
+        if most(fmt, _prefill_share(slots), least=slots):
+            return slots
         held = most(fmt, PREFILL_CHUNK)  # each slot prefilling a whole chunk: an under-count
-        if held:  # with that many slots each prefills less of the chunk, which leaves room for more
-            held = max(held, most(fmt, _prefill_share(held)))
+        while held:  # with that many slots each prefills less of the chunk, which leaves room for more
+            more = most(fmt, _prefill_share(held))
+            if more <= held:
+                break
+            held = more
         best = max(best, held)
-        if best == slots:
-            break
     return max(best, 1)
 
 
