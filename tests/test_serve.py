@@ -96,8 +96,9 @@ class Server:
                 self.proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tiny_chat):
+    """One `memlm serve` of the tiny model (8 slots) for every test that needs no options of its own."""
     s = Server(tiny_chat)
     yield s
     s.stop()

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 from memlm.infer.generate import stream_text  # noqa: E402
 from memlm.infer.sampling import SamplingSettings  # noqa: E402
 from memlm.serve.scheduler import Output, QueueFull, Scheduler, Sequence  # noqa: E402
-from tests.test_serve import MODEL, tiny_chat, tiny_lm  # noqa: E402, F401  (fixtures)
+from tests.test_serve import MODEL, server, tiny_chat, tiny_lm  # noqa: E402, F401  (fixtures)
 
 WORDS = ["The for statement", "A while loop", "try", "Classes are", "The with statement is used to wrap the "
          "execution of a block", "import", "def f(x):", "Lists and tuples", "x", "Exceptions are raised when",
@@ -116,25 +116,19 @@ def test_beyond_the_pool_and_the_queue_submissions_are_refused(tiny_lm):
     s.submit([Sequence([5, 6], settings, 0, lambda out: None)])
 
 
-def test_sixteen_concurrent_http_requests_equal_each_prompt_alone(tiny_chat, tiny_lm, one_thread):
-    """Through `memlm serve` (a real process): 16 different prompts at once, greedy; each answer is
-    what the prompt generates alone."""
-    from tests.test_serve import Server
+def test_sixteen_concurrent_http_requests_equal_each_prompt_alone(server, tiny_lm, one_thread):
+    """Through `memlm serve` (a real process, 8 slots: 8 run while 8 wait): 16 different prompts
+    at once, greedy; each answer is what the prompt generates alone."""
+    greedy = SamplingSettings(max_new_tokens=20, temperature=0)
+    expected = [alone(tiny_lm, tiny_lm.tokenizer.encode(w), greedy)[0] for w in WORDS]
 
-    server = Server(tiny_chat, "--slots", "16")
-    try:
-        greedy = SamplingSettings(max_new_tokens=20, temperature=0)
-        expected = [alone(tiny_lm, tiny_lm.tokenizer.encode(w), greedy)[0] for w in WORDS]
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base, timeout=120) as client:
+            async def one(prompt: str) -> str:
+                r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt,
+                                                               "max_tokens": 20, "temperature": 0})
+                return r.json()["choices"][0]["text"]
 
-        async def main():
-            async with httpx.AsyncClient(base_url=server.base, timeout=120) as client:
-                async def one(prompt: str) -> str:
-                    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt,
-                                                                   "max_tokens": 20, "temperature": 0})
-                    return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(w) for w in WORDS))
 
-                return await asyncio.gather(*(one(w) for w in WORDS))
-
-        assert asyncio.run(main()) == expected
-    finally:
-        server.stop()
+    assert asyncio.run(main()) == expected
