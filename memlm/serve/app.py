@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import math
 import time
 from contextlib import aclosing, asynccontextmanager
@@ -38,8 +37,6 @@ from memlm.loading import LoadedModel  # noqa: E402
 from memlm.serve import protocol as api  # noqa: E402
 from memlm.serve.metrics import CONTENT_TYPE, MemoryFacts, ServerMetrics  # noqa: E402
 from memlm.serve.scheduler import Mailbox, QueueFull, Scheduler, Sequence, seeded  # noqa: E402
-
-log = logging.getLogger("memlm.serve")
 
 MAX_BODY_BYTES = 1 << 20  # default request body limit: a context of 8k tokens is ~40 KB of text
 STATIC = Path(__file__).parent / "static"

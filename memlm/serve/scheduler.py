@@ -185,8 +185,8 @@ class Scheduler:
         with self._cond:
             room = self.queue_size + len(self._free) - len(self._waiting)
             if len(seqs) > room:
-                raise QueueFull(f"the server is busy: all {self.slots} slots are taken and "
-                                f"{len(self._waiting)} completions are waiting")
+                raise QueueFull(f"the server is busy: room for {max(room, 0)} more completions, {len(seqs)} asked for "
+                                f"({self.slots} slots, at most {self.queue_size} waiting)")
             self._waiting.extend(seqs)
             self._cond.notify()
 
