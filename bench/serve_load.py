@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="memlm serve --threads (default: torch's)")
+    ap.add_argument("--name", default=None, help="results file name (default: serve_load[-tN])")
     args = ap.parse_args()
     rows = []
     load_before = load_average()
@@ -193,7 +194,7 @@ def main() -> None:
              "2-core machine, so figures are taken under that load.")
     columns = ["format", "clients", "requests", "tokens_per_s", "speedup_vs_1", "ttft_p50_ms", "ttft_p95_ms",
                "itl_p50_ms", "itl_p95_ms", "errors", "peak_rss_mib", "budget_mib", "under_budget", "load_avg"]
-    write_results("serve_load" + (f"-t{args.threads}" if args.threads else ""), rows, {"args": vars(args), "environment": {k: v for k, v in os.environ.items()
+    write_results(args.name or "serve_load" + (f"-t{args.threads}" if args.threads else ""), rows, {"args": vars(args), "environment": {k: v for k, v in os.environ.items()
                                                                          if k.startswith(("OMP", "MKL", "MEMLM"))}},
                   columns=columns, notes=notes)
 
