@@ -290,18 +290,44 @@ def chat(
 @app.command()
 def serve(
     model: ModelOpt = "smollm2-135m-instruct",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
-    context: Annotated[Optional[int], typer.Option(help="Longest request (prompt + completion) in tokens.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(
+        help="Fit the server in e.g. 600MiB: the planner picks the weight format and sizes the KV pool.")] = None,
+    context: Annotated[Optional[int], typer.Option(
+        help="Longest request (prompt + completion) in tokens: each KV slot's length "
+             "(default: the model's context, at most 2048).")] = None,
+    slots: Annotated[int, typer.Option(help="Completions decoded together (KV pool slots); fewer when the "
+                                            "budget holds fewer.")] = 8,
+    queue: Annotated[int, typer.Option(help="Completions that may wait for a slot (429 beyond).")] = 64,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="MEMLM_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every route but /health and the chat page's files.")] = None,
+    max_body: Annotated[str, typer.Option(help="Largest request body, e.g. 1MiB (413 beyond).")] = "1MiB",
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, waiting included "
+                                                        "(408 beyond).")] = 600.0,
+    threads: Annotated[Optional[int], typer.Option(
+        help="Torch threads for the model (default: torch's, one per core; on a machine busy with other "
+             "jobs, 1 is often faster).")] = None,
     compile: Compile = False,
 ):
-    """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'memlm[serve]')."""
+    """Serve a model over an OpenAI-compatible HTTP API with a chat page at / (needs: pip install 'memlm[serve]')."""
+    from memlm.fit import load_for_serving
+    from memlm.memory.measure import parse_size
     from memlm.serve.app import serve as run_server
 
-    fitted = _load_fitted(model, memory_budget, context, compile=compile)
-    run_server(fitted.lm, Path(model).name, host, port, guard=fitted.guard,
-               context=fitted.breakdown.settings["context"])
+    for name, value in (("--slots", slots), ("--queue", queue), ("--request-timeout", request_timeout),
+                        ("--threads", threads or 1)):
+        if value <= 0:
+            raise MemlmError(f"{name} must be positive, got {value}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    fitted = load_for_serving(model, memory_budget, context, slots, compile)
+    console.print(fitted.describe(), style="dim")
+    run_server(fitted, Path(model).name, host, port, api_key=api_key or None, max_body=parse_size(max_body),
+               queue_size=queue, request_timeout=request_timeout)
     _report_peak(fitted.predicted_peak)
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from memlm.config import PREFILL_CHUNK
 from memlm.infer.engine import Engine
 from memlm.loading import LoadedModel, layout_of, load, model_config_of, stored_format
 from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_layout
 from memlm.memory.guard import DoesNotFit, MemoryGuard, expected_from
 from memlm.memory.measure import format_bytes, parse_size
-from memlm.memory.plan import Plan, plan_inference, plan_scoring
+from memlm.memory.plan import WEIGHT_FORMATS, Plan, plan_inference, plan_scoring
 
 
 @dataclass
@@ -64,31 +65,81 @@ def prompt_tokens_bound(text: str) -> int:
 
 
 def load_for_inference(name_or_path: str, budget: str | int | None = None, context: int | None = None,
-                       batch: int = 1, prompt_len: int | None = None, compile: bool = False) -> Fitted:
+                       batch: int = 1, prompt_len: int | None = None, compile: bool = False,
+                       max_batch: int | None = None, runtime: str = "infer") -> Fitted:
     """`memlm.load`, planned: with a budget, the best weight format whose predicted peak for
     `batch` sequences of `context` tokens fits, loaded straight into that format; without one,
     the model as stored and the prediction of its own format. It generates through an Engine
     with fused projections (and a compiled decode step when `compile`).
 
     context: the KV cache's length (default: the model's block size). prompt_len: tokens
-    prefilled at once (default: the whole context).
+    prefilled at once per sequence (default: the whole context). max_batch: with a budget, the
+    rest of it goes to more sequences, up to this many (default: batch). runtime: "infer" (a
+    command) or "serve" (memlm serve's process; memlm.memory.estimate.RUNTIME_BYTES).
     """
     if budget is None:
         lm = load(name_or_path)
         ctx = min(context or lm.config.block_size, lm.config.block_size)
-        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx))
+        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime)
         fitted = Fitted(lm, b)
     else:
         config = model_config_of(name_or_path)
         ctx = min(context or config.block_size, config.block_size)
         plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
-                              min_batch=batch, max_batch=batch, **_candidates(name_or_path))
+                              min_batch=batch, max_batch=max(batch, max_batch or batch), runtime=runtime,
+                              **_candidates(name_or_path))
         fitted = _load_planned(name_or_path, plan, "the model", "token",
                                "raise --memory-budget, shorten the context or use a smaller model "
                                "(see: memlm plan --task infer)")
     lm = fitted.lm
     lm.engine = Engine(lm.model, compile=compile, fuse=True, cache_dtype=lm.cache_dtype)
     return fitted
+
+
+SERVE_CONTEXT = 2048  # a server's default KV pool length per slot (the model's, when shorter)
+
+
+def load_for_serving(name_or_path: str, budget: str | int | None = None, context: int | None = None,
+                     slots: int = 8, compile: bool = False) -> Fitted:
+    """`load_for_inference` for a server's KV pool: `slots` sequences of `context` tokens
+    (default: the model's context, at most SERVE_CONTEXT). The server prefills at most
+    PREFILL_CHUNK prompt tokens a forward in all (memlm.serve.scheduler), so each of b slots is
+    planned for PREFILL_CHUNK / b of them. With a budget: the best format that holds every slot;
+    when none does, the format that holds the most (a server's users wait for slots, not for
+    fidelity). The pool is the plan's: `breakdown.settings["batch"]` x `["context"]`."""
+    ctx = context or min(model_config_of(name_or_path).block_size, SERVE_CONTEXT)
+    if budget is not None:
+        slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots)
+    return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile, runtime="serve")
+
+
+def _prefill_share(slots: int) -> int:
+    return -(-PREFILL_CHUNK // slots)
+
+
+def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) -> int:
+    """The most slots (up to `slots`) any one format holds in the budget (at least 1: if not even
+    one fits, load_for_inference refuses it with the leanest plan's need)."""
+    config, candidates = model_config_of(name_or_path), _candidates(name_or_path)
+    formats = candidates.pop("formats", WEIGHT_FORMATS["cpu"])
+
+    def most(fmt: str, prompt_len: int, least: int = 1) -> int:
+        plan = plan_inference(config, budget, context=context, prompt_len=prompt_len, min_batch=least,
+                              max_batch=slots, formats=[fmt], runtime="serve", **candidates)
+        return plan.settings["concurrent_sequences"] if plan.feasible else 0
+
+    best = 0
+    for fmt in formats:  # best fidelity first: a later format is taken only for more slots
+        if most(fmt, _prefill_share(slots), least=slots):
+            return slots
+        held = most(fmt, PREFILL_CHUNK)  # each slot prefilling a whole chunk: an under-count
+        while held:  # with that many slots each prefills less of the chunk, which leaves room for more
+            more = most(fmt, _prefill_share(held))
+            if more <= held:
+                break
+            held = more
+        best = max(best, held)
+    return max(best, 1)
 
 
 def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str) -> Fitted:

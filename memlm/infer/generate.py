@@ -63,11 +63,11 @@ def decode_tokens(model: Decoder | Engine, prompts: list[list[int]], settings: S
     for i in range(max_new):
         if settings.ignore_eos and eos_id is not None:
             logits[:, eos_id] = float("-inf")
-        token = sample_next(logits, context, settings, generator)
+        token = sample_next(logits, context, settings, generator, generated=context.shape[1] - longest)
         yield token
         if i == max_new - 1:
             return
-        if settings.repetition_penalty != 1.0:
+        if settings.penalizes:
             context = torch.cat([context, token[:, None]], dim=1)
         logits = engine.decode(token, positions, cache)
         positions = positions + 1
@@ -117,34 +117,60 @@ class Piece:
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
 
 
+class TextStream:
+    """Generated ids in, printable text out: never half a UTF-8 character, never the start of a
+    stop string that may still complete. A stop string ends the text (it and what follows are
+    cut; `stopped` is then set)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text that `token` makes printable (often "")."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        cut = _first_stop(text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
+        return self._emit(text[:len(text) - _held_back(text, self.stop)])
+
+    def flush(self) -> str:
+        """What is still held back, once generation has ended (nothing after a stop string)."""
+        if self.stopped or not self.ids:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, upto: str) -> str:
+        if len(upto) <= len(self.emitted):
+            return ""
+        piece, self.emitted = upto[len(self.emitted):], upto
+        return piece
+
+
 def stream_text(model: Decoder | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings,
                 cache_dtype: torch.dtype | None = None) -> Iterator[Piece]:
     """Generate and yield printable text pieces; the last piece carries the finish reason."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    new: list[int] = []
-    emitted = ""
+    text = TextStream(tokenizer, settings.stop)
     finish = "length"
     for token in generate_ids(model, ids, settings, tokenizer.eos_id, cache_dtype):
         if token == tokenizer.eos_id and not settings.ignore_eos:
             finish = "stop"
             break
-        new.append(token)
-        text = tokenizer.decode(new)
-        cut = _first_stop(text, settings.stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-            if len(text) > len(emitted):
-                yield Piece(text[len(emitted):])
-            emitted = text
+        piece = text.push(token)
+        if piece:
+            yield Piece(piece)
+        if text.stopped:
+            finish = "stop"
             break
-        safe = len(text) - _held_back(text, settings.stop)
-        if safe > len(emitted):
-            yield Piece(text[len(emitted):safe])
-            emitted = text[:safe]
-    else:
-        text = tokenizer.decode(new) if new else ""
-        if len(text) > len(emitted):
-            yield Piece(text[len(emitted):])
+    tail = text.flush()
+    if tail:
+        yield Piece(tail)
     yield Piece("", finish)
 
 

@@ -1,4 +1,5 @@
-"""Turning next-token logits into a token: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p, repetition penalty,
+OpenAI's presence and frequency penalties."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ class SamplingSettings:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the context
+    presence_penalty: float = 0.0  # 0: off; subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # 0: off; subtracted once per time a token was generated so far
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
@@ -31,6 +34,14 @@ class SamplingSettings:
             raise MemlmError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise MemlmError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise MemlmError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether sampling needs the ids so far (a penalty is on)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -42,6 +53,16 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return logits.scatter(-1, context, seen)
 
 
+def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over the tokens generated so far (not the prompt, as in vLLM):
+    logit - presence * [count > 0] - frequency * count."""
+    if (presence == 0 and frequency == 0) or generated.numel() == 0:
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(-1, generated, torch.ones_like(generated, dtype=logits.dtype))
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest nucleus of mass top_p."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -51,14 +72,17 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        drop[..., 0] = False  # the likeliest always stays (a top_p below float32's resolution is 0 here)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
 def sample_next(logits: torch.Tensor, context: torch.Tensor, s: SamplingSettings,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) and the ids so far (B, T) -> next ids (B,)."""
+                generator: torch.Generator | None = None, generated: int = 0) -> torch.Tensor:
+    """logits (B, V) and the ids so far (B, T), the last `generated` of them new -> next ids (B,)."""
     logits = apply_repetition_penalty(logits.float(), context, s.repetition_penalty)
+    logits = apply_presence_frequency_penalty(logits, context[:, context.shape[1] - generated:], s.presence_penalty,
+                                              s.frequency_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / s.temperature, s.top_k, s.top_p)

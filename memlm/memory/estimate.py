@@ -57,8 +57,12 @@ GiB = 2**30
 # leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
     "cpu": {"import": 286 * MiB, "train": 437 * MiB, "train-bf16": 452 * MiB, "infer": 339 * MiB, "score": 355 * MiB,
-            "train-ddp": 439 * MiB, "train-fsdp": 443 * MiB},
-    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0},
+            "train-ddp": 439 * MiB, "train-fsdp": 443 * MiB,
+            # memlm serve: infer + the web stack (FastAPI, uvicorn, pydantic, prometheus_client) and the
+            # heaps of its threads (scheduler, event loop, tokenizing workers); bench/serve_load.py
+            "serve": 384 * MiB},
+    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0,
+             "serve": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
 
@@ -914,9 +918,11 @@ def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: 
 def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | None = None,
                        weight_format: str = "fp32", kv_dtype: str | None = None, prompt_len: int | None = None,
                        device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool | None = None,
-                       group_size: int | None = None, embedding_group_size: int | None = None) -> Breakdown:
+                       group_size: int | None = None, embedding_group_size: int | None = None,
+                       runtime: str = "infer") -> Breakdown:
     """Peak memory of generation: weights + KV cache for `batch` sequences of `context` tokens +
-    the larger of the prefill and decode temporaries + the runtime.
+    the larger of the prefill and decode temporaries + the runtime ("infer": a command;
+    "serve": memlm serve, see RUNTIME_BYTES).
 
     context: the cache's length (prompt + new tokens; default block_size). prompt_len: tokens
     prefilled at once (default: context // 2). kv_dtype: default like generate_ids: the
@@ -937,7 +943,7 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                                    int4_kernel)
     dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
     base = [
-        Term("runtime", RUNTIME_BYTES[device]["infer"], RUNTIME_NOTE),
+        Term("runtime", RUNTIME_BYTES[device][runtime], RUNTIME_NOTE),
         Term("weights", weights, f"{weight_format}{'' if group_size is None else f' g{group_size}'} block Linears"
              + (", int8 embedding" + ("" if embedding_group_size is None else f" g{embedding_group_size}")
                 if quantize_embedding else ", embeddings/norms "
@@ -1237,6 +1243,8 @@ def model_layout(model) -> dict:
             "embedding_group_size": group_of("Int8Embedding")}
 
 
-def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None) -> Breakdown:
+def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None,
+                       runtime: str = "infer") -> Breakdown:
     """`estimate_inference` for a loaded model, its layout read off its modules (`model_layout`)."""
-    return estimate_inference(model.config, batch, context, prompt_len=prompt_len, **model_layout(model))
+    return estimate_inference(model.config, batch, context, prompt_len=prompt_len, runtime=runtime,
+                              **model_layout(model))

@@ -66,3 +66,27 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())
+
+
+class CacheWindow:
+    """The first `slots` slots and `max_len` positions of a KVCache, sharing its memory.
+
+    A server's pool is as long as its longest request and as wide as its most concurrent ones;
+    a decode step whose rows sit in the first slots and have not gone past `max_len` attends
+    over this window instead: the attention costs what the rows hold, and the keys and values
+    are views, never copied."""
+
+    def __init__(self, pool: KVCache, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len
+        self.layers = [_LayerWindow(layer.k[:slots, :, :max_len], layer.v[:slots, :, :max_len])
+                       for layer in pool.layers]
+
+    def __getitem__(self, layer: int) -> "_LayerWindow":
+        return self.layers[layer]
+
+
+class _LayerWindow:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    write = LayerKV.write  # the same indexed writes, into the views

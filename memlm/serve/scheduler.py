@@ -1,0 +1,339 @@
+"""Continuous batching: the one thread that runs the model for the server.
+
+Requests never touch the model themselves: each completion is a `Sequence` handed to
+`Scheduler.submit`, and the scheduler leaves its outputs in the request's `Mailbox`, from where
+the request's asyncio handler reads them. The scheduler's loop, one iteration per step (the
+shape of vLLM's engine step, kept small):
+
+1. retire: sequences whose handler cancelled them (a disconnect, a timeout) leave their slot;
+2. admit: waiting sequences take free slots of the KV pool and are prefilled together
+   (right-padded, each at its own positions: memlm.infer.engine.prefill), their first token
+   sampled from the prefill's logits;
+3. decode: ONE batched forward for every running sequence (engine.decode_step: each row its
+   own slot and position), then each row samples with its own settings, emits its text, and
+   leaves at once when it ends (EOS, a stop string, max_tokens).
+
+The pool is allocated once, at its full size (slots x context, the bytes the memory plan
+counted); a step attends only over the positions its rows have reached (a window of the pool),
+so short sequences in a long pool cost what they hold. Nothing a client does can leave
+anything behind: a cancelled sequence is dropped before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from memlm.config import PREFILL_CHUNK, cache_length
+from memlm.infer.engine import as_engine
+from memlm.infer.generate import TextStream
+from memlm.infer.sampling import SamplingSettings, sample_next
+from memlm.loading import LoadedModel
+from memlm.model.kv_cache import CacheWindow
+
+log = logging.getLogger("memlm.serve")
+
+PREFILL_TOKENS = PREFILL_CHUNK  # padded prompt tokens admitted per step (at least one sequence): bounds the stall
+
+
+@dataclass
+class Output:
+    """New text of one completion (choice `index`); its last output has the finish reason
+    ("stop": EOS or a stop string, "length", "error": the message is the text) and how many
+    tokens it generated."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+class Sequence:
+    """One completion to generate: prompt ids, its own sampling settings, where its outputs go
+    (`deliver`, called on the scheduler thread)."""
+
+    def __init__(self, prompt: list[int], settings: SamplingSettings, index: int,
+                 deliver: Callable[[Output], None]):
+        self.prompt, self.settings, self.index, self.deliver = prompt, settings, index, deliver
+        self.cancelled = False  # set by the handler's thread, read by the scheduler's
+        self.submitted = time.monotonic()
+
+
+class QueueFull(Exception):
+    """More sequences than the waiting queue holds: the request is refused (429)."""
+
+
+class Mailbox:
+    """Where the scheduler thread leaves a request's outputs for the request's asyncio handler."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Output | None] = asyncio.Queue()
+
+    def deliver(self, out: Output) -> None:
+        """Called on the scheduler thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    def close(self) -> None:
+        """Called on the event loop: the reader stops (the client has gone)."""
+        self.queue.put_nowait(None)
+
+
+def seeded(settings: SamplingSettings, index: int) -> SamplingSettings:
+    """Completion `index` of a request: its own seed (seed + index), so choices differ and
+    choice 0 samples what the same request with n=1 samples."""
+    if settings.seed is None or index == 0:
+        return settings
+    return dataclasses.replace(settings, seed=(settings.seed + index + 2 ** 63) % 2 ** 64 - 2 ** 63)
+
+
+@dataclass(eq=False)
+class _Row:
+    """A sequence while it holds a slot: the token it feeds next and at which position."""
+
+    seq: Sequence
+    slot: int
+    text: TextStream
+    generator: torch.Generator | None
+    position: int = 0
+    token: int = 0
+    generated: list[int] = field(default_factory=list)
+    last_emit: float = 0.0
+    done: bool = False
+
+
+@dataclass
+class Stats:
+    """What the scheduler has done, for /metrics (counters only grow)."""
+
+    steps: int = 0
+    tokens: int = 0  # generated
+    prompt_tokens: int = 0  # prefilled
+    sequences: int = 0  # finished or cancelled
+    peak_rows: int = 0  # the most rows one decode step has run
+    on_first_token: Callable[[float], None] | None = None  # seconds from submit to the first token
+    on_token_gap: Callable[[float], None] | None = None  # seconds between two tokens of a sequence
+
+
+class Scheduler:
+    """Continuous batching over a pool of `slots` sequences of up to `context` tokens; at most
+    `queue_size` sequences wait for a slot (see the module docstring)."""
+
+    def __init__(self, lm: LoadedModel, slots: int, context: int, queue_size: int = 64):
+        self.lm = lm
+        self.engine = as_engine(lm.engine or lm.model, lm.cache_dtype)
+        self.pool = self.engine.cache(slots, context)  # allocated now, at its full size
+        self.engine.release_cache()  # the pool is the scheduler's alone
+        self.context = context
+        self.queue_size = queue_size
+        self.eos_id = lm.tokenizer.eos_id
+        self.stats = Stats()
+        self._free = list(range(slots - 1, -1, -1))  # pop() takes the lowest
+        self._rows: list[_Row] = []
+        self._waiting: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread()
+
+    # ---- the handlers' side (any thread)
+
+    @property
+    def slots(self) -> int:
+        return self.pool.slots
+
+    @property
+    def running(self) -> int:
+        """Slots in use."""
+        return self.pool.slots - len(self._free)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Start the thread (again, after a `stop`)."""
+        with self._cond:
+            self._stopping = False
+        if not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="memlm-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue all of `seqs` or none (QueueFull). Sequences wait only when every slot is taken."""
+        for s in seqs:
+            if len(s.prompt) + s.settings.max_new_tokens > self.pool.max_len:
+                raise ValueError(f"a sequence of {len(s.prompt)} + {s.settings.max_new_tokens} tokens does not fit "
+                                 f"the pool's {self.pool.max_len}")
+        with self._cond:
+            room = self.queue_size + len(self._free) - len(self._waiting)
+            if len(seqs) > room:
+                raise QueueFull(f"the server is busy: room for {max(room, 0)} more completions, {len(seqs)} asked for "
+                                f"({self.slots} slots, at most {self.queue_size} waiting)")
+            self._waiting.extend(seqs)
+            self._cond.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Drop `seqs`, waiting or running: a running one leaves its slot before the next step."""
+        with self._cond:
+            for s in seqs:
+                s.cancelled = True
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+            self._cond.notify()
+
+    # ---- the scheduler's thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._retire_cancelled()
+                while not self._waiting and not self._rows and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                admitted = self._admit()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self._rows:
+                    self._decode()
+            except Exception as e:  # noqa: BLE001 - a failed step must not stop the server
+                log.exception("a generation step failed")
+                for row in self._rows:
+                    self._finish(row, "error", f"generation failed: {e}")
+                self._rows = []
+
+    def _retire_cancelled(self) -> None:
+        for row in self._rows:
+            if row.seq.cancelled:
+                self._release(row)
+        self._rows = [r for r in self._rows if not r.done]
+
+    def _admit(self) -> list[_Row]:
+        """Waiting sequences into free slots, first come first served, while the padded
+        prefill stays within PREFILL_TOKENS (always at least one)."""
+        admitted: list[_Row] = []
+        longest = 0
+        while self._waiting and self._free:
+            seq = self._waiting[0]
+            longest_after = max(longest, len(seq.prompt))
+            if admitted and longest_after * (len(admitted) + 1) > PREFILL_TOKENS:
+                break
+            self._waiting.popleft()
+            longest = longest_after
+            s = seq.settings
+            generator = torch.Generator(device=self.engine.device).manual_seed(s.seed) if s.seed is not None else None
+            admitted.append(_Row(seq, self._free.pop(), TextStream(self.lm.tokenizer, s.stop), generator,
+                                 position=len(seq.prompt)))
+        return admitted
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        device = self.engine.device
+        prompts = [r.seq.prompt for r in rows]
+        longest = max(map(len, prompts))
+        # Padding repeats the row's first token: never seen, and no new token for a penalty.
+        ids = torch.tensor([p + [p[0]] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        self._rows.extend(rows)
+        logits = self.engine.prefill(ids, lengths, self._window(longest), slots)
+        self.stats.prompt_tokens += int(lengths.sum())
+        for i, row in enumerate(rows):
+            self._advance(row, logits[i:i + 1])
+        self._rows = [r for r in self._rows if not r.done]
+
+    def _decode(self) -> None:
+        """One forward for every running row. The batch is the pool's first `top` slots, the
+        lowest slots being taken first: a slot between two running ones that is free feeds a
+        dummy token into itself (its content is garbage anyway, and the next prefill there
+        starts at position 0). So the step attends over a view of the pool, never a copy of
+        the rows' keys and values."""
+        device = self.engine.device
+        rows = self._rows
+        if self.engine.compiled:  # one static shape for the compiled step: the whole pool
+            top, length = self.pool.slots, self.pool.max_len
+        else:
+            top, length = max(r.slot for r in rows) + 1, max(r.position for r in rows) + 1
+        tokens, positions = [0] * top, [0] * top
+        for r in rows:
+            tokens[r.slot], positions[r.slot] = r.token, r.position
+        logits = self.engine.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
+                                    self._window(length, top))
+        self.stats.steps += 1
+        self.stats.peak_rows = max(self.stats.peak_rows, len(rows))
+        for row in rows:
+            row.position += 1
+            self._advance(row, logits[row.slot:row.slot + 1])
+        self._rows = [r for r in rows if not r.done]
+
+    def _window(self, needed: int, top: int | None = None):
+        """The pool's first `top` slots (all: None) and first positions, enough for `needed`
+        (rounded up: few distinct shapes)."""
+        length = cache_length(needed, self.pool.max_len)
+        top = self.pool.slots if top is None else top
+        if length >= self.pool.max_len and top == self.pool.slots:
+            return self.pool
+        return CacheWindow(self.pool, top, length)
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample the row's next token from its logits (1, V) with its own settings; emit its
+        text; finish it when it has ended."""
+        s = row.seq.settings
+        if row.seq.cancelled:
+            self._release(row)
+            return
+        if s.ignore_eos and self.eos_id is not None:
+            logits[:, self.eos_id] = float("-inf")
+        context = (torch.tensor([row.seq.prompt + row.generated], device=logits.device) if s.penalizes
+                   else logits.new_empty(1, 0, dtype=torch.long))
+        token = int(sample_next(logits, context, s, row.generator, generated=len(row.generated)))
+        self._timed(row)
+        if token == self.eos_id and not s.ignore_eos:
+            self._finish(row, "stop", row.text.flush())
+            return
+        row.generated.append(token)
+        self.stats.tokens += 1
+        piece = row.text.push(token)
+        if row.text.stopped:
+            self._finish(row, "stop", piece)
+        elif len(row.generated) >= s.max_new_tokens:
+            self._finish(row, "length", piece + row.text.flush())
+        else:
+            if piece:
+                row.seq.deliver(Output(row.seq.index, piece))
+            row.token = token
+
+    def _timed(self, row: _Row) -> None:
+        now = time.monotonic()
+        hook = self.stats.on_token_gap if row.last_emit else self.stats.on_first_token
+        if hook is not None:
+            hook(now - (row.last_emit or row.seq.submitted))
+        row.last_emit = now
+
+    def _finish(self, row: _Row, reason: str, text: str = "") -> None:
+        self._release(row)
+        row.seq.deliver(Output(row.seq.index, text, reason, len(row.generated)))
+
+    def _release(self, row: _Row) -> None:
+        if not row.done:
+            row.done = True
+            self._free.append(row.slot)
+            self._free.sort(reverse=True)
+            self.stats.sequences += 1
