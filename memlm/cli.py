@@ -67,6 +67,8 @@ def resolve_configs(config_file: Optional[Path], preset_name: Optional[str], ove
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with [model] and [train].")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Model preset: tiny, gpt2, smollm2-135m, ...")] = None,
+    kind: Annotated[Optional[str], typer.Option(
+        help="Model kind: decoder | encdec | rnn | conv (without --preset: tiny, or tiny-<kind>).")] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder.")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="'default', a file, folder, glob or .jsonl.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
@@ -94,8 +96,10 @@ def train(
              "nproc": nproc, "strategy": strategy}
     overrides = _parse_set(set_ or [])
     overrides["train"].update({k: v for k, v in flags.items() if v is not None})
+    if kind is not None:
+        overrides["model"]["kind"] = kind
     if config is None and preset is None and "preset" not in overrides["model"] and not resume:
-        preset = "tiny"
+        preset = "tiny" if kind in (None, "decoder") else f"tiny-{kind}"
     if resume and config is None and out_dir:  # the run folder remembers everything
         config = Path(out_dir) / "config.toml"
     model_cfg, train_cfg = resolve_configs(config, preset, overrides)

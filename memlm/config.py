@@ -24,13 +24,21 @@ else:  # pragma: no cover
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "sinusoidal", "rope"]
 Mlp = Literal["gelu", "swiglu"]
+# Which network memlm.model.build makes of a config: the decoder-only transformer, the
+# encoder-decoder transformer, a recurrent LM (GRU/LSTM), a causal dilated convolution LM.
+Kind = Literal["decoder", "encdec", "rnn", "conv"]
 
 
 @dataclass
 class ModelConfig:
-    """Shape and flavour of a decoder-only transformer LM."""
+    """Shape and flavour of a language model: `kind` says which network, the rest its shape.
+
+    Every kind reads vocab_size, block_size, n_layer, n_embd, norm, tied_embeddings, dropout;
+    the transformer kinds read the attention and MLP fields; the last group belongs to one kind
+    each (a field of another kind keeps its default)."""
 
     name: str = "custom"
+    kind: Kind = "decoder"
     vocab_size: int = 50257
     block_size: int = 1024  # longest context the model is built for
     n_layer: int = 12
@@ -48,6 +56,15 @@ class ModelConfig:
     bias: bool = True  # biases in every Linear and norm
     tied_embeddings: bool = True
     dropout: float = 0.0
+    # encdec: encoder depth (None: n_layer, the decoder's), and where the norms sit: "pre" (memlm's
+    # default, x + f(norm(x))) or "post" (the original Transformer's and BART's: norm(x + f(x)),
+    # with BART's norm of the embeddings and no final norm)
+    n_encoder_layer: int | None = None
+    norm_placement: Literal["pre", "post"] = "pre"
+    # rnn: the recurrent cell (PyTorch's nn.GRU / nn.LSTM, hidden size n_embd)
+    rnn_cell: Literal["gru", "lstm"] = "gru"
+    # conv: taps of each causal depthwise convolution; layer i dilates them by 2**i
+    conv_kernel: int = 3
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -59,6 +76,8 @@ class ModelConfig:
                     "pick n_head so that n_embd / n_head is a whole head size",
                 )
             self.head_dim = self.n_embd // self.n_head
+        if self.n_encoder_layer is None:
+            self.n_encoder_layer = self.n_layer
         if self.ffn_hidden is None:
             if self.mlp == "gelu":
                 self.ffn_hidden = 4 * self.n_embd
@@ -80,9 +99,48 @@ class ModelConfig:
             raise MemlmError(f"model config: RoPE needs an even head size, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise MemlmError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if self.n_encoder_layer <= 0:
+            raise MemlmError(f"model config: n_encoder_layer must be positive, got {self.n_encoder_layer}")
+        if self.norm_placement == "post" and self.kind != "encdec":
+            raise MemlmError(f"model config: norm_placement 'post' is for kind 'encdec', not '{self.kind}'",
+                             "drop norm_placement (the other kinds are pre-norm)")
+        if self.kind == "conv":
+            if self.conv_kernel < 2:
+                raise MemlmError(f"model config: conv_kernel must be at least 2, got {self.conv_kernel}")
+            if self.block_size > self.receptive_field:
+                raise MemlmError(
+                    f"model config: a conv context of {self.block_size} tokens is longer than its receptive "
+                    f"field of {self.receptive_field} (n_layer {self.n_layer}, conv_kernel {self.conv_kernel})",
+                    "raise n_layer or conv_kernel (field = 1 + (conv_kernel - 1) * (2**n_layer - 1)), "
+                    "or lower block_size",
+                )
+
+    @property
+    def receptive_field(self) -> int:
+        """Tokens a conv model's last layer sees: 1 + (k - 1) * (1 + 2 + ... + 2**(L-1))."""
+        return 1 + (self.conv_kernel - 1) * (2**self.n_layer - 1)
+
+    @property
+    def fixed_state(self) -> bool:
+        """Whether decoding carries a fixed amount of state (RNN, conv) rather than a KV cache
+        that grows with the context (the transformers)."""
+        return self.kind in ("rnn", "conv")
+
+    def room_after(self, n_prompt: int) -> int | None:
+        """How many new tokens a prompt of n_prompt tokens leaves (<= 0: the prompt is too long;
+        None: no limit). A decoder's positions end at block_size, prompt and new tokens together;
+        an encoder-decoder's source and its output have block_size each (the output's first
+        position holds the start token); an RNN's state and a convolution's rolling buffer run
+        on as long as one likes (block_size is then only the training length)."""
+        if self.fixed_state:
+            return None
+        if self.kind == "encdec":
+            return self.block_size - 1 if n_prompt <= self.block_size else 0
+        return self.block_size - n_prompt
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count from the shape alone (the planner uses it; tests check it against the model)."""
+        """Parameter count of a decoder from the shape alone (tests check it against the model;
+        every kind's parameters, one by one: memlm.memory.estimate.param_shapes)."""
         d, f, hd = self.n_embd, self.ffn_hidden, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_heads * hd
         b = int(self.bias)
@@ -126,6 +184,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_heads=3, n_embd=576,
         ffn_hidden=1536, norm="rmsnorm", norm_eps=1e-5, positions="rope", rope_theta=100000.0,
         mlp="swiglu", bias=False,
+    ),
+    # The light baselines at tiny's size (~4.2M parameters with tiny's 4096-token vocabulary):
+    # 8 GRU layers (6*d^2 each), 6 LSTM layers (8*d^2), 8 conv blocks (receptive field 511).
+    "tiny-rnn": dict(
+        kind="rnn", vocab_size=4096, block_size=256, n_layer=8, n_head=4, n_embd=256, norm="rmsnorm", bias=False,
+        rnn_cell="gru",
+    ),
+    "tiny-lstm": dict(
+        kind="rnn", vocab_size=4096, block_size=256, n_layer=6, n_head=4, n_embd=256, norm="rmsnorm", bias=False,
+        rnn_cell="lstm",
+    ),
+    "tiny-conv": dict(
+        kind="conv", vocab_size=4096, block_size=256, n_layer=8, n_head=4, n_embd=256, ffn_hidden=512,
+        norm="rmsnorm", mlp="swiglu", bias=False, conv_kernel=3,
     ),
     # The standard W3 training workload (shared/BENCHMARKS.md).
     "w3": dict(

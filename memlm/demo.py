@@ -37,13 +37,13 @@ def steps_that_fit(seconds: float, memory_budget: str = MEMORY_BUDGET) -> int:
     so it never needs more memory than the training that follows."""
     from memlm.memory.measure import return_free_heap
     from memlm.memory.plan import fit_training
-    from memlm.model import Decoder
+    from memlm.model import build_model
     from memlm.train.loop import apply_train_settings, compute_loss
     from memlm.train.optim import build_optimizer
 
     model_cfg, probe = demo_configs("-", 1000, memory_budget)
     cfg, _ = fit_training(model_cfg, probe)
-    model = apply_train_settings(Decoder(model_cfg), cfg)
+    model = apply_train_settings(build_model(model_cfg), cfg)
     opt = build_optimizer(model, cfg)
     x = torch.randint(0, model_cfg.vocab_size, (cfg.micro_batch, cfg.seq_len))
     times = []

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from memlm.config import PREFILL_CHUNK
-from memlm.infer.engine import Engine
+from memlm.errors import MemlmError
+from memlm.infer.engine import make_engine
 from memlm.loading import LoadedModel, layout_of, load, model_config_of, stored_format
 from memlm.memory.estimate import Breakdown, estimate_for_model, estimate_scoring, model_layout
 from memlm.memory.guard import DoesNotFit, MemoryGuard, expected_from
@@ -39,7 +40,8 @@ class Fitted:
         b = self.breakdown.settings
         what = f"{b['weight_format']} weights"
         if b.get("kv_dtype", "-") != "-":
-            what += f", {b['kv_dtype']} KV cache for {b['batch']} x {b['context']} tokens"
+            cache = "decoding state" if self.lm.config.fixed_state else "KV cache"
+            what += f", {b['kv_dtype']} {cache} for {b['batch']} x {b['context']} tokens"
         else:
             what += f", {b['batch']} x {b['context']}-token windows"
         head = f"memory budget {format_bytes(self.plan.budget_bytes)}: " if self.plan is not None else ""
@@ -79,12 +81,12 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
     """
     if budget is None:
         lm = load(name_or_path)
-        ctx = min(context or lm.config.block_size, lm.config.block_size)
+        ctx = _context(context, lm.config)
         b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime)
         fitted = Fitted(lm, b)
     else:
         config = model_config_of(name_or_path)
-        ctx = min(context or config.block_size, config.block_size)
+        ctx = _context(context, config)
         plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
                               min_batch=batch, max_batch=max(batch, max_batch or batch), runtime=runtime,
                               **_candidates(name_or_path))
@@ -92,8 +94,14 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
                                "raise --memory-budget, shorten the context or use a smaller model "
                                "(see: memlm plan --task infer)")
     lm = fitted.lm
-    lm.engine = Engine(lm.model, compile=compile, fuse=True, cache_dtype=lm.cache_dtype)
+    lm.engine = make_engine(lm.model, compile=compile, fuse=True, cache_dtype=lm.cache_dtype)
     return fitted
+
+
+def _context(context: int | None, config) -> int:
+    """The context to plan for: as asked, within a transformer's positions (default: all of them)."""
+    wanted = context or config.block_size
+    return wanted if config.fixed_state else min(wanted, config.block_size)
 
 
 SERVE_CONTEXT = 2048  # a server's default KV pool length per slot (the model's, when shorter)
@@ -107,7 +115,11 @@ def load_for_serving(name_or_path: str, budget: str | int | None = None, context
     planned for PREFILL_CHUNK / b of them. With a budget: the best format that holds every slot;
     when none does, the format that holds the most (a server's users wait for slots, not for
     fidelity). The pool is the plan's: `breakdown.settings["batch"]` x `["context"]`."""
-    ctx = context or min(model_config_of(name_or_path).block_size, SERVE_CONTEXT)
+    config = model_config_of(name_or_path)
+    if config.kind != "decoder":
+        raise MemlmError(f"memlm serve runs decoder models; {name_or_path} is a {config.kind} model",
+                         "generate with it through memlm generate or memlm.load(...).generate")
+    ctx = context or min(config.block_size, SERVE_CONTEXT)
     if budget is not None:
         slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots)
     return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile, runtime="serve")

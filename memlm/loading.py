@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from memlm.errors import MemlmError
 from memlm.infer.engine import Engine
 from memlm.infer.generate import Piece, complete_batch, stream_text
 from memlm.infer.sampling import SamplingSettings
-from memlm.model import Decoder
+from memlm.model import empty_model
 from memlm.tokenizer import Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,7 +93,7 @@ def resolve(name_or_path: str | Path) -> tuple[str, Path]:
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
-               weight_format: str | None = None) -> tuple[Decoder, Tokenizer | None]:
+               weight_format: str | None = None) -> tuple[nn.Module, Tokenizer | None]:
     """The model (eval mode, CPU) and its tokenizer (None when the folder has none).
 
     weight_format: None loads the weights as stored, in `dtype` (GGUF: dequantized). "fp32",
@@ -133,7 +134,7 @@ def one_torch_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _load_kind(kind: str, path: Path, dtype: torch.dtype, weight_format: str | None) -> tuple[Decoder, Tokenizer | None]:
+def _load_kind(kind: str, path: Path, dtype: torch.dtype, weight_format: str | None) -> tuple[nn.Module, Tokenizer | None]:
     if kind == "gguf":
         from memlm.interop.gguf import load_gguf
 
@@ -151,7 +152,7 @@ def _load_kind(kind: str, path: Path, dtype: torch.dtype, weight_format: str | N
     return load_run(path, dtype, weight_format)
 
 
-def _in_format(model: Decoder, path: Path, weight_format: str | None) -> Decoder:
+def _in_format(model: nn.Module, path: Path, weight_format: str | None) -> nn.Module:
     """A compressed model as `weight_format` asks: as it is, or refused when it is another."""
     from memlm.compress.storage import layer_specs
 
@@ -225,7 +226,7 @@ def model_config_of(name_or_path: str | Path):
 
 
 def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
-             weight_format: str | None = None) -> tuple[Decoder, Tokenizer]:
+             weight_format: str | None = None) -> tuple[nn.Module, Tokenizer]:
     """The latest checkpoint of a memlm training run (weight_format as in `load_model`).
 
     The checkpoint is read one tensor at a time into fresh memory (TensorFile, not safetensors'
@@ -241,7 +242,7 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
         raise MemlmError(f"run folder {run_dir} has no checkpoint yet", "train it first (memlm train)")
     config = ModelConfig.from_dict(load_toml(run_dir / "config.toml")["model"])
     weights = ckpt / "model.safetensors"
-    assembler = ModelAssembler(Decoder.empty(config), weight_format, dtype, source=str(weights))
+    assembler = ModelAssembler(empty_model(config), weight_format, dtype, source=str(weights))
     with TensorFile(weights) as f:
         for key in f.keys():
             # safetensors stores a shared tensor once, under either name
@@ -254,7 +255,7 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
 class LoadedModel:
     """A model and its tokenizer, ready to generate."""
 
-    model: Decoder
+    model: nn.Module  # of any kind (memlm.model.build)
     tokenizer: Tokenizer
     cache_dtype: torch.dtype | None = None  # None: the weights' dtype
     engine: Engine | None = None  # how it generates (memlm.infer.engine); None: eager, as loaded

@@ -31,7 +31,6 @@ from memlm.compress.quantize import (
 )
 from memlm.errors import MemlmError
 from memlm.memory.measure import return_free_heap
-from memlm.model import Decoder
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -120,14 +119,14 @@ _END = object()
 
 
 class ModelAssembler:
-    """Puts tensors (by state-dict key) and ready modules into `Decoder.empty(config)`.
+    """Puts tensors (by state-dict key) and ready modules into `memlm.model.empty_model(config)`.
 
     weight_format: None keeps every tensor as given, in `dtype`; "fp32", "bf16", "int8", "int4"
     convert the block Linears (q/k/v/o/gate/up/down_proj) to that format, and everything else
     to float32 (bfloat16 for "bf16"): the formats of `memlm.memory.estimate`.
     """
 
-    def __init__(self, model: Decoder, weight_format: str | None = None, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: nn.Module, weight_format: str | None = None, dtype: torch.dtype = torch.float32,
                  use_kernel: bool | None = None, source: str = "the checkpoint"):
         self.model = model
         self.weight_format = weight_format
@@ -182,7 +181,7 @@ class ModelAssembler:
                      if t.is_meta and not (tied and prefix + n == "lm_head.weight")]
         return left
 
-    def finish(self) -> Decoder:
+    def finish(self) -> nn.Module:
         """Tie the head, check that nothing is left empty."""
         model = self.model
         if model.config.tied_embeddings:

@@ -7,7 +7,7 @@ A folder holds
                        "tied_embeddings": bool, "layers": {module name: {"kind": ..., ...}}}
   tokenizer.json ...  when a tokenizer is given (Tokenizer.save)
 
-Loading builds the Decoder on the meta device from the config (no memory, no init), swaps in
+Loading builds the model on the meta device from the config (no memory, no init), swaps in
 an empty module of the recorded kind for each layer, and assigns the saved tensors: nothing
 but the compressed tensors is ever allocated, and the logits are identical to the saved model's.
 No pickle anywhere.
@@ -193,7 +193,7 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
     `use_kernel` as in `quantize_model`: None runs int4 layers on the CPU int4 kernel where it is
     available (bf16 compute, so logits match a model quantized with the same setting).
     """
-    from memlm.model import Decoder
+    from memlm.model import empty_model
 
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
@@ -209,7 +209,7 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
         raise MemlmError(f"{folder} uses format version {meta['version']}, newer than this memlm", "upgrade memlm")
 
     config = ModelConfig.from_dict(meta["config"])
-    model = Decoder.empty(config)
+    model = empty_model(config)
     # Parents before children (a low-rank layer's factors may be quantized), the tied head last.
     order = sorted(meta["layers"].items(), key=lambda kv: (kv[1].get("kind") == "int8_tied_head", kv[0].count("."), kv[0]))
     for name, spec in order:

@@ -185,10 +185,63 @@ class Engine:
         return out
 
 
-def as_engine(model_or_engine: Decoder | Engine, cache_dtype: torch.dtype | None = None) -> Engine:
-    """An Engine for a bare model: eager, unfused (the model is not changed)."""
-    if isinstance(model_or_engine, Engine):
+class StateEngine:
+    """Generation for a kind that carries its own state from token to token (memlm.model.build:
+    new_state / prefill / decode_step): an RNN's hidden state, a convolution's rolling buffer,
+    an encoder-decoder's caches. The same three calls as Engine, so memlm.infer.generate drives
+    both. Each kind's state is its own business, kept beside its model: no kind is forced into
+    the decoder's KV cache, and the decoder's engine stays what it is (fusion, regional
+    compilation, a server's slot pool). No compiled step and no slots here."""
+
+    compiled = False
+    compile_seconds = 0.0
+
+    def __init__(self, model: nn.Module, cache_dtype: torch.dtype | None = None):
+        self.model = model
+        self.cache_dtype = cache_dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_emb.weight.device
+
+    def cache(self, slots: int, needed: int):
+        """A fresh decoding state for `slots` sequences of up to `needed` tokens."""
+        dtype = self.cache_dtype or self.model.tok_emb.weight.dtype
+        return self.model.new_state(slots, needed, dtype, self.device)
+
+    def release_cache(self) -> None:
+        pass  # each generation makes its own state
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache, slots: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.prefill(ids, lengths, cache)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.decode_step(tokens, cache)
+
+
+def make_engine(model: nn.Module, compile: bool = False, fuse: bool = False,
+                cache_dtype: torch.dtype | None = None) -> Engine | StateEngine:
+    """How `model` generates: the KV-cache Engine for a decoder, its own state for other kinds
+    (which have no compiled step: `compile` is then said to be ignored, in one line)."""
+    if isinstance(model, Decoder):
+        return Engine(model, compile=compile, fuse=fuse, cache_dtype=cache_dtype)
+    if compile:
+        log.warning("memlm: --compile is for decoder models; a %s model decodes eager", model.config.kind)
+    return StateEngine(model, cache_dtype)
+
+
+def as_engine(model_or_engine: nn.Module | Engine | StateEngine,
+              cache_dtype: torch.dtype | None = None) -> Engine | StateEngine:
+    """An engine for a bare model: eager, unfused (the model is not changed)."""
+    if isinstance(model_or_engine, (Engine, StateEngine)):
         return model_or_engine
     if not isinstance(model_or_engine, nn.Module):
-        raise TypeError(f"expected a Decoder or an Engine, got {type(model_or_engine).__name__}")
-    return Engine(model_or_engine, cache_dtype=cache_dtype)
+        raise TypeError(f"expected a model or an Engine, got {type(model_or_engine).__name__}")
+    return make_engine(model_or_engine, cache_dtype=cache_dtype)

@@ -14,29 +14,32 @@ import torch
 from memlm.errors import MemlmError
 from memlm.infer.sampling import SamplingSettings, sample_next
 from memlm.infer.engine import Engine, as_engine
-from memlm.model import Decoder
+from torch import nn
 
 
-def check_prompt_fits(n_prompt: int, block_size: int) -> None:
+def check_prompt_fits(n_prompt: int, config) -> None:
     if n_prompt == 0:
         raise MemlmError("the prompt is empty", "give at least one token of prompt")
-    if n_prompt >= block_size:
+    room = config.room_after(n_prompt)
+    if room is not None and room <= 0:
+        longest = n_prompt - room if config.kind != "encdec" else config.block_size + 1
         raise MemlmError(
-            f"the prompt has {n_prompt} tokens but the model's context is {block_size}",
-            f"shorten the prompt to fewer than {block_size} tokens",
+            f"the prompt has {n_prompt} tokens but the model's context is {config.block_size}",
+            f"shorten the prompt to fewer than {longest} tokens",
         )
 
 
-def new_token_room(prompt_lengths: list[int], settings: SamplingSettings, block_size: int) -> int:
+def new_token_room(prompt_lengths: list[int], settings: SamplingSettings, config) -> int:
     """How many tokens may follow the prompts: max_new_tokens, cut to what the longest leaves of the
-    context. Refuses a prompt that does not fit."""
+    model's context (ModelConfig.room_after). Refuses a prompt that does not fit."""
     for n in prompt_lengths:
-        check_prompt_fits(n, block_size)
-    return min(settings.max_new_tokens, block_size - max(prompt_lengths))
+        check_prompt_fits(n, config)
+    rooms = [r for r in (config.room_after(n) for n in prompt_lengths) if r is not None]
+    return min([settings.max_new_tokens, *rooms])
 
 
 @torch.no_grad()
-def decode_tokens(model: Decoder | Engine, prompts: list[list[int]], settings: SamplingSettings,
+def decode_tokens(model: nn.Module | Engine, prompts: list[list[int]], settings: SamplingSettings,
                   eos_id: int | None = None, cache_dtype: torch.dtype | None = None,
                   on_first_logits: Callable[[], None] | None = None) -> Iterator[torch.Tensor]:
     """Prefill all prompts together, then yield the next token of every row (B,) per step, up to
@@ -45,7 +48,7 @@ def decode_tokens(model: Decoder | Engine, prompts: list[list[int]], settings: S
     One batch of any prompt lengths: right-padded, each row at its own positions (engine.prefill)."""
     engine = as_engine(model, cache_dtype)
     lengths = [len(p) for p in prompts]
-    max_new = new_token_room(lengths, settings, engine.model.config.block_size)
+    max_new = new_token_room(lengths, settings, engine.config)
     if max_new <= 0:
         return
     device = engine.device
@@ -73,7 +76,7 @@ def decode_tokens(model: Decoder | Engine, prompts: list[list[int]], settings: S
         positions = positions + 1
 
 
-def generate_ids(model: Decoder | Engine, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
+def generate_ids(model: nn.Module | Engine, prompt: list[int], settings: SamplingSettings, eos_id: int | None = None,
                  cache_dtype: torch.dtype | None = None,
                  on_first_logits: Callable[[], None] | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids after `prompt`; stops at EOS unless settings.ignore_eos.
@@ -85,7 +88,7 @@ def generate_ids(model: Decoder | Engine, prompt: list[int], settings: SamplingS
             return
 
 
-def generate_batch(model: Decoder | Engine, prompts: list[list[int]], settings: SamplingSettings,
+def generate_batch(model: nn.Module | Engine, prompts: list[list[int]], settings: SamplingSettings,
                    eos_id: int | None = None, cache_dtype: torch.dtype | None = None) -> list[list[int]]:
     """Up to max_new_tokens new ids for each prompt, all prompts decoded together in one batch.
 
@@ -152,7 +155,7 @@ class TextStream:
         return piece
 
 
-def stream_text(model: Decoder | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings,
+def stream_text(model: nn.Module | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings,
                 cache_dtype: torch.dtype | None = None) -> Iterator[Piece]:
     """Generate and yield printable text pieces; the last piece carries the finish reason."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -174,13 +177,13 @@ def stream_text(model: Decoder | Engine, tokenizer, prompt: str | list[int], set
     yield Piece("", finish)
 
 
-def complete_batch(model: Decoder | Engine, tokenizer, prompts: list[str | list[int]], settings: SamplingSettings,
+def complete_batch(model: nn.Module | Engine, tokenizer, prompts: list[str | list[int]], settings: SamplingSettings,
                    cache_dtype: torch.dtype | None = None) -> list[Piece]:
     """A completion of each prompt, all decoded together in one batch: each one's text (cut at
     the first stop string) and why it ended ("stop": EOS or a stop string; "length")."""
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     outs = generate_batch(model, ids, settings, tokenizer.eos_id, cache_dtype)
-    room = new_token_room([len(i) for i in ids], settings, model.config.block_size) if ids else 0
+    room = new_token_room([len(i) for i in ids], settings, model.config) if ids else 0
     pieces = []
     for out in outs:
         text = tokenizer.decode(out) if out else ""
@@ -206,5 +209,5 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-def generate_text(model: Decoder | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings) -> str:
+def generate_text(model: nn.Module | Engine, tokenizer, prompt: str | list[int], settings: SamplingSettings) -> str:
     return "".join(p.text for p in stream_text(model, tokenizer, prompt, settings))

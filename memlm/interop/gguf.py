@@ -57,7 +57,7 @@ from memlm.compress.quantize import (
 )
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
-from memlm.model import Decoder
+from memlm.model import Decoder, empty_model
 from memlm.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "gpt2")
@@ -742,7 +742,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, weight_forma
     workers = assemble.LOAD_WORKERS  # read when called: 0 runs the conversions inline (a profile)
     workers, ahead = (min(1, workers), 1) if requantized else (workers, len(tensors))
     with InOrder(convert, (plan(t) for t in tensors), workers=workers, ahead=ahead) as results:
-        model = Decoder.empty(config)
+        model = empty_model(config)
         assembler = ModelAssembler(model, weight_format, dtype, use_kernel, source=str(f.path))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         tokenizer = _tokenizer_from(f)

@@ -22,7 +22,7 @@ from memlm.compress.assemble import ModelAssembler
 from memlm.compress.storage import TensorFile
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
-from memlm.model import Decoder
+from memlm.model import Decoder, empty_model
 
 SUPPORTED = ("gpt2", "llama")
 
@@ -205,7 +205,7 @@ def model_from_hf_state_dict(config: ModelConfig, hf_sd: dict[str, torch.Tensor]
 
 def _assemble(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
               weight_format: str | None, source: str, names: set[str], use_kernel: bool | None = None) -> Decoder:
-    assembler = ModelAssembler(Decoder.empty(config), weight_format, dtype, use_kernel, source=source)
+    assembler = ModelAssembler(empty_model(config), weight_format, dtype, use_kernel, source=source)
 
     def take(name: str) -> torch.Tensor:
         if name not in names:

@@ -195,7 +195,11 @@ class ParamShape:
 
 
 def param_shapes(cfg: ModelConfig) -> list[ParamShape]:
-    """Every parameter of `memlm.model.Decoder(cfg)`, in `named_parameters()` order (tied once)."""
+    """Every parameter of `memlm.model.build_model(cfg)`, in `named_parameters()` order (tied once)."""
+    if cfg.kind == "rnn":
+        return _rnn_param_shapes(cfg)
+    if cfg.kind == "conv":
+        return _conv_param_shapes(cfg)
     d, f, hd, b = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim, cfg.bias
     qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
     out = [ParamShape("tok_emb.weight", (cfg.vocab_size, d))]
@@ -229,11 +233,70 @@ def param_shapes(cfg: ModelConfig) -> list[ParamShape]:
     return out
 
 
+def _norm_shapes(cfg: ModelConfig, prefix: str) -> list[ParamShape]:
+    shapes = [ParamShape(f"{prefix}.weight", (cfg.n_embd,))]
+    if cfg.norm == "layernorm" and cfg.bias:
+        shapes.append(ParamShape(f"{prefix}.bias", (cfg.n_embd,)))
+    return shapes
+
+
+def _ends(cfg: ModelConfig, layers: list[ParamShape]) -> list[ParamShape]:
+    """Embedding, the layers, the final norm and an untied head: every light kind's frame."""
+    head = [] if cfg.tied_embeddings else [ParamShape("lm_head.weight", (cfg.vocab_size, cfg.n_embd))]
+    return [ParamShape("tok_emb.weight", (cfg.vocab_size, cfg.n_embd)), *layers, *_norm_shapes(cfg, "norm"), *head]
+
+
+def rnn_gates(cfg: ModelConfig) -> int:
+    """Gate blocks of a recurrent cell: GRU 3 (reset, update, new), LSTM 4 (input, forget, cell, output)."""
+    return 3 if cfg.rnn_cell == "gru" else 4
+
+
+def _rnn_param_shapes(cfg: ModelConfig) -> list[ParamShape]:
+    """memlm.model.rnn: per layer nn.GRU/LSTM weights (g*d, d) for input and hidden, biases (g*d,) each."""
+    d, gd = cfg.n_embd, rnn_gates(cfg) * cfg.n_embd
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}"
+        layers += [ParamShape(f"{p}.weight_ih_l0", (gd, d)), ParamShape(f"{p}.weight_hh_l0", (gd, d))]
+        if cfg.bias:
+            layers += [ParamShape(f"{p}.bias_ih_l0", (gd,)), ParamShape(f"{p}.bias_hh_l0", (gd,))]
+    return _ends(cfg, layers)
+
+
+def conv_spans(cfg: ModelConfig) -> list[int]:
+    """Inputs each conv block's convolution reads (its rolling buffer when decoding): (k-1)*2**i + 1."""
+    return [(cfg.conv_kernel - 1) * 2**i + 1 for i in range(cfg.n_layer)]
+
+
+def _conv_param_shapes(cfg: ModelConfig) -> list[ParamShape]:
+    """memlm.model.conv: per block a norm, the depthwise kernel (d, 1, k) and its bias, a norm, the MLP."""
+    d, f = cfg.n_embd, cfg.ffn_hidden
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}"
+        layers += _norm_shapes(cfg, f"{p}.conv_norm") + [ParamShape(f"{p}.conv.conv.weight", (d, 1, cfg.conv_kernel))]
+        if cfg.bias:
+            layers.append(ParamShape(f"{p}.conv.conv.bias", (d,)))
+        layers += _norm_shapes(cfg, f"{p}.mlp_norm")
+        names = ["gate_proj", "up_proj", "down_proj"] if cfg.mlp == "swiglu" else ["up_proj", "down_proj"]
+        for name in names:
+            n_in, n_out = (f, d) if name == "down_proj" else (d, f)
+            layers.append(ParamShape(f"{p}.mlp.{name}.weight", (n_out, n_in)))
+            if cfg.bias:
+                layers.append(ParamShape(f"{p}.mlp.{name}.bias", (n_out,)))
+    return _ends(cfg, layers)
+
+
 def block_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(in, out) of every Linear in one block (what weight-only quantization converts)."""
+    """(in, out) of every Linear in one block (what weight-only quantization converts; an RNN
+    layer's two gate matrices, which bf16 autocast copies like Linears)."""
     d, f, hd = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
-    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
     mlp = [(d, f), (d, f), (f, d)] if cfg.mlp == "swiglu" else [(d, f), (f, d)]
+    if cfg.kind == "rnn":
+        return [(d, rnn_gates(cfg) * d)] * 2
+    if cfg.kind == "conv":
+        return mlp
+    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
     return [(d, qd), (d, kvd), (d, kvd), (qd, d)] + mlp
 
 
@@ -345,36 +408,88 @@ def _attention_math_path(cfg: ModelConfig, training: bool) -> bool:
     return training and cfg.dropout > 0
 
 
+def _saved_norm(cfg: ModelConfig, name: str, N: int, precision: str, consumers: int) -> list[Saved]:
+    """What a norm saves (and, for `consumers` Linears reading it, its output; 0: none reads it)."""
+    d = cfg.n_embd
+    a, r, st = _dtypes(precision)
+    out = []
+    if cfg.norm == "rmsnorm":
+        # composite on CPU: x.pow(2) saves x, x * rstd saves x and rstd, (x * rstd) * w saves
+        # x * rstd; it computes in fp32 whatever the input (a bf16 input is upcast first)
+        out.append(Saved(f"{name}: input (fp32)", N * d * 4, "N*d*4"))
+        out.append(Saved(f"{name}: x*rstd (fp32)", N * d * 4, "N*d*4"))
+        out.append(Saved(f"{name}: rstd", N * 4, "N*4"))
+    else:  # native_layer_norm saves input, mean, rstd
+        out.append(Saved(f"{name}: input", N * d * r, "N*d*r"))
+        out.append(Saved(f"{name}: mean + rstd", 2 * N * st, "2*N*s"))
+    if not consumers:
+        return out
+    if precision == "bf16-autocast":  # each Linear saves its own bf16 cast of the (fp32) norm output
+        out.append(Saved(f"{name}: output, one bf16 cast per Linear", consumers * N * d * 2, f"{consumers}*N*d*2"))
+    else:  # one tensor, shared by the Linears that read it
+        out.append(Saved(f"{name}: output (Linear input)", N * d * a, "N*d*a"))
+    return out
+
+
+def _saved_mlp(cfg: ModelConfig, N: int, a: int) -> Saved:
+    if cfg.mlp == "swiglu":
+        # silu saves gate_proj's output; the product saves silu's output and up_proj's output;
+        # down_proj saves the product
+        return Saved("swiglu: gate, silu(gate), up, product", 4 * N * cfg.ffn_hidden * a, "4*N*f*a")
+    return Saved("gelu: input and output", 2 * N * cfg.ffn_hidden * a, "2*N*f*a")  # up's output, gelu's
+
+
+def _rnn_block_activations(cfg: ModelConfig, B: int, T: int, precision: str) -> list[Saved]:
+    """One nn.GRU / nn.LSTM layer over (B, T, d) on CPU (oneDNN's kernel), measured with
+    saved_tensors_hooks: a GRU keeps its input, output and gate workspace, 8*N*d values; an
+    LSTM 18*N*d (its workspace, input, output) + its initial and final h, c: 4*B*d."""
+    N, d = B * T, cfg.n_embd
+    a = _dtypes(precision)[0]
+    out = [Saved("gru: input, output, gates workspace", 8 * N * d * a, "8*N*d*a") if cfg.rnn_cell == "gru" else
+           Saved("lstm: input, output, gates workspace, h and c", 18 * N * d * a + 4 * B * d * a, "18*N*d*a + 4*B*d*a")]
+    if cfg.dropout > 0:
+        out.append(Saved("dropout mask after the layer", N * d * a, "N*d*a"))
+    return out
+
+
+def _conv_block_activations(cfg: ModelConfig, B: int, T: int, precision: str) -> list[Saved]:
+    """One memlm.model.conv.ConvBlock: the conv's norm (its output goes to the padding, which
+    saves nothing), the left-padded input the convolution saves (B, d, T + (k-1)*2**i),
+    averaged over the blocks' dilations, then the MLP's norm and the MLP, as in a decoder."""
+    N, d, L = B * T, cfg.n_embd, cfg.n_layer
+    a = _dtypes(precision)[0]
+    mean_pad = (cfg.conv_kernel - 1) * (2**L - 1) // L  # sum of the blocks' paddings / L
+    out = _saved_norm(cfg, "conv_norm", N, precision, consumers=0)
+    out.append(Saved("conv: padded input", B * d * (T + mean_pad) * a, f"B*d*(T + {mean_pad} mean padding)*a"))
+    if cfg.dropout > 0:
+        out.append(Saved("conv residual dropout mask", N * d * a, "N*d*a"))
+    out += _saved_norm(cfg, "mlp_norm", N, precision, consumers=2 if cfg.mlp == "swiglu" else 1)
+    out.append(_saved_mlp(cfg, N, a))
+    if cfg.dropout > 0:
+        out.append(Saved("mlp residual dropout mask", N * d * a, "N*d*a"))
+    return out
+
+
 def block_activations(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "fp32") -> list[Saved]:
-    """What autograd saves in one `Block.forward` (training mode), op by op.
+    """What autograd saves in one block's forward (training mode), op by op.
 
     Found by walking the autograd graph of a real block (each node's `_saved_*` tensors,
     deduplicated by storage); tests/test_memory_estimate.py checks the sum against
     saved_tensors_hooks for several flavours. Parameters and the RoPE tables are not counted:
     they exist anyway.
     """
+    if cfg.kind == "rnn":
+        return _rnn_block_activations(cfg, batch, seq_len, precision)
+    if cfg.kind == "conv":
+        return _conv_block_activations(cfg, batch, seq_len, precision)
     B, T, d, f, nh = batch, seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
     qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     N = B * T
     a, r, st = _dtypes(precision)
-    autocast = precision == "bf16-autocast"
     out: list[Saved] = []
 
     def norm(name: str, consumers: int) -> None:
-        if cfg.norm == "rmsnorm":
-            # composite on CPU: x.pow(2) saves x, x * rstd saves x and rstd, (x * rstd) * w saves
-            # x * rstd; it computes in fp32 whatever the input (a bf16 input is upcast first)
-            out.append(Saved(f"{name}: input (fp32)", N * d * 4, "N*d*4"))
-            out.append(Saved(f"{name}: x*rstd (fp32)", N * d * 4, "N*d*4"))
-            out.append(Saved(f"{name}: rstd", N * 4, "N*4"))
-        else:  # native_layer_norm saves input, mean, rstd
-            out.append(Saved(f"{name}: input", N * d * r, "N*d*r"))
-            out.append(Saved(f"{name}: mean + rstd", 2 * N * st, "2*N*s"))
-        if autocast:  # each Linear saves its own bf16 cast of the (fp32) norm output
-            out.append(Saved(f"{name}: output, one bf16 cast per Linear", consumers * N * d * 2,
-                             f"{consumers}*N*d*2"))
-        else:  # one tensor, shared by the Linears that read it
-            out.append(Saved(f"{name}: output (Linear input)", N * d * a, "N*d*a"))
+        out.extend(_saved_norm(cfg, name, N, precision, consumers))
 
     norm("attn_norm", 3)
     if _attention_math_path(cfg, training=True):
@@ -399,12 +514,7 @@ def block_activations(cfg: ModelConfig, batch: int, seq_len: int, precision: str
     if cfg.dropout > 0:
         out.append(Saved("attn residual dropout mask", N * d * a, "N*d*a"))
     norm("mlp_norm", 2 if cfg.mlp == "swiglu" else 1)
-    if cfg.mlp == "swiglu":
-        # silu saves gate_proj's output; the product saves silu's output and up_proj's output;
-        # down_proj saves the product
-        out.append(Saved("swiglu: gate, silu(gate), up, product", 4 * N * f * a, "4*N*f*a"))
-    else:  # gelu saves up_proj's output, down_proj saves gelu's output
-        out.append(Saved("gelu: input and output", 2 * N * f * a, "2*N*f*a"))
+    out.append(_saved_mlp(cfg, N, a))
     if cfg.dropout > 0:
         out.append(Saved("mlp residual dropout mask", N * d * a, "N*d*a"))
     return out
@@ -616,6 +726,14 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     attn_bwd = N * (2 * qd + 2 * kvd) * a + N * qd * 4
     block_bwd = max(mlp_bwd, attn_bwd) + 2 * N * d * r
     block_bwd_formula = f"max({mlp_k}*N*f*a, N*(2qd+2kvd)*a + N*qd*4) + 2*N*d*r"
+    if mc.kind == "rnn":  # the gates' gradients for every step at once, and the input's
+        g = rnn_gates(mc)
+        block_bwd = (2 * g + 1) * N * d * a + 2 * N * d * r
+        block_bwd_formula = f"{2 * g + 1}*N*d*a (gate gradients, input and hidden) + 2*N*d*r"
+    elif mc.kind == "conv":  # the MLP's as above, or the convolution's padded input gradient
+        pad = conv_spans(mc)[-1] - 1
+        block_bwd = max(mlp_bwd, 2 * B * d * (T + pad) * a) + 2 * N * d * r
+        block_bwd_formula = f"max({mlp_k}*N*f*a, 2*B*d*(T+{pad})*a) + 2*N*d*r"
 
     per_param = cfg.fused_backward or precision == "bf16"
     opt_ws, opt_ws_formula = optimizer_step_workspace(shapes, cfg.optimizer, device, precision,
@@ -877,6 +995,40 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, kv_dtype: str = "
     return 2 * cfg.n_layer * batch * cfg.n_kv_heads * context * cfg.head_dim * DTYPE_BYTES[kv_dtype]
 
 
+def decode_state(cfg: ModelConfig, batch: int, context: int, dtype: str = "fp32") -> tuple[int, str]:
+    """What decoding carries from token to token, and its formula: a transformer's KV cache
+    (grows with the context), an RNN's hidden states, a convolution's rolling buffers (fixed)."""
+    b = DTYPE_BYTES[dtype]
+    if cfg.kind == "rnn":
+        per = 1 if cfg.rnn_cell == "gru" else 2  # h; LSTM: h and c
+        return cfg.n_layer * batch * cfg.n_embd * per * b, f"L*B*d*{per}*{b} (hidden states, B={batch})"
+    if cfg.kind == "conv":
+        spans = sum(conv_spans(cfg))
+        return (batch * spans * cfg.n_embd * b + 8 * batch,
+                f"B*d*sum((k-1)*2^i + 1)({spans})*{b} rolling buffers + positions (B={batch})")
+    kv = kv_cache_bytes(cfg, batch, context, dtype)
+    return kv, f"2*L*B*n_kv*ctx*hd*{b} (B={batch}, ctx={context})"
+
+
+def _light_forward_transient(cfg: ModelConfig, batch: int, tokens: int, a: int, prefill: bool) -> tuple[int, str]:
+    """A no-grad forward of an RNN or conv model over `tokens` per sequence (StateEngine's prefill
+    takes the whole prompt in one pass): the final norm and last logits, and
+      rnn   a layer's input (packed copy), its g*d input projections for every step, its output: (g+3)*N*d*a
+      conv  a block's input, its norm, the padded copy, the convolution's output (4*N*d*a + B*pad*d*a)
+            or the MLP's (3*N*d*a + 3|2*N*f*a); a prefill also keeps every block's conv input, L*N*d*a."""
+    N, d, f = batch * tokens, cfg.n_embd, cfg.ffn_hidden
+    final = N * d * a + batch * cfg.vocab_size * 4
+    if cfg.kind == "rnn":
+        g = rnn_gates(cfg)
+        return max((g + 3) * N * d * a, final), f"{g + 3}*N*d*a (input, gate projections, output), N={N}"
+    pad = conv_spans(cfg)[-1] - 1
+    mlp = 3 * N * d * a + (3 if cfg.mlp == "swiglu" else 2) * N * f * a
+    block = max(4 * N * d * a + batch * pad * d * a, mlp)
+    kept = cfg.n_layer * N * d * a if prefill else 0
+    return max(block + kept, final), (f"max(conv 4*N*d*a + B*{pad}*d*a, mlp 3*N*d*a + k*N*f*a)"
+                                      + (" + L*N*d*a (conv inputs kept)" if prefill else "") + f", N={N}")
+
+
 def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: str = "fp32",
                       int4_kernel: bool | None = None) -> tuple[int, str]:
     """Peak of the temporaries of a no-grad forward over `tokens` new tokens per sequence.
@@ -892,6 +1044,8 @@ def forward_transient(cfg: ModelConfig, batch: int, tokens: int, weight_format: 
     DEQUANT_CHUNK weights), over the fused inference shapes.
     """
     a = 2 if weight_format == "bf16" else 4
+    if cfg.kind in ("rnn", "conv"):
+        return _light_forward_transient(cfg, batch, tokens, a, prefill=tokens > 1)
     N, d, f = batch * tokens, cfg.n_embd, cfg.ffn_hidden
     qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     mlp = 3 * N * d * a + (3 if cfg.mlp == "swiglu" else 2) * N * f * a
@@ -931,16 +1085,19 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     context = context or model_cfg.block_size
-    if context > model_cfg.block_size:
+    light = model_cfg.fixed_state  # RNN / conv: their state does not grow with the context
+    if context > model_cfg.block_size and not light:
         raise MemlmError(f"context {context} exceeds the model's block_size {model_cfg.block_size}")
     kv_dtype = kv_dtype or ("bf16" if weight_format == "bf16" else "fp32")
     prompt_len = prompt_len or max(1, context // 2)
     weights = inference_weight_bytes(model_cfg, weight_format, quantize_embedding, int4_kernel, group_size,
                                      embedding_group_size)
-    # The engine rounds the cache up (cache_length) and prefills at most PREFILL_CHUNK tokens a forward.
-    kv = kv_cache_bytes(model_cfg, batch, cache_length(context, model_cfg.block_size), kv_dtype)
-    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context, PREFILL_CHUNK), weight_format,
-                                   int4_kernel)
+    # The engine rounds the cache up (cache_length) and prefills at most PREFILL_CHUNK tokens a
+    # forward; the light kinds' StateEngine prefills a prompt in one pass.
+    kv, kv_formula = decode_state(model_cfg, batch, context if light else cache_length(context, model_cfg.block_size),
+                                  kv_dtype)
+    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context) if light else
+                                   min(prompt_len, context, PREFILL_CHUNK), weight_format, int4_kernel)
     dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
     base = [
         Term("runtime", RUNTIME_BYTES[device][runtime], RUNTIME_NOTE),
@@ -948,7 +1105,7 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
              + (", int8 embedding" + ("" if embedding_group_size is None else f" g{embedding_group_size}")
                 if quantize_embedding else ", embeddings/norms "
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
-        Term("kv_cache", kv, f"2*L*B*n_kv*ctx*hd*{DTYPE_BYTES[kv_dtype]} (B={batch}, ctx={context})"),
+        Term("kv_cache" if not light else "decode_state", kv, kv_formula),
         *_inference_extras(model_cfg, weight_format, device),
     ]
     phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}

@@ -60,7 +60,7 @@ class Expected:
 
 
 UNIT_TERMS = ("activations", "autocast_weight_copies", "logits_loss", "gradients", "workspace", "sharding_buffers")
-STATE_TERMS = ("weights", "optimizer_states", "kv_cache", "teacher")
+STATE_TERMS = ("weights", "optimizer_states", "kv_cache", "decode_state", "teacher")
 
 
 def expected_from(breakdown, persistent_extra: tuple[str, ...] = ()) -> Expected:

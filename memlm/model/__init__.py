@@ -1,6 +1,7 @@
-"""Model definitions: the decoder LM, its layers, the KV cache."""
+"""Model definitions: the kinds of model (built by memlm.model.build), their layers, the KV cache."""
 
+from memlm.model.build import KINDS, build_model, empty_model
 from memlm.model.decoder import Decoder
 from memlm.model.kv_cache import KVCache
 
-__all__ = ["Decoder", "KVCache"]
+__all__ = ["KINDS", "build_model", "empty_model", "Decoder", "KVCache"]

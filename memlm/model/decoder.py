@@ -14,23 +14,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from memlm.config import ModelConfig
 from memlm.model.kv_cache import KVCache
-from memlm.model.layers import Block, cache_mask, make_norm, rope_tables, sinusoidal_table
-
-
-class _SkipInit(TorchFunctionMode):
-    """Inside, torch.nn.init functions leave their tensor as it is. Filling meta tensors is
-    pointless, and the meta kernel of normal_ imports dynamo and sympy (+70 MB resident)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
+from memlm.model.layers import Block, cache_mask, init_weights, make_norm, rope_tables, sinusoidal_table
 
 
 class Decoder(nn.Module):
@@ -48,16 +36,10 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.checkpoint_every = 0  # activation checkpointing: every k-th block recomputed in backward
         self.reset_buffers()
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @classmethod
-    def empty(cls, config: ModelConfig) -> Decoder:
-        """A Decoder of meta tensors (no memory, no init), to be filled by load_state_dict(assign=True)."""
-        with torch.device("meta"), _SkipInit():
-            return cls(config)
 
     def reset_buffers(self, device=None) -> None:
         """(Re)compute the fixed position tables; needed after building on the meta device."""
@@ -73,13 +55,6 @@ class Decoder(nn.Module):
                 tables = {}
         for name, table in tables.items():
             self.register_buffer(name, table.to(device), persistent=False)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -22,6 +22,14 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation of Linears and embeddings (every kind starts from it)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """The fixed position table of "Attention is all you need": sin on even, cos on odd features."""
     pos = torch.arange(length, dtype=torch.float32)[:, None]

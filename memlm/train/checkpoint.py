@@ -257,6 +257,7 @@ def _check_model_config(path: Path, state: dict[str, Any], model: nn.Module) -> 
     saved = state.get("model_config")
     if saved is None or not hasattr(config, "to_dict"):
         return
+    saved = type(config).from_dict(saved).to_dict()  # a field added since the save has its default
     diffs = config_differences(saved, config.to_dict(), ignore=_IGNORED_MODEL_FIELDS)
     if diffs:
         raise MemlmError(
@@ -552,13 +553,13 @@ def load_sharded_checkpoint(
 
 
 def consolidate(path: str | Path, out: str | Path | None = None) -> nn.Module:
-    """The full model (a `Decoder`, in eval mode, on CPU) of a checkpoint folder, or of a run
+    """The full model (of its config's kind, in eval mode, on CPU) of a checkpoint folder, or of a run
     folder's latest checkpoint, read in this one process: a sharded checkpoint's DCP shards are
     put together without any process group. With `out`, also write it as a memlm safetensors
     file, which `memlm.loading`, the HF and the GGUF exporters read.
     """
     from memlm.config import ModelConfig
-    from memlm.model import Decoder
+    from memlm.model import build_model
 
     path = Path(path)
     if not (path / STATE_FILE).is_file() and (path / CHECKPOINTS).is_dir():
@@ -569,7 +570,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> nn.Module:
     state = read_trainer_state(path)
     if "model_config" not in state:
         raise MemlmError(f"{path / STATE_FILE} has no model_config", "point to a checkpoint written by memlm train")
-    model = Decoder(ModelConfig.from_dict(state["model_config"]))
+    model = build_model(ModelConfig.from_dict(state["model_config"]))
     if is_sharded(path):
         load_sharded_checkpoint(path, model)
     else:

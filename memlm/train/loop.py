@@ -191,7 +191,7 @@ def train(
     `teacher`: distill from it (memlm.train.distill); evaluation stays plain cross-entropy.
     """
     from memlm.data import Batches, read_corpus, tokenize_corpus
-    from memlm.model import Decoder
+    from memlm.model import build_model
     from memlm.tokenizer import Tokenizer, train_bpe
 
     cfg = train_cfg
@@ -243,7 +243,9 @@ def train(
             "fine-tune with the model's own tokenizer",
         )
     if saved_state is not None:
-        diffs = config_differences(saved_state["model_config"], model_cfg.to_dict(), ignore=("name",))
+        # through ModelConfig: a run saved before a field existed has that field's default
+        saved_model = ModelConfig.from_dict(saved_state["model_config"]).to_dict()
+        diffs = config_differences(saved_model, model_cfg.to_dict(), ignore=("name",))
         if diffs:
             raise MemlmError(
                 f"the model config differs from the one {run_dir} was trained with ({'; '.join(diffs)})",
@@ -312,7 +314,7 @@ def train(
 
     # ---- model and optimizer (built before the run folder is written: they can still fail)
     torch.manual_seed(cfg.seed)
-    model = Decoder(model_cfg)
+    model = build_model(model_cfg)
     if pretrained is not None:
         model.load_state_dict(pretrained.state_dict())
         del pretrained
