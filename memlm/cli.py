@@ -351,6 +351,7 @@ def evaluate(
     """Perplexity of a model on a corpus (default: the embedded eval split, the W2 protocol)."""
     from rich.progress import Progress
 
+    from memlm.cleaning import CleanOptions
     from memlm.data import read_corpus
     from memlm.eval.perplexity import perplexity, window_plan
     from memlm.fit import load_for_scoring
@@ -360,7 +361,7 @@ def evaluate(
     if not as_json:
         console.print(fitted.describe(), style="dim")
     window = min(window, lm.config.block_size)
-    docs = read_corpus(corpus, None if split == "all" else split)
+    docs = read_corpus(corpus, None if split == "all" else split, CleanOptions())  # the default cleaning, as train
     ids = lm.tokenizer.encode("\n\n".join(docs), add_bos=False)
     del docs
     n_windows = len(window_plan(len(ids), window, stride))

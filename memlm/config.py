@@ -233,8 +233,16 @@ class TrainConfig:
     tokenizer: str | None = None  # path to tokenizer.json; None: train a BPE on the corpus
     vocab_size: int = 4096  # for a tokenizer trained here
     init_from: str | None = None  # fine-tune: a model name or path to start from
+    # text cleaning before tokenization (memlm.cleaning; the defaults change no meaning)
+    clean_control: bool = True  # drop control characters (not tab, newline) and the BOM
+    clean_unicode: Literal["none", "NFC", "NFKC"] = "NFC"
+    clean_lowercase: bool = False
+    clean_whitespace: bool = False  # collapse runs of spaces (flattens indentation)
+    clean_dedup: Literal["none", "exact", "near"] = "exact"
+    clean_dedup_unit: Literal["document", "line"] = "document"
     seed: int = 1337
     steps: int = 1000
+    max_time_s: float = 0.0  # > 0: end (eval and save as at the end) once training has taken this long
     micro_batch: int = 8
     grad_accum: int = 1
     seq_len: int | None = None  # None: the model's block_size
@@ -284,6 +292,8 @@ class TrainConfig:
                 raise MemlmError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise MemlmError(f"train config: lr must be positive, got {self.lr}")
+        if self.max_time_s < 0:
+            raise MemlmError(f"train config: max_time_s must not be negative, got {self.max_time_s}", "0 means no limit")
         if self.fused_backward and self.grad_accum > 1:
             raise MemlmError(
                 "train config: fused_backward cannot be combined with grad_accum > 1",

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from memlm.cleaning import CleanOptions, CleanReport, clean_documents
 from memlm.errors import MemlmError
 
 if TYPE_CHECKING:
@@ -135,8 +137,8 @@ def _split_documents(docs: list[str], fraction: float, split: str) -> list[str]:
     return train if split == "train" else evals
 
 
-def read_corpus(spec: str, split: str | None = None) -> list[str]:
-    """The documents of a corpus.
+def read_corpus(spec: str, split: str | None = None, cleaning: CleanOptions | None = None) -> list[str]:
+    """The documents of a corpus (cleaned as `cleaning` says: see `clean_corpus`).
 
     `spec` is "default" (the embedded pydoc corpus, one document), a file, a folder (every
     .txt/.md/.jsonl file below it, sorted by path), or a glob pattern. A .jsonl file gives one
@@ -147,13 +149,26 @@ def read_corpus(spec: str, split: str | None = None) -> list[str]:
     joined with "\\n\\n", train is the first 90% of the characters and eval the last 10%
     (document boundaries are kept; the document the cut falls in is divided in two).
     """
+    return clean_corpus(spec, split, cleaning)[0]
+
+
+def clean_corpus(spec: str, split: str | None = None,
+                 cleaning: CleanOptions | None = None) -> tuple[list[str], CleanReport | None]:
+    """`read_corpus` and what cleaning changed (None when not cleaned). A user corpus is cleaned
+    before it is split, so a duplicate never sits on both sides; the default corpus after, so
+    its benchmark split stays where it is (its text comes out of the default cleaning unchanged)."""
     _check_split(split)
     if spec == DEFAULT_SPEC:
         if split is None:
-            return [default_corpus_text()]
-        train, evals = default_split()
-        return [train if split == "train" else evals]
+            docs = [default_corpus_text()]
+        else:
+            train, evals = default_split()
+            docs = [train if split == "train" else evals]
+        return clean_documents(docs, cleaning) if cleaning is not None else (docs, None)
     docs = [doc for f in corpus_files(spec) for doc in _read_file(f)]
+    report = None
+    if cleaning is not None:
+        docs, report = clean_documents(docs, cleaning)
     docs = [d for d in docs if d]
     if not docs:
         raise MemlmError(f"corpus {spec} is empty", "add some text to the files")
@@ -161,7 +176,7 @@ def read_corpus(spec: str, split: str | None = None) -> list[str]:
         docs = [d for d in _split_documents(docs, USER_TRAIN_FRACTION, split) if d]
         if not docs:
             raise MemlmError(f"the {split} split of corpus {spec} is empty", "the corpus is too small to split; add more text")
-    return docs
+    return docs, report
 
 
 def source_fingerprint(spec: str) -> str:
@@ -238,13 +253,15 @@ def tokenize_corpus(
     tokenizer: Tokenizer,
     split: str | None = None,
     cache_dir: str | Path = ".memlm-cache",
+    cleaning: CleanOptions | None = None,
 ) -> TokenFile:
     """Tokenize a corpus once into `cache_dir` and return the memory-mappable token file.
 
     Documents are separated by the tokenizer's EOS id when it has one. The file is named by a
     hash of (spec, split, tokenizer fingerprint, source fingerprint), and reused when a JSON
     sidecar with that same key exists. Both files are written to `*.tmp` and renamed, the
-    sidecar last, so an interrupted run never leaves a cache entry that looks valid.
+    sidecar last, so an interrupted run never leaves a cache entry that looks valid. The cleaning
+    options are part of the key; what they changed is in the sidecar (`meta["cleaning_report"]`).
     """
     _check_split(split)
     key: dict[str, Any] = {
@@ -255,6 +272,7 @@ def tokenize_corpus(
         # The EOS id shapes the stream but lives outside the tokenizer JSON, so key it too.
         "eos_id": tokenizer.eos_id,
         "source_fingerprint": source_fingerprint(spec),
+        "cleaning": None if cleaning is None else cleaning.key(),
     }
     name = "tokens-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir)
@@ -263,7 +281,7 @@ def tokenize_corpus(
     if cached is not None:
         return cached
 
-    docs = read_corpus(spec, split)
+    docs, report = clean_corpus(spec, split, cleaning)
     dtype = token_dtype(tokenizer.vocab_size)
     cache.mkdir(parents=True, exist_ok=True)
     tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
@@ -277,7 +295,8 @@ def tokenize_corpus(
         tmp_bin.unlink()
         raise MemlmError(f"corpus {spec} produced no tokens", "add some text to the corpus")
     os.replace(tmp_bin, bin_path)
-    meta = {**key, "dtype": dtype, "num_tokens": num_tokens, "num_documents": len(docs), "vocab_size": tokenizer.vocab_size}
+    meta = {**key, "dtype": dtype, "num_tokens": num_tokens, "num_documents": len(docs), "vocab_size": tokenizer.vocab_size,
+            "cleaning_report": None if report is None else dataclasses.asdict(report)}
     _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return TokenFile(bin_path, dtype, num_tokens, meta)
 

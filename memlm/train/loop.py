@@ -51,6 +51,7 @@ BAR_INTERVAL_S = 0.25  # the progress bar is redrawn after a step at most this o
 _TRAJECTORY_FIELDS = (
     "corpus", "seed", "micro_batch", "grad_accum", "seq_len",
     "seq_len_warmup", "seq_len_warmup_steps", "batch_ramp", "batch_ramp_steps",
+    "clean_control", "clean_unicode", "clean_lowercase", "clean_whitespace", "clean_dedup", "clean_dedup_unit",
 )
 
 
@@ -190,12 +191,14 @@ def train(
     schedule, which still runs to `train_cfg.steps`: for tests and time-limited jobs.
     `teacher`: distill from it (memlm.train.distill); evaluation stays plain cross-entropy.
     """
+    from memlm.cleaning import CleanOptions, CleanReport
     from memlm.data import Batches, read_corpus, tokenize_corpus
     from memlm.model import build_model
     from memlm.tokenizer import Tokenizer, train_bpe
 
     cfg = train_cfg
     cfg.validate()
+    cleaning = CleanOptions.of(cfg)
     # Under torchrun: join the process group (otherwise one process, and ctx does nothing).
     ctx = setup_distributed(cfg, resolve_device(cfg.device))
     cfg = dataclasses.replace(cfg, nproc=ctx.world_size)  # config.toml records the world size used
@@ -276,7 +279,7 @@ def train(
     cfg.validate()  # now that seq_len is known, warmup lengths are checked against it
     if tokenizer is None:
         say(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.corpus}")
-        tokenizer = ctx.from_main(lambda: train_bpe(read_corpus(cfg.corpus, "train"), cfg.vocab_size))
+        tokenizer = ctx.from_main(lambda: train_bpe(read_corpus(cfg.corpus, "train", cleaning), cfg.vocab_size))
         # a small corpus can give fewer merges than asked: the model (never larger than planned) follows
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if saved_state is not None and "train_config" in saved_state:
@@ -291,8 +294,11 @@ def train(
 
     cache = run_dir / CACHE_DIR
     with ctx.main_first():  # rank 0 writes the token cache, the others then read it
-        train_tokens = tokenize_corpus(cfg.corpus, tokenizer, "train", cache).tokens()
-        eval_tokens = tokenize_corpus(cfg.corpus, tokenizer, "eval", cache).tokens()
+        train_file = tokenize_corpus(cfg.corpus, tokenizer, "train", cache, cleaning)
+        train_tokens = train_file.tokens()
+        eval_tokens = tokenize_corpus(cfg.corpus, tokenizer, "eval", cache, cleaning).tokens()
+    if train_file.meta.get("cleaning_report"):
+        say("cleaning (train split): " + CleanReport(**train_file.meta["cleaning_report"]).summary())
     for split, tokens in (("train", train_tokens), ("eval", eval_tokens)):
         if len(tokens) < seq_len + 1:
             raise MemlmError(
@@ -446,6 +452,8 @@ def train(
             session_time += dt
             window_time += dt
             wall_time += dt
+            if cfg.max_time_s > 0 and wall_time >= cfg.max_time_s:
+                end_step = step  # the time is up: this step ends the run (logged, evaluated, saved)
 
             if step % max(cfg.log_every, 1) == 0 or step == end_step:
                 record = {
