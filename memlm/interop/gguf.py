@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import mmap
 import os
 import re
@@ -56,7 +57,7 @@ from memlm.compress.quantize import (
     module_from_codes,
 )
 from memlm.config import ModelConfig
-from memlm.errors import MemlmError
+from memlm.errors import MemlmError, io_error
 from memlm.model import Decoder
 from memlm.tokenizer import Tokenizer
 
@@ -512,8 +513,8 @@ class _GGUFFile:
         value = self.get(key, default)
         if value is default:
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.invalid(f"metadata '{key}' should be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.invalid(f"metadata '{key}' should be a finite number, got {value!r}")
         if self.types[key] == _Value.FLOAT32:
             # Keep the float32's shortest decimal (1e-05, not 9.999999747378752e-06).
             return float(str(np.float32(value)))
@@ -1061,10 +1062,10 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
     plan = _export_plan(model, arch)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         _write_metadata(writer, config, arch, file_type, weight_type, meta)
         # Announce every tensor first (the header lists them all), then convert and write each.
         types = []
@@ -1090,9 +1091,13 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
             writer.write_tensor_data(data)
         writer.close()
         os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+            writer.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise io_error(e, f"export to {path}") from e
         raise
     return path
 
