@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,15 @@ def test_a_checkpoint_without_sha256_still_loads(tmp_path):
     model2, opt2 = _fresh()
     load_checkpoint(path, model2, opt2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_a_loaded_checkpoint_keeps_no_file_mapped(tmp_path):
+    """The optimizer state is read into fresh memory: a pruned checkpoint's files leave the disk
+    (safetensors' load_file maps the file, and the state would hold the map for the whole run)."""
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 1, model, opt, {})
+    model2, opt2 = _fresh()
+    load_checkpoint(path, model2, opt2, restore_rng=True)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path) not in maps

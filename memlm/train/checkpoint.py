@@ -375,7 +375,9 @@ def _read_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> dict[str, A
             f"the optimizer state in {file} is for {saved_kind}, not {kind}",
             "resume with the optimizer the run was trained with",
         )
-    tensors = load_file(str(file))
+    # Copies, not the file's memory map: the state lives on in the optimizer, and a mapped file
+    # stays on the disk after the checkpoint is pruned (its space not freed, the disk busy).
+    tensors = {name: t.clone() for name, t in load_file(str(file)).items()}
     groups = json.loads(metadata["param_groups"])
     # JSON turned tuples (betas) into lists; torch's optimizers expect them back as tuples.
     for group in groups:
