@@ -27,6 +27,9 @@ Positions = Literal["learned", "sinusoidal", "rope"]
 Mlp = Literal["gelu", "swiglu"]
 
 
+MAX_TABLE_VALUES = 2**28  # RoPE / sinusoidal tables: 1 GiB of float32 (Llama 3.1's 131k x 128 is 16.8M)
+
+
 @dataclass
 class ModelConfig:
     """Shape and flavour of a decoder-only transformer LM."""
@@ -85,6 +88,14 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise MemlmError(f"model config: RoPE needs an even head size, got {self.head_dim}")
+        width = self.n_embd if self.positions == "sinusoidal" else self.head_dim
+        if self.positions != "learned" and self.block_size * width > MAX_TABLE_VALUES:
+            # the one tensor a loader builds from the config alone, not from the file's bytes
+            raise MemlmError(
+                f"model config: block_size {self.block_size} makes a position table of {self.block_size * width:,} "
+                f"values, more than {MAX_TABLE_VALUES:,} ({MAX_TABLE_VALUES * 4 // 2**30} GiB)",
+                "lower block_size (the longest context)",
+            )
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count from the shape alone (the planner uses it; tests check it against the model)."""

@@ -978,6 +978,9 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
     types: list[int] = f.get_list("tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise f.invalid(f"{len(tokens)} tokens but {len(types)} token types")
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges) \
+            or not all(isinstance(t, int) for t in types):
+        raise f.invalid("the tokens and merges must be strings, the token types integers")
     vocab = dict(zip(tokens, range(len(tokens))))
     if len(vocab) != len(tokens):
         raise f.invalid("the token list has duplicate tokens")
@@ -989,7 +992,10 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
         if cut < 0:
             raise f.invalid(f"merge {merge!r} is not two tokens separated by a space")
         pairs.append((merge[:cut], merge[cut + 1:]))
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    try:
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    except Exception as e:  # tokenizers raises a bare Exception (a merge of tokens not in the vocabulary)
+        raise f.invalid(e) from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in DIGIT_SPLIT_PRES:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
