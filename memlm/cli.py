@@ -209,9 +209,9 @@ def generate(
     """Continue a prompt, streaming the text to the terminal."""
     from memlm.fit import prompt_tokens_bound
 
+    settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)  # checked first
     # The cache is sized for the prompt and the new tokens; the prompt's length is bounded by its
     # bytes before any tokenizer is loaded, so the plan (and its one prediction) comes first.
-    settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)  # checked first
     room = prompt_tokens_bound(prompt) + (64 if chat else 0)  # the chat template's few tokens
     fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room, compile=compile)
     lm = fitted.lm

@@ -25,7 +25,7 @@ def spec(corpus, tokenizer_dir) -> TinyRun:
 
 @pytest.fixture(scope="module")
 def uninterrupted(spec, tmp_path_factory):
-    return reference(spec, tmp_path_factory.mktemp("reference") / "run").parent.parent
+    return reference(spec, tmp_path_factory.mktemp("reference") / "run")
 
 
 def test_signals_kills_and_disk_faults_at_random_moments(spec, uninterrupted, tmp_path):
