@@ -200,6 +200,7 @@ def test_a_planted_pickle_never_runs(loader, sources, tmp_path):
             (shutil.rmtree if copy.is_dir() else os.unlink)(copy)
 
 
+@pytest.mark.slow
 def test_resume_never_unpickles_a_planted_dcp_metadata(sources, tmp_path):
     """The hole as a user met it: `memlm train --out R --resume` on a run folder holding a sharded
     checkpoint with a pickled `.metadata` (DCP's own index): it resumes, the code never runs."""

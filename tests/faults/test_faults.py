@@ -28,6 +28,7 @@ def uninterrupted(spec, tmp_path_factory):
     return reference(spec, tmp_path_factory.mktemp("reference") / "run")
 
 
+@pytest.mark.slow
 def test_signals_kills_and_disk_faults_at_random_moments(spec, uninterrupted, tmp_path):
     rng = random.Random(SEED)
     disk = mount_disk(tmp_path / "disk")  # None where mounting is not allowed: no disk faults then
