@@ -213,12 +213,12 @@ def generate(
     """Continue a prompt, streaming the text to the terminal."""
     from memlm.fit import prompt_tokens_bound
 
+    settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)  # checked first
     # The cache is sized for the prompt and the new tokens; the prompt's length is bounded by its
     # bytes before any tokenizer is loaded, so the plan (and its one prediction) comes first.
     room = prompt_tokens_bound(prompt) + (64 if chat else 0)  # the chat template's few tokens
     fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room, compile=compile)
     lm = fitted.lm
-    settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:
         out.print(prompt, end="", style="bold")
@@ -256,10 +256,10 @@ def chat(
     compile: Compile = False,
 ):
     """Talk to an instruct model. /reset clears the history, /exit leaves."""
+    settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, [], seed)  # checked first
     fitted = _load_fitted(model, memory_budget, context, compile=compile)
     lm = fitted.lm
     lm.chat_prompt([{"role": "user", "content": "hi"}])  # fail now, not after the first question
-    settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, [], seed)
     history = [{"role": "system", "content": system}] if system else []
     start = list(history)
     console.print(f"chatting with {model}: /reset clears the history, /exit leaves", style="dim")
@@ -316,14 +316,15 @@ def serve(
     compile: Compile = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API with a chat page at / (needs: pip install 'memlm[serve]')."""
+    from memlm.config import check_port, check_range
     from memlm.fit import load_for_serving
     from memlm.memory.measure import parse_size
     from memlm.serve.app import serve as run_server
 
+    check_port(port)
     for name, value in (("--slots", slots), ("--queue", queue), ("--request-timeout", request_timeout),
                         ("--threads", threads or 1)):
-        if value <= 0:
-            raise MemlmError(f"{name} must be positive, got {value}")
+        check_range("serve", name, value, low=0, low_open=True)
     if threads:
         import torch
 
@@ -352,10 +353,16 @@ def evaluate(
     from rich.progress import Progress
 
     from memlm.cleaning import CleanOptions
+    from memlm.config import check_range
     from memlm.data import read_corpus
     from memlm.eval.perplexity import perplexity, window_plan
     from memlm.fit import load_for_scoring
 
+    if split not in ("eval", "train", "all"):
+        raise MemlmError(f"unknown split '{split}'", "use --split eval, train or all")
+    for flag, value in (("--window", window), ("--stride", stride), ("--batch-size", batch_size)):
+        if value is not None:
+            check_range("eval", flag, value, low=1)
     fitted = load_for_scoring(model, memory_budget, window, batch_size)
     lm = fitted.lm
     if not as_json:
@@ -402,9 +409,19 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ):
     """Predict peak memory: of exactly the settings given, or of the fastest ones that fit --budget."""
+    from memlm.config import check_range
     from memlm.loading import model_config_of
     from memlm.memory.plan import plan_for_cli, predict_for_cli, render_plan
 
+    if task not in ("train", "finetune", "infer"):
+        raise MemlmError(f"unknown task '{task}'", "use --task train, finetune or infer")
+    if device not in ("cpu", "cuda"):
+        raise MemlmError(f"plan: unknown device '{device}'", "use --device cpu or --device cuda")
+    check_range("plan", "--world-size", world_size, low=1)
+    for flag, value in (("--seq-len", seq_len), ("--global-batch-tokens", global_batch_tokens),
+                        ("--micro-batch", micro_batch)):
+        if value is not None:
+            check_range("plan", flag, value, low=1)
     model_cfg = model_config_of(model)
     if budget is None:
         train_keys = _parse_set(set_ or [])["train"]
@@ -434,6 +451,7 @@ def export(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (hf) or .gguf file (gguf).")],
     to: Annotated[str, typer.Option(help="hf | gguf.")] = "hf",
     qtype: Annotated[str, typer.Option(help="GGUF tensor type: F32 | F16 | Q8_0 | Q4_1 (int4-g32 models).")] = "F32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ):
     """Write a model as a Hugging Face folder or a GGUF file."""
     from memlm.interop.hf import save_hf
@@ -441,6 +459,8 @@ def export(
 
     if to not in ("hf", "gguf"):
         raise MemlmError(f"unknown export format '{to}'", "use --to hf or --to gguf")
+    if out_path.exists() and not force:
+        raise MemlmError(f"{out_path} already exists", "choose another --out, or pass --force to replace it")
     lm, tokenizer = load_model(model)
     if to == "hf":
         save_hf(lm, out_path, tokenizer)
@@ -567,9 +587,14 @@ def demo(
 
 def main() -> None:
     try:
-        app()
+        try:
+            app()
+        except OSError as e:  # a disk or a folder that failed where no command expected it: still one line
+            from memlm.errors import io_error
+
+            raise io_error(e, "read or write a file") from e
     except MemlmError as e:
-        console.print(f"error: {e.message}", style="bold red", markup=False, soft_wrap=True)
+        console.print(f"{e.label}: {e.message}", style="bold red", markup=False, soft_wrap=True)
         if e.hint:
             console.print(f"hint: {e.hint}", markup=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -7,6 +7,7 @@ objects, so a prediction can never drift from what runs. Presets are plain data.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -27,6 +28,9 @@ Mlp = Literal["gelu", "swiglu"]
 # Which network memlm.model.build makes of a config: the decoder-only transformer, the
 # encoder-decoder transformer, a recurrent LM (GRU/LSTM), a causal dilated convolution LM.
 Kind = Literal["decoder", "encdec", "rnn", "conv"]
+
+
+MAX_TABLE_VALUES = 2**28  # RoPE / sinusoidal tables: 1 GiB of float32 (Llama 3.1's 131k x 128 is 16.8M)
 
 
 @dataclass
@@ -67,6 +71,10 @@ class ModelConfig:
     conv_kernel: int = 3
 
     def __post_init__(self):
+        # The sizes the derived fields divide by or multiply are checked before they are used.
+        for name in ("n_head", "n_embd", "n_kv_heads", "head_dim", "ffn_hidden"):
+            if getattr(self, name) is not None:
+                check_range("model config", name, getattr(self, name), low=1)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_head
         if self.head_dim is None:
@@ -88,8 +96,10 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim",
                      "ffn_hidden"):
-            if getattr(self, name) <= 0:
-                raise MemlmError(f"model config: {name} must be positive, got {getattr(self, name)}")
+            check_range("model config", name, getattr(self, name), low=1)
+        check_range("model config", "norm_eps", self.norm_eps, low=0, low_open=True)
+        check_range("model config", "rope_theta", self.rope_theta, low=0, low_open=True)
+        check_range("model config", "dropout", self.dropout, low=0, high=1, high_open=True)
         if self.n_head % self.n_kv_heads:
             raise MemlmError(
                 f"model config: n_head ({self.n_head}) is not a multiple of n_kv_heads ({self.n_kv_heads})",
@@ -97,16 +107,20 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise MemlmError(f"model config: RoPE needs an even head size, got {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise MemlmError(f"model config: dropout must be in [0, 1), got {self.dropout}")
-        if self.n_encoder_layer <= 0:
-            raise MemlmError(f"model config: n_encoder_layer must be positive, got {self.n_encoder_layer}")
+        width = self.n_embd if self.positions == "sinusoidal" else self.head_dim
+        if self.positions != "learned" and self.block_size * width > MAX_TABLE_VALUES:
+            # the one tensor a loader builds from the config alone, not from the file's bytes
+            raise MemlmError(
+                f"model config: block_size {self.block_size} makes a position table of {self.block_size * width:,} "
+                f"values, more than {MAX_TABLE_VALUES:,} ({MAX_TABLE_VALUES * 4 // 2**30} GiB)",
+                "lower block_size (the longest context)",
+            )
+        check_range("model config", "n_encoder_layer", self.n_encoder_layer, low=1)
         if self.norm_placement == "post" and self.kind != "encdec":
             raise MemlmError(f"model config: norm_placement 'post' is for kind 'encdec', not '{self.kind}'",
                              "drop norm_placement (the other kinds are pre-norm)")
         if self.kind == "conv":
-            if self.conv_kernel < 2:
-                raise MemlmError(f"model config: conv_kernel must be at least 2, got {self.conv_kernel}")
+            check_range("model config", "conv_kernel", self.conv_kernel, low=2)
             if self.block_size > self.receptive_field:
                 raise MemlmError(
                     f"model config: a conv context of {self.block_size} tokens is longer than its receptive "
@@ -287,13 +301,20 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        for name in ("steps", "micro_batch", "grad_accum", "keep_last"):
-            if getattr(self, name) < 1:
-                raise MemlmError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise MemlmError(f"train config: lr must be positive, got {self.lr}")
-        if self.max_time_s < 0:
-            raise MemlmError(f"train config: max_time_s must not be negative, got {self.max_time_s}", "0 means no limit")
+        """Every value in its range, before any work: a run that starts does not fail at its end
+        (an eval with no batches, a NaN learning rate) on a setting it could have refused."""
+        for name in ("steps", "micro_batch", "grad_accum", "keep_last", "eval_batches", "nproc", "dist_timeout_s"):
+            check_range("train config", name, getattr(self, name), low=1)
+        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "threads"):
+            check_range("train config", name, getattr(self, name), low=0)
+        check_range("train config", "lr", self.lr, low=0, low_open=True)
+        check_range("train config", "min_lr", self.min_lr, low=0)
+        check_range("train config", "weight_decay", self.weight_decay, low=0)
+        check_range("train config", "beta1", self.beta1, low=0, high=1, high_open=True)
+        check_range("train config", "beta2", self.beta2, low=0, high=1, high_open=True)
+        check_range("train config", "eps", self.eps, low=0, low_open=True)
+        check_range("train config", "grad_clip", self.grad_clip, low=0, hint="0 switches clipping off")
+        check_range("train config", "max_time_s", self.max_time_s, low=0, hint="0 means no limit")
         if self.fused_backward and self.grad_accum > 1:
             raise MemlmError(
                 "train config: fused_backward cannot be combined with grad_accum > 1",
@@ -330,6 +351,32 @@ class TrainConfig:
         if steps < 1:
             raise MemlmError(f"train config: {name} is set but {name}_steps is {steps}",
                              f"set {name}_steps to the number of steps each phase lasts")
+
+
+def check_range(what: str, key: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, hint: str | None = None) -> None:
+    """Refuse a number that is not finite or not in its range, naming the key and the range:
+    "train config: lr must be a finite number > 0, got nan". Every config value, CLI flag and
+    file field with a range goes through here before any work starts."""
+    if low is not None and high is not None:
+        valid = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        valid = f"{'>' if low_open else '>='} {low}"
+    else:
+        valid = f"{'<' if high_open else '<='} {high}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a finite number"
+        raise MemlmError(f"{what}: {key} must be {kind} {valid}, got {value!r}", hint)
+
+
+def check_port(port: int, what: str = "--port") -> None:
+    """A TCP port a server can listen on."""
+    check_range("serve", what, port, low=1, high=65535, hint="pick a free port, e.g. 8000")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -387,8 +434,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MemlmError(f"config file not found: {path}", "pass the path of an existing .toml file")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MemlmError(f"config file {path} is not valid TOML: {e}") from None
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from memlm.cleaning import CleanOptions, CleanReport, clean_documents
-from memlm.errors import MemlmError
+from memlm.errors import MemlmError, io_error
+from memlm.integrity import write_text_atomic
 
 if TYPE_CHECKING:
     from memlm.tokenizer import Tokenizer
@@ -242,12 +244,6 @@ def _valid_cache(meta_path: Path, bin_path: Path, key: dict[str, Any]) -> TokenF
     return tf
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def tokenize_corpus(
     spec: str,
     tokenizer: Tokenizer,
@@ -283,21 +279,27 @@ def tokenize_corpus(
 
     docs, report = clean_corpus(spec, split, cleaning)
     dtype = token_dtype(tokenizer.vocab_size)
-    cache.mkdir(parents=True, exist_ok=True)
     tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
     num_tokens = 0
-    with open(tmp_bin, "wb") as out:
-        for ids in _encode_documents(docs, tokenizer):
-            arr = np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<"))
-            out.write(arr.tobytes())
-            num_tokens += arr.size
-    if num_tokens == 0:
-        tmp_bin.unlink()
-        raise MemlmError(f"corpus {spec} produced no tokens", "add some text to the corpus")
-    os.replace(tmp_bin, bin_path)
-    meta = {**key, "dtype": dtype, "num_tokens": num_tokens, "num_documents": len(docs), "vocab_size": tokenizer.vocab_size,
-            "cleaning_report": None if report is None else dataclasses.asdict(report)}
-    _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(tmp_bin, "wb") as out:
+            for ids in _encode_documents(docs, tokenizer):
+                arr = np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<"))
+                out.write(arr.tobytes())
+                num_tokens += arr.size
+        if num_tokens == 0:
+            tmp_bin.unlink()
+            raise MemlmError(f"corpus {spec} produced no tokens", "add some text to the corpus")
+        os.replace(tmp_bin, bin_path)
+        meta = {**key, "dtype": dtype, "num_tokens": num_tokens, "num_documents": len(docs),
+                "vocab_size": tokenizer.vocab_size,
+                "cleaning_report": None if report is None else dataclasses.asdict(report)}
+        write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp_bin.unlink()
+        raise io_error(e, f"write the token cache in {cache}") from e
     return TokenFile(bin_path, dtype, num_tokens, meta)
 
 

@@ -188,12 +188,12 @@ def layout_of(name_or_path: str | Path, weight_format: str) -> dict:
 def stored_format(name_or_path: str | Path) -> dict | None:
     """A compressed folder's weight format and layout as saved (None for any other model: those
     load into any format)."""
-    import json
+    from memlm.compress.storage import read_description
 
     kind, path = resolve(name_or_path)
     if kind != "compressed":
         return None
-    layers = json.loads((path / "memlm_model.json").read_text()).get("layers", {})
+    layers = read_description(path).get("layers", {})
     kinds = {spec.get("kind") for name, spec in layers.items() if name.startswith("blocks.")}
     fmt = next(iter(kinds)) if len(kinds) == 1 and kinds <= {"int8", "int4"} else None
     groups = [spec.get("group_size") for name, spec in layers.items() if name.startswith("blocks.")]
@@ -205,9 +205,7 @@ def stored_format(name_or_path: str | Path) -> dict | None:
 
 def model_config_of(name_or_path: str | Path):
     """The ModelConfig of a preset, known model or path, without loading any weights."""
-    import json
-
-    from memlm.config import PRESETS, ModelConfig, load_toml, preset
+    from memlm.config import PRESETS, ModelConfig, preset
 
     if str(name_or_path) in PRESETS:
         return preset(str(name_or_path))
@@ -217,12 +215,23 @@ def model_config_of(name_or_path: str | Path):
 
         return read_gguf_config(path)
     if kind == "hf":
-        from memlm.interop.hf import config_from_hf
+        from memlm.interop.hf import config_from_hf, read_hf_config
 
-        return config_from_hf(json.loads((path / "config.json").read_text()))
+        return config_from_hf(read_hf_config(path))
     if kind == "compressed":
-        return ModelConfig.from_dict(json.loads((path / "memlm_model.json").read_text())["config"])
-    return ModelConfig.from_dict(load_toml(path / "config.toml")["model"])
+        from memlm.compress.storage import read_description
+
+        return ModelConfig.from_dict(read_description(path)["config"])
+    return ModelConfig.from_dict(_run_model_section(path))
+
+
+def _run_model_section(run_dir: Path) -> dict:
+    from memlm.config import load_toml
+
+    model = load_toml(run_dir / "config.toml").get("model")
+    if not isinstance(model, dict):
+        raise MemlmError(f"{run_dir / 'config.toml'} has no [model] section", "is this a memlm run folder?")
+    return model
 
 
 def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
@@ -234,14 +243,15 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
     """
     from memlm.compress.assemble import ModelAssembler
     from memlm.compress.storage import TensorFile
-    from memlm.config import ModelConfig, load_toml
-    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.config import ModelConfig
+    from memlm.train.checkpoint import MODEL_FILE, latest_checkpoint, verify_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise MemlmError(f"run folder {run_dir} has no checkpoint yet", "train it first (memlm train)")
-    config = ModelConfig.from_dict(load_toml(run_dir / "config.toml")["model"])
-    weights = ckpt / "model.safetensors"
+    config = ModelConfig.from_dict(_run_model_section(run_dir))
+    verify_checkpoint(ckpt, [MODEL_FILE])  # the weights are as saved (the sha256 in trainer_state.json)
+    weights = ckpt / MODEL_FILE
     assembler = ModelAssembler(empty_model(config), weight_format, dtype, source=str(weights))
     with TensorFile(weights) as f:
         for key in f.keys():

@@ -23,6 +23,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from memlm.errors import MemlmError
+from memlm.integrity import write_text_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -134,8 +135,10 @@ class Tokenizer:
         if folder.suffix == ".json":
             raise MemlmError(f"tokenizer save path {folder} looks like a file", "pass a folder; tokenizer.json is written inside it")
         folder.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(folder / TOKENIZER_FILE), pretty=False)  # compact: it counts in model sizes
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n", encoding="utf-8")
+        texts = {TOKENIZER_FILE: self._tok.to_str(pretty=False),  # compact: it counts in model sizes
+                 CONFIG_FILE: json.dumps(self.config(), indent=2) + "\n"}
+        for name, text in texts.items():
+            write_text_atomic(folder / name, text)
         return folder
 
     @classmethod

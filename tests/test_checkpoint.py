@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,47 @@ def test_not_a_checkpoint(tmp_path):
     model, opt = _fresh()
     with pytest.raises(MemlmError):
         load_checkpoint(tmp_path, model, opt)
+
+
+def test_every_file_is_recorded_with_its_sha256_and_the_state_is_sealed(tmp_path):
+    import hashlib
+
+    from memlm.integrity import SEAL, sealed_intact
+
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 3, model, opt, {"note": "hi"})
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert sorted(state["files"]) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+    for name, entry in state["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert sealed_intact(state) and len(state[SEAL]) == 64
+    assert not sealed_intact({**state, "note": "changed"})
+    assert not sealed_intact({k: v for k, v in state.items() if k != SEAL})  # files without a seal
+    assert sealed_intact({"step": 1})  # a checkpoint of a memlm that recorded neither
+
+
+def test_a_checkpoint_without_sha256_still_loads(tmp_path):
+    """Checkpoints written before memlm recorded files load as they always did."""
+    from memlm.integrity import SEAL
+
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 3, model, opt, {})
+    state = json.loads((path / "trainer_state.json").read_text())
+    del state["files"], state[SEAL]
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    model2, opt2 = _fresh()
+    load_checkpoint(path, model2, opt2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_a_loaded_checkpoint_keeps_no_file_mapped(tmp_path):
+    """The optimizer state is read into fresh memory: a pruned checkpoint's files leave the disk
+    (safetensors' load_file maps the file, and the state would hold the map for the whole run)."""
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 1, model, opt, {})
+    model2, opt2 = _fresh()
+    load_checkpoint(path, model2, opt2, restore_rng=True)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path) not in maps

@@ -4,7 +4,8 @@ A folder holds
   model.safetensors   every persistent tensor of the model, in the portable layouts of
                       quantize.py (a tied embedding/head is stored once)
   memlm_model.json    {"format": "memlm-compressed", "version": 1 or 2, "config": ModelConfig dict,
-                       "tied_embeddings": bool, "layers": {module name: {"kind": ..., ...}}}
+                       "tied_embeddings": bool, "layers": {module name: {"kind": ..., ...}},
+                       "files": {name: {"sha256", "bytes"}} of the other files, checked on load}
   tokenizer.json ...  when a tokenizer is given (Tokenizer.save)
 
 Loading builds the model on the meta device from the config (no memory, no init), swaps in
@@ -31,7 +32,8 @@ from memlm.compress.lowrank import LowRankLinear
 from memlm.compress.prune import Sparse24Linear
 from memlm.compress.quantize import GROUP_CLASSES, Int8Embedding, Int8Linear, Int8TiedHead, set_module
 from memlm.config import ModelConfig
-from memlm.errors import MemlmError
+from memlm.errors import MemlmError, first_line, io_error, os_error_of
+from memlm.integrity import SEAL, damaged_files, describe_files, seal, sealed_intact
 from memlm.memory.measure import return_free_heap
 
 FORMAT = "memlm-compressed"
@@ -84,13 +86,18 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
         # Position tables are recomputed on load, in float32; a model moved to bf16 had them in bf16.
         "table_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if n not in state},
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as e:
+        raise io_error(e, f"save the model to {folder}") from e
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        # last: the size and sha256 of every other file, checked on load
+        meta = seal({**meta, "files": describe_files(tmp, sorted(p.name for p in tmp.iterdir()))})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if folder.exists():  # swap the old folder out only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / "x")
@@ -98,8 +105,10 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os_error_of(e) is not None:  # a full or read-only disk (safetensors says so in Rust's words)
+            raise io_error(e, f"save the model to {folder}") from e
         raise
     return folder
 
@@ -187,6 +196,28 @@ def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module
     raise MemlmError(f"unknown compressed layer kind {kind!r}", "this model was saved by a newer memlm; upgrade memlm")
 
 
+def read_description(folder: str | Path) -> dict[str, Any]:
+    """The memlm_model.json of a compressed folder, its fields checked (a one-line error if not)."""
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise MemlmError(f"cannot read {path}: {first_line(e)}", "the folder is damaged; save the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MemlmError(f"{path} is not a memlm-compressed description")
+    if not sealed_intact(meta):
+        raise MemlmError(f"{folder} is damaged: {META_FILE} (its {SEAL} differs)", "save or download the model again")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MemlmError(f"{path}: version is {version!r}", "the folder is damaged; save the model again")
+    if version > VERSION:
+        raise MemlmError(f"{folder} uses format version {version}, newer than this memlm", "upgrade memlm")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("layers"), dict) \
+            or not all(isinstance(spec, dict) for spec in meta["layers"].values()):
+        raise MemlmError(f"{path} lacks a valid 'config' or 'layers'", "the folder is damaged; save the model again")
+    return meta
+
+
 def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None) from a folder written by `save_compressed`; model in eval mode.
 
@@ -199,54 +230,55 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     if not meta_path.is_file() or not weights_path.is_file():
         raise MemlmError(f"{folder} is not a compressed memlm model", f"it needs {META_FILE} and {WEIGHTS_FILE}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MemlmError(f"cannot read {meta_path}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MemlmError(f"{meta_path} is not a memlm-compressed description")
-    if meta.get("version", 0) > VERSION:
-        raise MemlmError(f"{folder} uses format version {meta['version']}, newer than this memlm", "upgrade memlm")
+    meta = read_description(folder)
+    problems = damaged_files(folder, meta["files"]) if "files" in meta else []  # older folders record none
+    if problems:
+        raise MemlmError(f"{folder} is damaged: {'; '.join(problems)}", "save or download the model again")
+    try:  # every field of the description is used below: a bad one is the folder's fault
+        config = ModelConfig.from_dict(meta["config"])
+        model = empty_model(config)
+        # Parents before children (a low-rank layer's factors may be quantized), the tied head last.
+        order = sorted(meta["layers"].items(), key=lambda kv: (kv[1].get("kind") == "int8_tied_head", kv[0].count("."), kv[0]))
+        for name, spec in order:
+            try:
+                placeholder = model.get_submodule(name)
+            except AttributeError:
+                raise MemlmError(f"{meta_path}: layer {name!r} does not exist in the model its config describes") from None
+            set_module(model, name, _empty_module(spec, placeholder, model, use_kernel))
 
-    config = ModelConfig.from_dict(meta["config"])
-    model = empty_model(config)
-    # Parents before children (a low-rank layer's factors may be quantized), the tied head last.
-    order = sorted(meta["layers"].items(), key=lambda kv: (kv[1].get("kind") == "int8_tied_head", kv[0].count("."), kv[0]))
-    for name, spec in order:
-        try:
-            placeholder = model.get_submodule(name)
-        except AttributeError:
-            raise MemlmError(f"{meta_path}: layer {name!r} does not exist in the model its config describes") from None
-        set_module(model, name, _empty_module(spec, placeholder, model, use_kernel))
-
-    tied = bool(meta.get("tied_embeddings")) and isinstance(model.lm_head, nn.Linear)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
-    with TensorFile(weights_path) as f:
-        missing, unexpected = sorted(expected - set(f.keys())), sorted(set(f.keys()) - expected)
-        if missing or unexpected:
-            raise MemlmError(
-                f"{weights_path} does not match its description: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                "the folder is damaged or was not written by save_compressed",
-            )
-        # One module at a time: a layer converted on load (int4 into the CPU kernel's layout)
-        # drops its portable copy before the next is read.
-        by_owner: dict[str, list[str]] = {}
-        for key in f.keys():
-            by_owner.setdefault(key.rpartition(".")[0], []).append(key)
-        for owner, keys in by_owner.items():
-            module = model.get_submodule(owner)
-            module.load_state_dict({key.rpartition(".")[2]: f.read(key) for key in keys}, strict=False, assign=True)
-            if getattr(module, "kernel_layout", False):
-                return_free_heap()  # the portable copy just freed
-    if tied:
-        model.lm_head.weight = model.tok_emb.weight
-    model.reset_buffers("cpu")
-    for name, dtype in meta.get("table_dtypes", {}).items():
-        owner, _, attr = name.rpartition(".")
-        module = model.get_submodule(owner) if owner else model
-        if isinstance(getattr(module, attr, None), torch.Tensor):
-            setattr(module, attr, getattr(module, attr).to(getattr(torch, dtype)))
-    model.eval()
+        tied = bool(meta.get("tied_embeddings")) and isinstance(model.lm_head, nn.Linear)
+        expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+        with TensorFile(weights_path) as f:
+            missing, unexpected = sorted(expected - set(f.keys())), sorted(set(f.keys()) - expected)
+            if missing or unexpected:
+                raise MemlmError(
+                    f"{weights_path} does not match its description: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                    "the folder is damaged or was not written by save_compressed",
+                )
+            # One module at a time: a layer converted on load (int4 into the CPU kernel's layout)
+            # drops its portable copy before the next is read.
+            by_owner: dict[str, list[str]] = {}
+            for key in f.keys():
+                by_owner.setdefault(key.rpartition(".")[0], []).append(key)
+            for owner, keys in by_owner.items():
+                module = model.get_submodule(owner)
+                module.load_state_dict({key.rpartition(".")[2]: f.read(key) for key in keys}, strict=False, assign=True)
+                if getattr(module, "kernel_layout", False):
+                    return_free_heap()  # the portable copy just freed
+        if tied:
+            model.lm_head.weight = model.tok_emb.weight
+        model.reset_buffers("cpu")
+        for name, dtype in meta.get("table_dtypes", {}).items():
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if isinstance(getattr(module, attr, None), torch.Tensor):
+                dtype = getattr(torch, str(dtype), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"table_dtypes of {name!r} is not a torch dtype")
+                setattr(module, attr, getattr(module, attr).to(dtype))
+        model.eval()
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise MemlmError(f"{folder} does not load: {first_line(e)}", "the folder is damaged; save the model again") from None
 
     tokenizer = None
     if (folder / "tokenizer.json").is_file():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memlm.errors import MemlmError
+from memlm.config import check_range
 
 
 @dataclass
@@ -24,19 +24,14 @@ class SamplingSettings:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise MemlmError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise MemlmError(f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise MemlmError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise MemlmError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise MemlmError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        check_range("sampling", "max_new_tokens", self.max_new_tokens, low=0)
+        check_range("sampling", "temperature", self.temperature, low=0, hint="use 0 for greedy decoding")
+        check_range("sampling", "top_p", self.top_p, low=0, high=1, low_open=True, hint="1 switches it off")
+        check_range("sampling", "top_k", self.top_k, low=0, hint="0 switches it off")
+        check_range("sampling", "repetition_penalty", self.repetition_penalty, low=0, low_open=True,
+                    hint="1 switches it off")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise MemlmError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+            check_range("sampling", name, getattr(self, name), low=-2, high=2, hint="0 switches it off")
 
     @property
     def penalizes(self) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import mmap
 import os
 import re
@@ -56,7 +57,7 @@ from memlm.compress.quantize import (
     module_from_codes,
 )
 from memlm.config import ModelConfig
-from memlm.errors import MemlmError
+from memlm.errors import MemlmError, io_error
 from memlm.model import Decoder, empty_model
 from memlm.tokenizer import Tokenizer
 
@@ -512,8 +513,8 @@ class _GGUFFile:
         value = self.get(key, default)
         if value is default:
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.invalid(f"metadata '{key}' should be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.invalid(f"metadata '{key}' should be a finite number, got {value!r}")
         if self.types[key] == _Value.FLOAT32:
             # Keep the float32's shortest decimal (1e-05, not 9.999999747378752e-06).
             return float(str(np.float32(value)))
@@ -977,6 +978,9 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
     types: list[int] = f.get_list("tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise f.invalid(f"{len(tokens)} tokens but {len(types)} token types")
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges) \
+            or not all(isinstance(t, int) for t in types):
+        raise f.invalid("the tokens and merges must be strings, the token types integers")
     vocab = dict(zip(tokens, range(len(tokens))))
     if len(vocab) != len(tokens):
         raise f.invalid("the token list has duplicate tokens")
@@ -988,7 +992,10 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
         if cut < 0:
             raise f.invalid(f"merge {merge!r} is not two tokens separated by a space")
         pairs.append((merge[:cut], merge[cut + 1:]))
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    try:
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    except Exception as e:  # tokenizers raises a bare Exception (a merge of tokens not in the vocabulary)
+        raise f.invalid(e) from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in DIGIT_SPLIT_PRES:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -1061,10 +1068,10 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
     plan = _export_plan(model, arch)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         _write_metadata(writer, config, arch, file_type, weight_type, meta)
         # Announce every tensor first (the header lists them all), then convert and write each.
         types = []
@@ -1090,9 +1097,13 @@ def save_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, qtype: str
             writer.write_tensor_data(data)
         writer.close()
         os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+            writer.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise io_error(e, f"export to {path}") from e
         raise
     return path
 

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from memlm.compress.assemble import ModelAssembler
 from memlm.compress.storage import TensorFile
-from memlm.config import ModelConfig
-from memlm.errors import MemlmError
+from memlm.config import ModelConfig, check_range
+from memlm.errors import MemlmError, first_line, io_error
 from memlm.model import Decoder, empty_model
 
 SUPPORTED = ("gpt2", "llama")
@@ -29,38 +32,66 @@ SUPPORTED = ("gpt2", "llama")
 
 # ---- config ----------------------------------------------------------------------------------
 
+_REQUIRED = object()
+
+
+def _get(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED, size: bool = False) -> Any:
+    """A config.json field of the right type (and, for a `size`, at least 1), or a one-line error
+    naming it; `default` when it is missing or null."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise MemlmError(f"config.json has no '{key}'", "is the folder complete, and of a supported architecture?")
+        return default
+    number = kind in (int, float) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float) if kind is float else kind) and (number or kind not in (int, float))
+    if not ok:
+        raise MemlmError(f"config.json: '{key}' must be {kind.__name__}, got {value!r}", "fix config.json")
+    if size:
+        check_range("config.json", key, value, low=1, hint="fix config.json")
+    elif kind is float:
+        check_range("config.json", key, value, low=0, low_open=True, hint="fix config.json")
+    return value
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise MemlmError(f"config.json must hold a JSON object, got {type(hf).__name__}", "is this a Hugging Face model folder?")
     kind = hf.get("model_type")
     if kind == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
+        act = _get(hf, "activation_function", str, "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise MemlmError(f"GPT-2 activation '{act}' is not supported", "supported: gelu_new, gelu")
+        n_embd = _get(hf, "n_embd", int, size=True)
         return ModelConfig(
-            name=hf.get("_name_or_path") or "gpt2", vocab_size=hf["vocab_size"],
-            block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-            n_embd=hf["n_embd"], ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
-            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
+            name=_get(hf, "_name_or_path", str, "") or "gpt2", vocab_size=_get(hf, "vocab_size", int, size=True),
+            block_size=_get(hf, "n_positions", int, size=True), n_layer=_get(hf, "n_layer", int, size=True),
+            n_head=_get(hf, "n_head", int, size=True),
+            n_embd=n_embd, ffn_hidden=_get(hf, "n_inner", int, 4 * n_embd, size=True),
+            norm="layernorm", norm_eps=_get(hf, "layer_norm_epsilon", float, 1e-5), positions="learned",
             mlp="gelu", gelu_approximate="none" if act == "gelu" else "tanh", bias=True,
-            tied_embeddings=hf.get("tie_word_embeddings", True),
+            tied_embeddings=_get(hf, "tie_word_embeddings", bool, True),
         )
     if kind == "llama":
-        if hf.get("hidden_act", "silu") != "silu":
+        if _get(hf, "hidden_act", str, "silu") != "silu":
             raise MemlmError(f"Llama activation '{hf['hidden_act']}' is not supported", "supported: silu")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope = _get(hf, "rope_parameters", dict, None) or _get(hf, "rope_scaling", dict, None) or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise MemlmError(f"RoPE scaling '{rope.get('rope_type')}' is not supported", "only plain RoPE is")
-        attn_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+        attn_bias, mlp_bias = _get(hf, "attention_bias", bool, False), _get(hf, "mlp_bias", bool, False)
         if attn_bias != mlp_bias:
             raise MemlmError("Llama checkpoints with bias in attention but not the MLP are not supported")
-        n_head = hf["num_attention_heads"]
+        n_head = _get(hf, "num_attention_heads", int, size=True)
         return ModelConfig(
-            name=hf.get("_name_or_path") or "llama", vocab_size=hf["vocab_size"],
-            block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
-            n_head=n_head, n_kv_heads=hf.get("num_key_value_heads") or n_head,
-            n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"), ffn_hidden=hf["intermediate_size"], norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), mlp="swiglu",
-            bias=attn_bias, tied_embeddings=hf.get("tie_word_embeddings", False),
+            name=_get(hf, "_name_or_path", str, "") or "llama", vocab_size=_get(hf, "vocab_size", int, size=True),
+            block_size=_get(hf, "max_position_embeddings", int, 2048, size=True),
+            n_layer=_get(hf, "num_hidden_layers", int, size=True),
+            n_head=n_head, n_kv_heads=_get(hf, "num_key_value_heads", int, n_head, size=True),
+            n_embd=_get(hf, "hidden_size", int, size=True), head_dim=_get(hf, "head_dim", int, None, size=True),
+            ffn_hidden=_get(hf, "intermediate_size", int, size=True), norm="rmsnorm",
+            norm_eps=_get(hf, "rms_norm_eps", float, 1e-6), positions="rope",
+            rope_theta=float(_get(rope, "rope_theta", float, None) or _get(hf, "rope_theta", float, 10000.0)),
+            mlp="swiglu", bias=attn_bias, tied_embeddings=_get(hf, "tie_word_embeddings", bool, False),
         )
     raise MemlmError(f"Hugging Face model_type '{kind}' is not supported", f"supported: {', '.join(SUPPORTED)}")
 
@@ -219,6 +250,15 @@ def _assemble(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: to
 
 # ---- folders ---------------------------------------------------------------------------------
 
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """The JSON of a folder's config.json (a one-line error when it is not JSON)."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise MemlmError(f"cannot read {path}: {first_line(e)}", "is this a Hugging Face model folder?") from None
+
+
 def is_hf_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
@@ -246,6 +286,13 @@ class _FolderWeights:
         except MemlmError as e:
             self.close()
             raise self._unreadable(e.message) from None
+        except pickle.UnpicklingError:  # torch's weights-only unpickler met something but tensors
+            self.close()
+            raise MemlmError(
+                f"{folder / 'pytorch_model.bin'} holds Python objects besides tensors: a pickle that could run "
+                "code, which memlm never unpickles",
+                "get the model as .safetensors, or convert the file with a tool you trust",
+            ) from None
         except (OSError, RuntimeError, ValueError) as e:
             self.close()
             raise self._unreadable(str(e).splitlines()[0]) from None
@@ -277,10 +324,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32, weight_forma
     """A Hugging Face folder as a memlm Decoder; weight_format as in memlm.loading.load_model
     (each block Linear is converted as it is read: the float32 model never exists)."""
     folder = Path(folder)
-    try:
-        hf_config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MemlmError(f"cannot read {folder / 'config.json'}: {e}", "is this a Hugging Face model folder?") from None
+    hf_config = read_hf_config(folder)
     config = config_from_hf(hf_config)
     config.name = folder.name
     weights = _FolderWeights(folder)
@@ -293,15 +337,21 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32, weight_forma
 def save_hf(model: Decoder, folder: str | Path, tokenizer=None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained(folder)` loads."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     hf_config = config_to_hf(model.config)
     if tokenizer is not None:
         hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
     tensors = {k: v.float() if v.dtype != torch.bfloat16 else v for k, v in state_dict_to_hf(model).items()}
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    if tokenizer is not None:
-        tokenizer.save(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
+        _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        if tokenizer is not None:
+            tokenizer.save(folder)
+    except (OSError, SafetensorError) as e:
+        if created:  # a failed export leaves nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise io_error(e, f"export to {folder}") from e
     return folder
 
 

@@ -6,32 +6,40 @@ Layout of one checkpoint (`<run>/checkpoints/step-000123/`):
     optimizer.safetensors  every tensor of the optimizer state, named `state.<i>.<key>`; the
                            param groups (hyperparameters) are JSON in the file's metadata
     rng.safetensors        torch's CPU generator state (`torch_cpu`) and one per GPU (`cuda.<i>`)
-    trainer_state.json     step, configs, tokens seen, data position, wall time, ...
+    trainer_state.json     step, configs, tokens seen, data position, wall time, ..., and
+                           "files": the size and sha256 of every other file
 
 Nothing is pickled, so loading a checkpoint can never run code. A checkpoint is written as
 `.step-000123.tmp/`, every file is fsynced, and only then is the folder renamed to its final
 name, so a folder called `step-*` is always complete. Leftover `.tmp` folders from a crash are
-ignored and removed by the next save.
+ignored and removed by the next save; a save that fails (a full or read-only disk) removes its
+own and says which checkpoint is still intact. Loading checks every file against its sha256
+first; resuming falls back by itself to the newest intact checkpoint (`intact_checkpoint`).
 
 A run on several processes (memlm.train.distributed) writes a sharded checkpoint instead:
 
     dcp/                   torch.distributed.checkpoint: each rank's shard of the weights and
-                           optimizer state (`__<rank>_0.distcp`) plus `.metadata`
+                           optimizer state (`__<rank>_0.distcp`) plus memlm_dcp.json, the index
+                           of the shards (DCP's own index, `.metadata`, is a pickle: never
+                           written, never read)
     model.safetensors      the full weights, gathered by rank 0 (so `memlm.load(run)` works)
     rng.safetensors        rank 0's RNG states
     trainer_state.json     as above, plus world_size and strategy
 
 Every rank writes its shard into the same `.tmp` folder; after a barrier rank 0 writes the rest
-and renames the folder, so the commit is as atomic as in one process. DCP's `.metadata` file is
-a pickle: load sharded checkpoints only from runs you trust (your own). DCP reshards on load,
+and renames the folder, so the commit is as atomic as in one process. DCP reshards on load,
 so a run saved by N processes resumes on M (1 included), and a single-process checkpoint
-resumes on several processes.
+resumes on several processes. Nothing of a sharded checkpoint is unpickled either: the index is
+JSON (`_JsonIndexWriter` / `_JsonIndexReader`), tensors are read by DCP with
+`torch.load(weights_only=True)`, and the few non-tensor values (the optimizer's hyperparameters)
+the same way (`_PlainDataLoadPlanner`), where DCP itself would unpickle them without limits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -44,7 +52,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from memlm.errors import MemlmError
+from memlm.errors import MemlmError, first_line, io_error
+from memlm.integrity import SEAL, damaged_files, describe_files, seal, sealed_intact
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -165,37 +174,59 @@ def save_checkpoint(
     """
     if keep_last < 1:
         raise MemlmError(f"keep_last must be at least 1, got {keep_last}")
-    folder = Path(run_dir) / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    clean_partial(run_dir)
-    name = checkpoint_name(step)
-    tmp = folder / f".{name}.tmp"
-    tmp.mkdir()
-
     trainer_state = dict(state)
     trainer_state["step"] = step
     config = getattr(model, "config", None)
     if "model_config" not in trainer_state and hasattr(config, "to_dict"):
         trainer_state["model_config"] = config.to_dict()
     trainer_state.setdefault("saved_at", time.time())
+    _check_json(trainer_state)
 
-    # save_model drops the duplicate names of shared (tied) tensors and load_model restores them.
-    save_model(model, str(tmp / MODEL_FILE), metadata={"format": "memlm-model-1"})
-    if optimizer is not None:
-        tensors, metadata = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=metadata)
-    save_file(_rng_tensors(), str(tmp / RNG_FILE))
+    folder = Path(run_dir) / CHECKPOINTS
+    name = checkpoint_name(step)
+    tmp = folder / f".{name}.tmp"
     try:
-        text = json.dumps(trainer_state, indent=2) + "\n"
-    except TypeError as e:
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
+        tmp.mkdir()
+        # save_model drops the duplicate names of shared (tied) tensors and load_model restores them.
+        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "memlm-model-1"})
+        if optimizer is not None:
+            tensors, metadata = _optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=metadata)
+        save_file(_rng_tensors(), str(tmp / RNG_FILE))
+        _write_state(tmp, trainer_state)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        return _commit(tmp, folder / name, run_dir, keep_last)
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MemlmError(f"trainer state is not JSON-serializable: {e}") from e
-    (tmp / STATE_FILE).write_text(text, encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+        raise save_failed(e, run_dir, name) from e
 
-    return _commit(tmp, folder / name, run_dir, keep_last)
+
+def _check_json(trainer_state: dict[str, Any]) -> None:
+    """Refuse a state that cannot be written, before anything is (on every rank)."""
+    try:
+        json.dumps(trainer_state)
+    except (TypeError, ValueError) as e:
+        raise MemlmError(f"trainer state is not JSON-serializable: {e}") from e
+
+
+def _write_state(tmp: Path, trainer_state: dict[str, Any]) -> None:
+    """trainer_state.json, last, with the size and sha256 of every other file of the checkpoint."""
+    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    state = seal({**trainer_state, "files": describe_files(tmp, names)})
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def save_failed(e: BaseException, run_dir: str | Path, name: str) -> MemlmError:
+    """A failed save as one line, saying which checkpoint the run can still resume from."""
+    error = io_error(e, f"save checkpoint {name} in {Path(run_dir) / CHECKPOINTS}")
+    previous = latest_checkpoint(run_dir)
+    kept = f"{previous.name} is intact" if previous is not None else "there is no earlier checkpoint"
+    error.hint = f"{error.hint}; {kept}" if error.hint else kept
+    return error
 
 
 def _commit(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> Path:
@@ -228,17 +259,84 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """The trainer_state.json of a checkpoint folder."""
-    file = Path(path) / STATE_FILE
+    """The trainer_state.json of a checkpoint folder; CheckpointDamaged when it is not one memlm
+    wrote (unreadable, a field of the wrong kind, or content that does not match its seal)."""
+    path = Path(path)
+    file = path / STATE_FILE
     if not file.is_file():
         raise MemlmError(f"{path} is not a complete checkpoint (no {STATE_FILE})", "point to a step-* folder of a run")
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MemlmError(f"cannot read {file}: {e}", "the checkpoint is damaged; use an older one") from e
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointDamaged(path, [f"{STATE_FILE} ({first_line(e)})"]) from None
     if not isinstance(state, dict):
-        raise MemlmError(f"{file} must hold a JSON object", "the checkpoint is damaged; use an older one")
+        raise CheckpointDamaged(path, [f"{STATE_FILE} (not a JSON object)"])
+    if not sealed_intact(state):
+        raise CheckpointDamaged(path, [f"{STATE_FILE} (its {SEAL} differs)"])
+    kinds = {"step": int, "model_config": dict, "train_config": dict, "files": dict, "tokens_seen": int,
+             "data_position": int, "wall_time": (int, float), "last_loss": (int, float)}
+    for key, kind in kinds.items():
+        if (key in state or key == "step") and (not isinstance(state.get(key), kind) or isinstance(state[key], bool)):
+            raise CheckpointDamaged(path, [f"{STATE_FILE} ('{key}' is {state.get(key)!r})"])
+    if state["step"] < 0:
+        raise CheckpointDamaged(path, [f"{STATE_FILE} ('step' is {state['step']})"])
     return state
+
+
+class CheckpointDamaged(MemlmError):
+    """A checkpoint whose files differ from the sizes and sha256 its trainer_state.json recorded."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+        hint = (f"the checkpoint before it is {older[-1].name}: `memlm train --resume` falls back to the newest "
+                "intact one by itself; to load it elsewhere, move this one away" if older
+                else "there is no earlier checkpoint: start the run again")
+        super().__init__(f"checkpoint {path} is damaged: {'; '.join(problems)}", hint)
+        self.path = path
+
+
+def verify_checkpoint(path: str | Path, names: list[str] | None = None) -> dict[str, Any]:
+    """The trainer state of a checkpoint whose files (or only `names` of them) are as recorded;
+    raises CheckpointDamaged naming the files that are not. Checkpoints of memlm versions that
+    recorded no sha256 pass unchecked."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    recorded = state.get("files")
+    if recorded is not None:
+        if names is not None:
+            recorded = {n: recorded[n] for n in names if n in recorded}
+        problems = damaged_files(path, recorded)
+        if problems:
+            raise CheckpointDamaged(path, problems)
+    return state
+
+
+def intact_checkpoint(run_dir: str | Path, on_damaged: Any = None) -> Path | None:
+    """The newest checkpoint of a run whose files are intact (None when the run has none yet).
+
+    Damaged ones newer than it are renamed `step-N.damaged` (kept for a look, out of the way of
+    resuming and of pruning), each reported to `on_damaged(error)`. When none is intact,
+    nothing is renamed and the newest one's CheckpointDamaged is raised.
+    """
+    found = list_checkpoints(run_dir)
+    damaged: list[CheckpointDamaged] = []
+    for ckpt in reversed(found):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointDamaged as e:
+            damaged.append(e)
+            continue
+        for e in damaged:
+            try:
+                os.replace(e.path, e.path.with_name(e.path.name + ".damaged"))
+            except OSError as err:
+                raise io_error(err, f"move the damaged checkpoint {e.path} aside") from err
+            if on_damaged is not None:
+                on_damaged(e)
+        return ckpt
+    if damaged:
+        raise damaged[0]
+    return None
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
@@ -278,7 +376,9 @@ def _read_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> dict[str, A
             f"the optimizer state in {file} is for {saved_kind}, not {kind}",
             "resume with the optimizer the run was trained with",
         )
-    tensors = load_file(str(file))
+    # Copies, not the file's memory map: the state lives on in the optimizer, and a mapped file
+    # stays on the disk after the checkpoint is pruned (its space not freed, the disk busy).
+    tensors = {name: t.clone() for name, t in load_file(str(file)).items()}
     groups = json.loads(metadata["param_groups"])
     # JSON turned tuples (betas) into lists; torch's optimizers expect them back as tuples.
     for group in groups:
@@ -299,9 +399,9 @@ def _read_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> dict[str, A
 def _load_optimizer(file: Path, optimizer: torch.optim.Optimizer) -> None:
     try:
         optimizer.load_state_dict(_read_optimizer(file, optimizer))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise MemlmError(
-            f"the optimizer state in {file} does not fit this optimizer: {e}",
+            f"the optimizer state in {file} does not fit this optimizer: {first_line(e)}",
             "resume with the same optimizer and model as the checkpoint",
         ) from e
 
@@ -311,21 +411,23 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load weights (and optimizer state, and the RNG states when `restore_rng`) from a checkpoint
     folder into `model`/`optimizer`, in place; return its trainer state.
 
-    A model whose config differs from the saved one (besides name and dropout) is refused with
-    the differing fields named.
+    Its files are checked against their recorded sha256 first (`verify=False`: the caller has
+    just done so). A model whose config differs from the saved one (besides name and dropout)
+    is refused with the differing fields named.
     """
     path = Path(path)
-    state = read_trainer_state(path)
+    state = verify_checkpoint(path) if verify else read_trainer_state(path)
     _check_model_config(path, state, model)
     try:
         missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise MemlmError(
-            f"cannot load weights from {path / MODEL_FILE}: {e}", "the checkpoint is damaged; use an older one"
+            f"cannot load weights from {path / MODEL_FILE}: {first_line(e)}", "the checkpoint is damaged; use an older one"
         ) from e
     if missing or unexpected:
         raise MemlmError(
@@ -347,11 +449,15 @@ def load_checkpoint(
 def _restore_rng(path: Path) -> None:
     if not (path / RNG_FILE).is_file():
         return
-    rng = load_file(str(path / RNG_FILE))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    try:
+        rng = load_file(str(path / RNG_FILE))
+        torch.set_rng_state(rng["torch_cpu"])
+        cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    except (SafetensorError, KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise MemlmError(f"cannot restore the random state from {path / RNG_FILE}: {first_line(e)}",
+                         "the checkpoint is damaged; use an older one") from None
 
 
 # ------------------------------------------------------------- sharded (several processes)
@@ -366,13 +472,6 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def save_sharded_checkpoint(
@@ -394,6 +493,10 @@ def save_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
+    from torch.distributed.checkpoint import CheckpointException
+
+    from memlm.train.dcp_storage import JsonIndexWriter, failure_of
+
     if keep_last < 1:
         raise MemlmError(f"keep_last must be at least 1, got {keep_last}")
     trainer_state = dict(state)
@@ -404,49 +507,80 @@ def save_sharded_checkpoint(
     if optimizer is not None:
         trainer_state["optimizer"] = type(optimizer).__name__
     trainer_state.setdefault("saved_at", time.time())
-    try:  # on every rank, before any collective: a failure here must not leave the others waiting
-        text = json.dumps(trainer_state, indent=2) + "\n"
-    except TypeError as e:
-        raise MemlmError(f"trainer state is not JSON-serializable: {e}") from e
+    _check_json(trainer_state)  # on every rank, before any collective: a failure must not leave the others waiting
 
     main = _rank() == 0
     folder = Path(run_dir) / CHECKPOINTS
     name = checkpoint_name(step)
     tmp = folder / f".{name}.tmp"
+    failure: BaseException | None = None
+
+    def give_up_together() -> None:
+        """Every rank learns whether rank 0 failed (a barrier that carries the answer): on a
+        failure every rank raises the same error, none is left waiting for the others."""
+        if _any_rank(failure is not None):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise save_failed(failure or OSError("rank 0 could not write its part"), run_dir, name)
+
     if main:
-        folder.mkdir(parents=True, exist_ok=True)
-        clean_partial(run_dir)
-        tmp.mkdir()
-    _barrier()  # the folder exists (and no stale one) before anyone writes into it
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            clean_partial(run_dir)
+            tmp.mkdir()
+        except OSError as e:
+            failure = e
+    give_up_together()  # the folder exists (and no stale one) before anyone writes into it
 
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         shards = {"model": model_sd, "optim": optim_sd}
     else:
         shards = {"model": get_model_state_dict(model)}
-    # Returns on every rank only after rank 0 has written .metadata, which it does once every
-    # rank reported its shard written, so the shards are complete here.
-    dcp.save(shards, checkpoint_id=tmp / DCP_DIR)
+    # Returns on every rank only after rank 0 has written the index, which it does once every
+    # rank reported its shard written, so the shards are complete here. A rank's failure comes
+    # out on every rank (DCP gathers them).
+    try:
+        with warnings.catch_warnings():  # DCP warns that no process group means one process: we know
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(shards, storage_writer=JsonIndexWriter(tmp / DCP_DIR))
+    except CheckpointException as e:
+        failure = failure_of(e)
     del shards
+    give_up_together()
     # A collective too; with cpu_offload only rank 0 receives the tensors (in CPU memory).
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     final = folder / name
     if main:
-        if getattr(config, "tied_embeddings", False):  # a shared tensor is stored once
-            full.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / MODEL_FILE),
-                  metadata={"format": "memlm-model-1"})
-        save_file(_rng_tensors(), str(tmp / RNG_FILE))
-        (tmp / STATE_FILE).write_text(text, encoding="utf-8")
-        for f in tmp.iterdir():
-            if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
-        _commit(tmp, final, run_dir, keep_last)
+        try:
+            if getattr(config, "tied_embeddings", False):  # a shared tensor is stored once
+                full.pop("lm_head.weight", None)
+            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / MODEL_FILE),
+                      metadata={"format": "memlm-model-1"})
+            save_file(_rng_tensors(), str(tmp / RNG_FILE))
+            _write_state(tmp, trainer_state)  # the shards' sha256 too: every rank has written its own
+            for f in tmp.iterdir():
+                if f.is_file():
+                    _fsync_file(f)
+            _fsync_dir(tmp)
+            _commit(tmp, final, run_dir, keep_last)
+        except (OSError, SafetensorError) as e:
+            failure = e
     del full
-    _barrier()
+    give_up_together()  # and no rank goes on before the checkpoint is committed
     return final
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank (just `flag` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])  # a CPU tensor: gloo takes it, beside NCCL too
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _optimizer_by_name(file: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -475,6 +609,7 @@ def load_sharded_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint of either format into a sharded (FSDP), replicated (the module inside
     DDP) or plain model, in place; return its trainer state.
@@ -494,8 +629,12 @@ def load_sharded_checkpoint(
         set_state_dict,
     )
 
+    from torch.distributed.checkpoint import CheckpointException
+
+    from memlm.train.dcp_storage import JsonIndexReader, PlainDataLoadPlanner, failure_of
+
     path = Path(path)
-    state = read_trainer_state(path)
+    state = verify_checkpoint(path) if verify else read_trainer_state(path)
     _check_model_config(path, state, model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise MemlmError(
@@ -517,9 +656,10 @@ def load_sharded_checkpoint(
             else:
                 shards = {"model": get_model_state_dict(model)}
             no_dist = not (dist.is_available() and dist.is_initialized())
+            reader = JsonIndexReader(path / DCP_DIR)
             with warnings.catch_warnings():  # DCP warns that no process group means one process: we know
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(shards, checkpoint_id=path / DCP_DIR, no_dist=no_dist)
+                dcp.load(shards, storage_reader=reader, planner=PlainDataLoadPlanner(), no_dist=no_dist)
             if optimizer is not None:
                 set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
             else:
@@ -542,9 +682,10 @@ def load_sharded_checkpoint(
                 set_model_state_dict(model, full, options=options)
     except MemlmError:
         raise
-    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, pickle.UnpicklingError,
+            CheckpointException) as e:
         raise MemlmError(
-            f"cannot load checkpoint {path}: {e}",
+            f"cannot load checkpoint {path}: {first_line(failure_of(e))}",
             "resume with the model and optimizer it was saved with; if it is damaged, use an older one",
         ) from e
     if restore_rng:

@@ -247,11 +247,11 @@ class Distributed:
         state = {**state, "world_size": self.world_size, "strategy": self.strategy}
         return save_sharded_checkpoint(run_dir, step, model, optimizer, state, keep_last)
 
-    def load_checkpoint(self, path: str | Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | Path, model: nn.Module, optimizer: Any, verify: bool = True) -> dict[str, Any]:
         """Either format, into this process's model and optimizer, RNG state included."""
         if not self.active and not is_sharded(path):
-            return load_checkpoint(path, model, optimizer, restore_rng=True)
-        return load_sharded_checkpoint(path, model, optimizer, restore_rng=True)
+            return load_checkpoint(path, model, optimizer, restore_rng=True, verify=verify)
+        return load_sharded_checkpoint(path, model, optimizer, restore_rng=True, verify=verify)
 
 
 class _CallMethod(nn.Module):

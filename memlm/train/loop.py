@@ -20,6 +20,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +35,18 @@ from rich.console import Console
 from torch import nn
 
 from memlm.config import ModelConfig, TrainConfig, to_toml
-from memlm.errors import MemlmError
+from memlm.errors import Interrupted, MemlmError, io_error
+from memlm.integrity import write_text_atomic
 from memlm.memory.estimate import estimate_training
 from memlm.memory.guard import BudgetExceeded, MemoryGuard, expected_from
 from memlm.memory.measure import PeakMemory, format_bytes, process_peak_rss_bytes, return_free_heap
-from memlm.train.checkpoint import config_differences, latest_checkpoint, read_trainer_state
+from memlm.train.checkpoint import (
+    CheckpointDamaged,
+    config_differences,
+    intact_checkpoint,
+    latest_checkpoint,
+    read_trainer_state,
+)
 from memlm.train.distributed import local_state_bytes
 from memlm.train.distributed import setup as setup_distributed
 from memlm.train.loss import chunked_cross_entropy, linear_cross_entropy
@@ -167,13 +177,13 @@ def _filter_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if json.loads(line).get("step", 0) <= last_step:
                 kept.append(line)
         except (json.JSONDecodeError, AttributeError):
             continue  # a line cut short by a crash
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    write_text_atomic(path, "".join(k + "\n" for k in kept))  # a kill here must not lose the log
 
 
 def train(
@@ -217,7 +227,16 @@ def train(
         )
     if resume and ckpt is None:
         say(f"[yellow]nothing to resume in {run_dir}: starting a new run[/]")
+    if ckpt is not None:
+        def damaged(e: CheckpointDamaged) -> None:
+            say(f"{e.message}: moved it aside ({e.path.name}.damaged)", style="yellow", markup=False)
+
+        with ctx.main_first():  # rank 0 checks (and moves damaged ones aside) before the others look
+            ckpt = intact_checkpoint(run_dir, on_damaged=damaged)
     saved_state = read_trainer_state(ckpt) if ckpt is not None else None
+    if saved_state is not None and "model_config" not in saved_state:
+        raise MemlmError(f"{ckpt} has no model_config in its trainer_state.json",
+                         "it was not written by memlm train; start a new run")
     device = ctx.device  # on CUDA, the GPU of this rank
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -332,7 +351,7 @@ def train(
     step, tokens_seen, wall_time, last_loss = 0, 0, 0.0, float("nan")
     eval_losses: list[tuple[int, float]] = []
     if ckpt is not None:
-        state = ctx.load_checkpoint(ckpt, model, optimizer)
+        state = ctx.load_checkpoint(ckpt, model, optimizer, verify=False)  # intact_checkpoint verified it
         step = state["step"]
         tokens_seen = state.get("tokens_seen", 0)
         wall_time = state.get("wall_time", 0.0)
@@ -343,16 +362,18 @@ def train(
     # ---- the run folder (only now that everything above has worked)
     metrics_path = run_dir / METRICS_FILE
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if saved_state is None:
-            tokenizer.save(run_dir)
-        (run_dir / CONFIG_FILE).write_text(
-            to_toml({"model": model_cfg.to_dict(), "train": cfg.to_dict()}), encoding="utf-8"
-        )
-        if saved_state is None:
-            metrics_path.write_text("", encoding="utf-8")
-        else:
-            _filter_metrics(metrics_path, saved_state["step"])
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if saved_state is None:
+                tokenizer.save(run_dir)
+            # whole or not at all: `--resume` reads it back
+            write_text_atomic(run_dir / CONFIG_FILE, to_toml({"model": model_cfg.to_dict(), "train": cfg.to_dict()}))
+            if saved_state is None:
+                metrics_path.write_text("", encoding="utf-8")
+            else:
+                _filter_metrics(metrics_path, saved_state["step"])
+        except OSError as e:
+            raise io_error(e, f"write the run folder {run_dir}") from e
 
     end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     say(
@@ -365,8 +386,11 @@ def train(
     def log(record: dict[str, Any]) -> None:
         if not ctx.is_main:
             return
-        with metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise io_error(e, f"write {metrics_path}") from e
 
     def trainer_state(at_step: int) -> dict[str, Any]:
         return {
@@ -387,8 +411,9 @@ def train(
     def peak_now() -> int:  # the whole process's peak on CPU (the budget's promise), the allocator's on CUDA
         return pm.peak_so_far() if device.type == "cuda" else process_peak_rss_bytes()
 
-    def stop_if_no_room() -> None:
-        """Before a step: stop cleanly, with a checkpoint, if the step would cross the budget."""
+    def stop_if_asked() -> None:
+        """Before a step: stop cleanly, with a checkpoint, when a signal asked for it or when the
+        step would cross the budget."""
         problem = None
         if guard is not None:
             try:
@@ -396,22 +421,29 @@ def train(
                 guard.before_unit(step_shape(step + 1, cfg).tokens / (cfg.micro_batch * seq_len))
             except BudgetExceeded as e:
                 problem = e
-        if ctx.max(int(problem is not None)):  # every rank stops together
-            if step > 0 and latest_step_saved != step:
-                ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
-            raise problem or BudgetExceeded("another process of this run reached its memory budget",
-                                            "raise --memory-budget")
+        # Every rank stops together: 1 for the budget, a signal's number (2, 15: above 1) for a signal.
+        reason = ctx.max(stops.received or int(problem is not None))
+        if not reason:
+            return
+        saved = latest_checkpoint(run_dir) if ctx.is_main else None
+        if step > 0 and latest_step_saved != step:
+            saved = ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
+        if reason > 1:
+            raise _interrupted(signal.Signals(reason), step, saved, run_dir)
+        raise problem or BudgetExceeded("another process of this run reached its memory budget",
+                                        "raise --memory-budget")
 
     latest_step_saved = step
     drawn_at = 0.0  # when the progress bar was last drawn
     # CUDA: the allocator's peak. CPU: VmHWM, read as it is (PeakMemory would only add a 1 kHz
     # sampling thread, on kernels that refuse its reset, for a number the loop does not use).
-    with (PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext()) as pm, progress:
+    with (PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext()) as pm, progress, \
+            StopSignals() as stops:
         while step < end_step:
             # A step's time is all of it but evaluation and checkpoints: the guard's checks, the
             # data, forward, backward, clipping, the optimizer, the metrics and the progress bar.
             t0 = time.perf_counter()
-            stop_if_no_room()
+            stop_if_asked()
             step += 1
             ctx.fault_point(step)
             set_lr(optimizer, lr_at(step, cfg))
@@ -500,6 +532,49 @@ def train(
         state_bytes=state_bytes,
         predicted_peak_bytes=breakdown.total,
     )
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while training: the first asks the loop to stop after the current step
+    (it saves a checkpoint and raises `Interrupted`); a second one ends the process at once, as
+    the signal does by default. Schedulers send SIGTERM before they kill a job, Ctrl-C sends
+    SIGINT. Handlers can only be set from the main thread: elsewhere signals keep their default.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received = 0  # the first signal's number, 0 before any
+        self._before: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._before[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        # os.write: safe between any two bytecodes, whatever the progress bar was drawing
+        os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                    f"(send it again to stop at once)\n".encode())
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+        self._before.clear()
+
+
+def _interrupted(sig: signal.Signals, step: int, saved: Path | None, run_dir: Path) -> Interrupted:
+    if step == 0:
+        return Interrupted(f"{sig.name} before the first step: nothing to save", "run the command again", sig)
+    where = f"checkpoint {saved}" if saved is not None else "its checkpoint"
+    return Interrupted(f"{sig.name} after step {step}: {where} is saved",
+                       f"memlm train --out {run_dir} --resume continues the run", sig)
 
 
 def _teacher_bytes(teacher: Any | None) -> int:
