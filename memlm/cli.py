@@ -70,6 +70,9 @@ def train(
     kind: Annotated[Optional[str], typer.Option(
         help="Model kind: decoder | encdec | rnn | conv (without --preset: tiny, or tiny-<kind>).")] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder.")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        help="lm (text) | seq2seq (source -> target pairs: 'default' is the embedded code-to-summary task, "
+             "or a .jsonl of {\"source\", \"target\"}).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="'default', a file, folder, glob or .jsonl.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="Sequences per forward pass.")] = None,
@@ -90,7 +93,7 @@ def train(
     from memlm.train import distributed
     from memlm.train.loop import train as run_training
 
-    flags = {"out_dir": out_dir, "corpus": corpus, "steps": steps, "micro_batch": micro_batch,
+    flags = {"out_dir": out_dir, "task": task, "corpus": corpus, "steps": steps, "micro_batch": micro_batch,
              "grad_accum": grad_accum, "seq_len": seq_len, "lr": lr, "precision": precision,
              "optimizer": optimizer, "init_from": init_from, "memory_budget": memory_budget, "device": device,
              "nproc": nproc, "strategy": strategy}
@@ -220,8 +223,8 @@ def generate(
     fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room, compile=compile)
     lm = fitted.lm
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
-    if not chat:
-        out.print(prompt, end="", style="bold")
+    if not chat:  # a decoder continues the prompt; an encoder-decoder answers it
+        out.print(prompt, end="\n-> " if lm.config.kind == "encdec" else "", style="bold")
     pieces = lm.stream_pieces(text, **vars(settings))
     if fitted.guard is not None:
         pieces = fitted.guard.watch(pieces)
@@ -348,8 +351,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Seq2seq: score the first N pairs only (default: all).")] = None,
 ):
-    """Perplexity of a model on a corpus (default: the embedded eval split, the W2 protocol)."""
+    """Perplexity of a model on a corpus (default: the embedded eval split, the W2 protocol); for an
+    encoder-decoder, loss, exact match and token F1 on pairs against the copy-the-name baseline."""
     from rich.progress import Progress
 
     from memlm.cleaning import CleanOptions
@@ -367,6 +372,8 @@ def evaluate(
     lm = fitted.lm
     if not as_json:
         console.print(fitted.describe(), style="dim")
+    if lm.config.kind == "encdec":
+        return _evaluate_pairs(lm, fitted, model, corpus, split, limit, as_json)
     window = min(window, lm.config.block_size)
     docs = read_corpus(corpus, None if split == "all" else split, CleanOptions())  # the default cleaning, as train
     ids = lm.tokenizer.encode("\n\n".join(docs), add_bos=False)
@@ -388,6 +395,36 @@ def evaluate(
         out.print(f"perplexity {result.ppl:.3f} (nll {result.nll:.4f}) over {result.n_scored:,} tokens in "
                   f"{result.n_windows} windows of {window}; {result.tokens_per_s:,.0f} tokens/s")
         _report_peak(fitted.predicted_peak)
+
+
+def _evaluate_pairs(lm, fitted, model: str, corpus: str, split: str, limit: Optional[int], as_json: bool) -> None:
+    from rich.progress import Progress
+
+    from memlm.cleaning import CleanOptions
+    from memlm.eval.seq2seq import evaluate_pairs
+    from memlm.pairs import read_pairs
+
+    pairs = read_pairs(corpus, None if split == "all" else split, CleanOptions())[:limit]
+    with Progress(console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("scoring pairs", total=len(pairs))
+        result = evaluate_pairs(lm.model, lm.tokenizer, pairs, on_batch=lambda n: bar.advance(task, n))
+    record = {"model": model, "corpus": corpus, "split": split, "pairs": result.pairs, "loss": result.loss,
+              "ppl": result.ppl, "exact_match": result.exact_match, "f1": result.f1,
+              "baseline_exact_match": result.baseline_exact_match, "baseline_f1": result.baseline_f1,
+              "examples": result.examples}
+    if as_json:
+        from memlm.memory.measure import process_peak_rss_bytes
+
+        record.update(predicted_peak_bytes=fitted.predicted_peak, peak_bytes=process_peak_rss_bytes())
+        out.print_json(json.dumps(record))
+        return
+    for ex in result.examples:
+        out.print(f"[dim]source:[/] {ex['source'].strip().splitlines()[0]} ...", markup=True, highlight=False)
+        out.print(f"  reference: {ex['reference']}\n  output:    {ex['output']}", markup=False)
+    out.print(f"{result.pairs} pairs: loss {result.loss:.4f} (perplexity {result.ppl:.2f}), exact match "
+              f"{100 * result.exact_match:.1f}%, token F1 {100 * result.f1:.1f}%; copy-the-name baseline: exact "
+              f"match {100 * result.baseline_exact_match:.1f}%, F1 {100 * result.baseline_f1:.1f}%")
+    _report_peak(fitted.predicted_peak)
 
 
 # ---- plan ----------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class ModelConfig:
     # with BART's norm of the embeddings and no final norm)
     n_encoder_layer: int | None = None
     norm_placement: Literal["pre", "post"] = "pre"
+    start_id: int = 0  # encdec: the token the decoder starts from (memlm train sets the tokenizer's EOS, as BART)
     # rnn: the recurrent cell (PyTorch's nn.GRU / nn.LSTM, hidden size n_embd)
     rnn_cell: Literal["gru", "lstm"] = "gru"
     # conv: taps of each causal depthwise convolution; layer i dilates them by 2**i
@@ -213,6 +214,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         kind="conv", vocab_size=4096, block_size=256, n_layer=8, n_head=4, n_embd=256, ffn_hidden=512,
         norm="rmsnorm", mlp="swiglu", bias=False, conv_kernel=3,
     ),
+    # The encoder-decoder at tiny's size: 3 + 3 layers, BART's shape in memlm's pre-norm flavour.
+    "tiny-encdec": dict(
+        kind="encdec", vocab_size=4096, block_size=256, n_layer=3, n_encoder_layer=3, n_head=4, n_kv_heads=2,
+        n_embd=256, ffn_hidden=512, norm="rmsnorm", positions="rope", mlp="swiglu", bias=False,
+    ),
     # The standard W3 training workload (shared/BENCHMARKS.md).
     "w3": dict(
         vocab_size=49152, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False,
@@ -244,6 +250,7 @@ class TrainConfig:
 
     out_dir: str = "runs/default"
     corpus: str = "default"  # "default" (embedded corpus), a file, folder, glob, or .jsonl
+    task: Literal["lm", "seq2seq"] = "lm"  # seq2seq: source -> target pairs (memlm.pairs), for kind "encdec"
     tokenizer: str | None = None  # path to tokenizer.json; None: train a BPE on the corpus
     vocab_size: int = 4096  # for a tokenizer trained here
     init_from: str | None = None  # fine-tune: a model name or path to start from

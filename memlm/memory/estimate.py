@@ -26,7 +26,7 @@ Symbols used in the formulas:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from memlm.config import KERNEL_MAX_ROWS, PREFILL_CHUNK, ModelConfig, TrainConfig, cache_length
@@ -200,34 +200,17 @@ def param_shapes(cfg: ModelConfig) -> list[ParamShape]:
         return _rnn_param_shapes(cfg)
     if cfg.kind == "conv":
         return _conv_param_shapes(cfg)
-    d, f, hd, b = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim, cfg.bias
-    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
+    if cfg.kind == "encdec":
+        return _encdec_param_shapes(cfg)
+    d = cfg.n_embd
     out = [ParamShape("tok_emb.weight", (cfg.vocab_size, d))]
     if cfg.positions == "learned":
         out.append(ParamShape("pos_emb.weight", (cfg.block_size, d)))
-
-    def norm(prefix: str) -> list[ParamShape]:
-        shapes = [ParamShape(f"{prefix}.weight", (d,))]
-        if cfg.norm == "layernorm" and b:
-            shapes.append(ParamShape(f"{prefix}.bias", (d,)))
-        return shapes
-
-    def linear(prefix: str, n_in: int, n_out: int) -> list[ParamShape]:
-        shapes = [ParamShape(f"{prefix}.weight", (n_out, n_in))]
-        if b:
-            shapes.append(ParamShape(f"{prefix}.bias", (n_out,)))
-        return shapes
-
     for i in range(cfg.n_layer):
         p = f"blocks.{i}"
-        out += norm(f"{p}.attn_norm")
-        out += linear(f"{p}.attn.q_proj", d, qd) + linear(f"{p}.attn.k_proj", d, kvd)
-        out += linear(f"{p}.attn.v_proj", d, kvd) + linear(f"{p}.attn.o_proj", qd, d)
-        out += norm(f"{p}.mlp_norm")
-        if cfg.mlp == "swiglu":
-            out += linear(f"{p}.mlp.gate_proj", d, f)
-        out += linear(f"{p}.mlp.up_proj", d, f) + linear(f"{p}.mlp.down_proj", f, d)
-    out += norm("norm")
+        out += _norm_shapes(cfg, f"{p}.attn_norm") + _attention_shapes(cfg, f"{p}.attn")
+        out += _norm_shapes(cfg, f"{p}.mlp_norm") + _mlp_shapes(cfg, f"{p}.mlp")
+    out += _norm_shapes(cfg, "norm")
     if not cfg.tied_embeddings:
         out.append(ParamShape("lm_head.weight", (cfg.vocab_size, d)))
     return out
@@ -238,6 +221,51 @@ def _norm_shapes(cfg: ModelConfig, prefix: str) -> list[ParamShape]:
     if cfg.norm == "layernorm" and cfg.bias:
         shapes.append(ParamShape(f"{prefix}.bias", (cfg.n_embd,)))
     return shapes
+
+
+def _linear_shapes(cfg: ModelConfig, prefix: str, n_in: int, n_out: int) -> list[ParamShape]:
+    shapes = [ParamShape(f"{prefix}.weight", (n_out, n_in))]
+    if cfg.bias:
+        shapes.append(ParamShape(f"{prefix}.bias", (n_out,)))
+    return shapes
+
+
+def _attention_shapes(cfg: ModelConfig, prefix: str) -> list[ParamShape]:
+    """q/k/v/o of memlm.model.layers.Attention (CrossAttention has the same)."""
+    d, qd, kvd = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return (_linear_shapes(cfg, f"{prefix}.q_proj", d, qd) + _linear_shapes(cfg, f"{prefix}.k_proj", d, kvd)
+            + _linear_shapes(cfg, f"{prefix}.v_proj", d, kvd) + _linear_shapes(cfg, f"{prefix}.o_proj", qd, d))
+
+
+def _mlp_shapes(cfg: ModelConfig, prefix: str) -> list[ParamShape]:
+    d, f = cfg.n_embd, cfg.ffn_hidden
+    gate = _linear_shapes(cfg, f"{prefix}.gate_proj", d, f) if cfg.mlp == "swiglu" else []
+    return gate + _linear_shapes(cfg, f"{prefix}.up_proj", d, f) + _linear_shapes(cfg, f"{prefix}.down_proj", f, d)
+
+
+def _encdec_param_shapes(cfg: ModelConfig) -> list[ParamShape]:
+    """memlm.model.encdec: the shared embedding, a position table per stack (learned), BART's
+    embedding norms (post-norm), the encoder's and decoder's layers, the final norms (pre-norm)."""
+    d, post = cfg.n_embd, cfg.norm_placement == "post"
+    out = [ParamShape("tok_emb.weight", (cfg.vocab_size, d))]
+    if cfg.positions == "learned":
+        out += [ParamShape("enc_pos_emb.weight", (cfg.block_size, d)), ParamShape("dec_pos_emb.weight", (cfg.block_size, d))]
+    if post:
+        out += _norm_shapes(cfg, "enc_emb_norm") + _norm_shapes(cfg, "dec_emb_norm")
+    for i in range(cfg.n_encoder_layer):
+        p = f"encoder.{i}"
+        out += _norm_shapes(cfg, f"{p}.attn_norm") + _attention_shapes(cfg, f"{p}.attn")
+        out += _norm_shapes(cfg, f"{p}.mlp_norm") + _mlp_shapes(cfg, f"{p}.mlp")
+    for i in range(cfg.n_layer):
+        p = f"decoder.{i}"
+        out += _norm_shapes(cfg, f"{p}.attn_norm") + _attention_shapes(cfg, f"{p}.attn")
+        out += _norm_shapes(cfg, f"{p}.cross_norm") + _attention_shapes(cfg, f"{p}.cross_attn")
+        out += _norm_shapes(cfg, f"{p}.mlp_norm") + _mlp_shapes(cfg, f"{p}.mlp")
+    if not post:
+        out += _norm_shapes(cfg, "enc_norm") + _norm_shapes(cfg, "dec_norm")
+    if not cfg.tied_embeddings:
+        out.append(ParamShape("lm_head.weight", (cfg.vocab_size, d)))
+    return out
 
 
 def _ends(cfg: ModelConfig, layers: list[ParamShape]) -> list[ParamShape]:
@@ -270,20 +298,14 @@ def conv_spans(cfg: ModelConfig) -> list[int]:
 
 def _conv_param_shapes(cfg: ModelConfig) -> list[ParamShape]:
     """memlm.model.conv: per block a norm, the depthwise kernel (d, 1, k) and its bias, a norm, the MLP."""
-    d, f = cfg.n_embd, cfg.ffn_hidden
+    d = cfg.n_embd
     layers = []
     for i in range(cfg.n_layer):
         p = f"blocks.{i}"
         layers += _norm_shapes(cfg, f"{p}.conv_norm") + [ParamShape(f"{p}.conv.conv.weight", (d, 1, cfg.conv_kernel))]
         if cfg.bias:
             layers.append(ParamShape(f"{p}.conv.conv.bias", (d,)))
-        layers += _norm_shapes(cfg, f"{p}.mlp_norm")
-        names = ["gate_proj", "up_proj", "down_proj"] if cfg.mlp == "swiglu" else ["up_proj", "down_proj"]
-        for name in names:
-            n_in, n_out = (f, d) if name == "down_proj" else (d, f)
-            layers.append(ParamShape(f"{p}.mlp.{name}.weight", (n_out, n_in)))
-            if cfg.bias:
-                layers.append(ParamShape(f"{p}.mlp.{name}.bias", (n_out,)))
+        layers += _norm_shapes(cfg, f"{p}.mlp_norm") + _mlp_shapes(cfg, f"{p}.mlp")
     return _ends(cfg, layers)
 
 
@@ -470,6 +492,24 @@ def _conv_block_activations(cfg: ModelConfig, B: int, T: int, precision: str) ->
     return out
 
 
+def _encdec_block_activations(cfg: ModelConfig, B: int, T: int, precision: str) -> list[Saved]:
+    """An encoder-decoder counted as its n_layer decoder layers, each carrying its share of the
+    encoder's (sources as long as targets, T: the loop cuts both to seq_len). A layer saves what
+    a decoder block saves (an encoder layer too), plus, in the decoder, the cross-attention's norm,
+    its queries, the memory's keys and values, its output and logsumexp."""
+    N, nh = B * T, cfg.n_head
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    a = _dtypes(precision)[0]
+    layer = block_activations(replace(cfg, kind="decoder", norm_placement="pre"), B, T, precision)
+    share = cfg.n_encoder_layer / cfg.n_layer
+    cross = _saved_norm(cfg, "cross_norm", N, precision, consumers=1)
+    cross.append(Saved("cross-attention: q, memory k and v, output, logsumexp",
+                       2 * N * qd * a + 2 * N * kvd * a + B * nh * T * 4, "2*N*qd*a + 2*N*kvd*a + B*nh*T*4"))
+    encoder = Saved(f"encoder layers ({share:g} per decoder layer), each as a block",
+                    int(share * sum(s.bytes for s in layer)), f"{share:g}*A_block")
+    return [*layer, *cross, encoder]
+
+
 def block_activations(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "fp32") -> list[Saved]:
     """What autograd saves in one block's forward (training mode), op by op.
 
@@ -482,6 +522,8 @@ def block_activations(cfg: ModelConfig, batch: int, seq_len: int, precision: str
         return _rnn_block_activations(cfg, batch, seq_len, precision)
     if cfg.kind == "conv":
         return _conv_block_activations(cfg, batch, seq_len, precision)
+    if cfg.kind == "encdec":
+        return _encdec_block_activations(cfg, batch, seq_len, precision)
     B, T, d, f, nh = batch, seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
     qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     N = B * T
@@ -1007,6 +1049,8 @@ def decode_state(cfg: ModelConfig, batch: int, context: int, dtype: str = "fp32"
         return (batch * spans * cfg.n_embd * b + 8 * batch,
                 f"B*d*sum((k-1)*2^i + 1)({spans})*{b} rolling buffers + positions (B={batch})")
     kv = kv_cache_bytes(cfg, batch, context, dtype)
+    if cfg.kind == "encdec":  # + each decoder layer's cross-attention keys and values of a source as long
+        return 2 * kv, f"2*2*L*B*n_kv*ctx*hd*{b} (self-attention cache + cross keys/values, B={batch}, ctx={context})"
     return kv, f"2*L*B*n_kv*ctx*hd*{b} (B={batch}, ctx={context})"
 
 
@@ -1096,7 +1140,8 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
     # forward; the light kinds' StateEngine prefills a prompt in one pass.
     kv, kv_formula = decode_state(model_cfg, batch, context if light else cache_length(context, model_cfg.block_size),
                                   kv_dtype)
-    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context) if light else
+    whole_prompt = model_cfg.kind != "decoder"  # StateEngine's prefill: no chunks
+    pre, pre_f = forward_transient(model_cfg, batch, min(prompt_len, context) if whole_prompt else
                                    min(prompt_len, context, PREFILL_CHUNK), weight_format, int4_kernel)
     dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
     base = [

@@ -281,8 +281,8 @@ def _formats(model_cfg: ModelConfig, device: str) -> list[str]:
 
     out = []
     for fmt in WEIGHT_FORMATS[device]:
-        if model_cfg.fixed_state and fmt in ("int8", "int4"):
-            continue  # memlm.compress quantizes transformer blocks; these load as float
+        if model_cfg.kind != "decoder" and fmt in ("int8", "int4"):
+            continue  # memlm.compress quantizes a decoder's blocks; the other kinds load as float
         if fmt == "int4":
             try:
                 for n_in, _ in block_linears(model_cfg):

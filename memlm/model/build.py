@@ -28,10 +28,12 @@ from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 from memlm.model.conv import ConvLM
 from memlm.model.decoder import Decoder
+from memlm.model.encdec import EncoderDecoder
 from memlm.model.rnn import RecurrentLM
 
 KINDS: dict[str, type[nn.Module]] = {
     "decoder": Decoder,
+    "encdec": EncoderDecoder,
     "rnn": RecurrentLM,
     "conv": ConvLM,
 }

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memlm.config import ModelConfig
-from memlm.model.layers import GeluMLP, SwiGLU, init_weights, make_norm
+from memlm.model.layers import init_weights, make_mlp, make_norm
 
 
 class CausalConv(nn.Module):
@@ -57,7 +57,7 @@ class ConvBlock(nn.Module):
         self.conv_norm = make_norm(config)
         self.conv = CausalConv(config, dilation)
         self.mlp_norm = make_norm(config)
-        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+        self.mlp = make_mlp(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,40 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+class CrossAttention(nn.Module):
+    """Attention from a decoder's tokens (queries) to an encoder's output (keys and values), with
+    the projections named as in `Attention`. The memory's keys and values depend on the source
+    alone: a generation computes them once per source (`memory_kv`) and reuses them every token."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, hd = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, hd
+        self.q_proj = nn.Linear(d, config.n_head * hd, bias=config.bias)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        self.dropout = config.dropout
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder output (B, S, d) as keys and values (B, nkv, S, hd) each."""
+        B, S, _ = memory.shape
+        k = self.k_proj(memory).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(memory).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) attends to every source position memory_mask (B, 1, 1, S) lets through."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = memory_kv
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
 def cache_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
     """Which cached keys each query sees: (B, 1, T, max_len), True = attend.
 
@@ -138,6 +172,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def make_mlp(config: ModelConfig) -> nn.Module:
+    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -146,7 +184,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
-        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+        self.mlp = make_mlp(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):

@@ -24,11 +24,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -59,7 +59,7 @@ CACHE_DIR = "cache"
 BAR_INTERVAL_S = 0.25  # the progress bar is redrawn after a step at most this often
 # Train-config fields that decide which data each step sees: a resume must not change them.
 _TRAJECTORY_FIELDS = (
-    "corpus", "seed", "micro_batch", "grad_accum", "seq_len",
+    "corpus", "task", "seed", "micro_batch", "grad_accum", "seq_len",
     "seq_len_warmup", "seq_len_warmup_steps", "batch_ramp", "batch_ramp_steps",
     "clean_control", "clean_unicode", "clean_lowercase", "clean_whitespace", "clean_dedup", "clean_dedup_unit",
 )
@@ -129,24 +129,73 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, tokens: np.ndarray, cfg: TrainConfig, seq_len: int, device: torch.device,
+    model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], cfg: TrainConfig, device: torch.device,
     rank: int = 0, world_size: int = 1,
 ) -> float:
-    """Mean loss over `cfg.eval_batches` fixed batches spread over the eval stream.
+    """Mean loss over fixed eval batches (TrainingData.eval_batches).
 
     With several processes each scores its share of every batch's rows (the caller averages).
     """
-    from memlm.data import eval_batches
-
     was_training = model.training
     model.eval()
     losses = []
-    for x, y in eval_batches(tokens, cfg.micro_batch, seq_len, cfg.eval_batches):
+    for x, y in batches:
         b = x.size(0) // world_size
         x, y = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
         losses.append(compute_loss(model, x.to(device), y.to(device), cfg).item())
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+@dataclass
+class TrainingData:
+    """What the loop draws batches from: token streams (an LM) or pairs (seq2seq), behind the
+    same two calls, each batch a pure function of its index."""
+
+    batches: Callable[[int], Any]  # micro-batch size -> an object with .get(index, rank, world_size, seq_len)
+    eval_batches: Callable[[], Iterable[tuple[Any, torch.Tensor]]]  # the fixed eval batches
+    size: str  # for the start-up line: "123,456 train tokens"
+    cleaning_report: dict | None = None
+
+
+def training_data(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, seq_len: int, cache: Path, cleaning,
+                  main_first) -> TrainingData:
+    """The train and eval splits of cfg.corpus, tokenized (an LM's in the token cache, written by
+    rank 0 first), checked to hold at least one batch."""
+    from memlm.data import Batches, eval_batches, tokenize_corpus
+
+    if cfg.task == "seq2seq":
+        from memlm.pairs import PairBatches, pair_eval_batches, read_pairs, tokenize_pairs
+
+        ids = {split: tokenize_pairs(read_pairs(cfg.corpus, split, cleaning), tokenizer) for split in ("train", "eval")}
+        marks = (model_cfg.start_id, tokenizer.eos_id)
+        return TrainingData(lambda b: PairBatches(ids["train"], b, seq_len, cfg.seed, *marks),
+                            lambda: pair_eval_batches(ids["eval"], cfg.micro_batch, seq_len, cfg.eval_batches, *marks),
+                            f"{len(ids['train']):,} train pairs")
+    with main_first():  # rank 0 writes the token cache, the others then read it
+        train_file = tokenize_corpus(cfg.corpus, tokenizer, "train", cache, cleaning)
+        tokens = {"train": train_file.tokens(), "eval": tokenize_corpus(cfg.corpus, tokenizer, "eval", cache,
+                                                                        cleaning).tokens()}
+    for split, stream in tokens.items():
+        if len(stream) < seq_len + 1:
+            raise MemlmError(
+                f"corpus {cfg.corpus} is too small: its {split} split has {len(stream)} tokens, "
+                f"one sequence needs {seq_len + 1}",
+                "use a bigger corpus or a shorter --seq-len",
+            )
+    return TrainingData(lambda b: Batches(tokens["train"], b, seq_len, cfg.seed),
+                        lambda: eval_batches(tokens["eval"], cfg.micro_batch, seq_len, cfg.eval_batches),
+                        f"{len(tokens['train']):,} train tokens", train_file.meta.get("cleaning_report"))
+
+
+def check_task(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """An encoder-decoder learns pairs; every other kind learns text."""
+    if (model_cfg.kind == "encdec") != (cfg.task == "seq2seq"):
+        raise MemlmError(
+            f"a {model_cfg.kind} model cannot train on the {cfg.task} task",
+            "an encoder-decoder trains with --task seq2seq (pairs); decoder, rnn and conv models with --task lm"
+            if model_cfg.kind != "encdec" else "train it with --task seq2seq",
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -202,7 +251,6 @@ def train(
     `teacher`: distill from it (memlm.train.distill); evaluation stays plain cross-entropy.
     """
     from memlm.cleaning import CleanOptions, CleanReport
-    from memlm.data import Batches, read_corpus, tokenize_corpus
     from memlm.model import build_model
     from memlm.tokenizer import Tokenizer, train_bpe
 
@@ -274,6 +322,7 @@ def train(
                 "resume with the run's own config.toml",
             )
 
+    check_task(cfg, model_cfg)
     seq_len = cfg.seq_len or model_cfg.block_size
     if seq_len > model_cfg.block_size:
         raise MemlmError(
@@ -298,7 +347,7 @@ def train(
     cfg.validate()  # now that seq_len is known, warmup lengths are checked against it
     if tokenizer is None:
         say(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.corpus}")
-        tokenizer = ctx.from_main(lambda: train_bpe(read_corpus(cfg.corpus, "train", cleaning), cfg.vocab_size))
+        tokenizer = ctx.from_main(lambda: train_bpe(_tokenizer_texts(cfg, cleaning), cfg.vocab_size))
         # a small corpus can give fewer merges than asked: the model (never larger than planned) follows
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if saved_state is not None and "train_config" in saved_state:
@@ -311,30 +360,23 @@ def train(
                 "resume with the run's own config.toml",
             )
 
-    cache = run_dir / CACHE_DIR
-    with ctx.main_first():  # rank 0 writes the token cache, the others then read it
-        train_file = tokenize_corpus(cfg.corpus, tokenizer, "train", cache, cleaning)
-        train_tokens = train_file.tokens()
-        eval_tokens = tokenize_corpus(cfg.corpus, tokenizer, "eval", cache, cleaning).tokens()
-    if train_file.meta.get("cleaning_report"):
-        say("cleaning (train split): " + CleanReport(**train_file.meta["cleaning_report"]).summary())
-    for split, tokens in (("train", train_tokens), ("eval", eval_tokens)):
-        if len(tokens) < seq_len + 1:
-            raise MemlmError(
-                f"corpus {cfg.corpus} is too small: its {split} split has {len(tokens)} tokens, "
-                f"one sequence needs {seq_len + 1}",
-                "use a bigger corpus or a shorter --seq-len",
-            )
+    if model_cfg.kind == "encdec":  # the decoder starts from EOS, as BART's
+        if tokenizer.eos_id is None:
+            raise MemlmError("an encoder-decoder needs a tokenizer with an EOS token", "train one here (no --tokenizer)")
+        model_cfg = dataclasses.replace(model_cfg, start_id=tokenizer.eos_id)
+    data = training_data(cfg, model_cfg, tokenizer, seq_len, run_dir / CACHE_DIR, cleaning, ctx.main_first)
+    if data.cleaning_report:
+        say("cleaning (train split): " + CleanReport(**data.cleaning_report).summary())
     return_free_heap()  # the tokenizer's and the tokenization's freed buffers go back to the system
     if guard is not None:
         guard.mark("start-up")
     # One Batches per micro-batch size of the batch ramp: each draws its rows from (seed, index),
     # so every micro-batch is a pure function of its index and the step's shape.
-    batches: dict[int, Batches] = {}
+    batches: dict[int, Any] = {}
 
-    def micro_batch(index: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_batch(index: int, shape) -> tuple[Any, torch.Tensor]:
         if shape.micro_batch not in batches:
-            batches[shape.micro_batch] = Batches(train_tokens, shape.micro_batch, seq_len, cfg.seed)
+            batches[shape.micro_batch] = data.batches(shape.micro_batch)
         return batches[shape.micro_batch].get(index, ctx.rank, ctx.world_size, seq_len=shape.seq_len)
 
     # ---- model and optimizer (built before the run folder is written: they can still fail)
@@ -378,7 +420,7 @@ def train(
     end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     say(
         f"model: {model.num_params():,} parameters | device {device} | {cfg.precision} | "
-        f"{len(train_tokens):,} train tokens | "
+        f"{data.size} | "
         f"{cfg.micro_batch * cfg.grad_accum * seq_len:,} tokens per step"
         + (" (after the warmup phases)" if cfg.seq_len_warmup or cfg.batch_ramp else "")
     )
@@ -502,7 +544,7 @@ def train(
                 window_tokens, window_time = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end_step:
-                eval_loss = ctx.mean(evaluate(net, eval_tokens, cfg, seq_len, device, ctx.rank, ctx.world_size))
+                eval_loss = ctx.mean(evaluate(net, data.eval_batches(), cfg, device, ctx.rank, ctx.world_size))
                 eval_losses.append((step, eval_loss))
                 log({"step": step, "eval_loss": eval_loss})
                 say(f"step {step}: eval loss {eval_loss:.4f}")
@@ -575,6 +617,17 @@ def _interrupted(sig: signal.Signals, step: int, saved: Path | None, run_dir: Pa
     where = f"checkpoint {saved}" if saved is not None else "its checkpoint"
     return Interrupted(f"{sig.name} after step {step}: {where} is saved",
                        f"memlm train --out {run_dir} --resume continues the run", sig)
+
+
+def _tokenizer_texts(cfg: TrainConfig, cleaning) -> list[str]:
+    """The train split's text a tokenizer is trained on (seq2seq: every source and target)."""
+    if cfg.task == "seq2seq":
+        from memlm.pairs import read_pairs
+
+        return [text for pair in read_pairs(cfg.corpus, "train", cleaning) for text in pair]
+    from memlm.data import read_corpus
+
+    return read_corpus(cfg.corpus, "train", cleaning)
 
 
 def _teacher_bytes(teacher: Any | None) -> int:
