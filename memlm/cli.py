@@ -485,21 +485,23 @@ def plan(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="A known model name or a path.")],
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (hf) or .gguf file (gguf).")],
-    to: Annotated[str, typer.Option(help="hf | gguf.")] = "hf",
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (hf, safetensors) or .gguf file (gguf).")],
+    to: Annotated[str, typer.Option(help="hf | gguf (decoders) | safetensors (any kind; memlm.load reads it).")] = "hf",
     qtype: Annotated[str, typer.Option(help="GGUF tensor type: F32 | F16 | Q8_0 | Q4_1 (int4-g32 models).")] = "F32",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ):
-    """Write a model as a Hugging Face folder or a GGUF file."""
+    """Write a model as a Hugging Face folder, a GGUF file or a memlm safetensors folder."""
     from memlm.interop.hf import save_hf
-    from memlm.loading import load_model
+    from memlm.loading import load_model, save_safetensors
 
-    if to not in ("hf", "gguf"):
-        raise MemlmError(f"unknown export format '{to}'", "use --to hf or --to gguf")
+    if to not in ("hf", "gguf", "safetensors"):
+        raise MemlmError(f"unknown export format '{to}'", "use --to hf, --to gguf or --to safetensors")
     if out_path.exists() and not force:
         raise MemlmError(f"{out_path} already exists", "choose another --out, or pass --force to replace it")
     lm, tokenizer = load_model(model)
-    if to == "hf":
+    if to == "safetensors":
+        save_safetensors(lm, tokenizer, out_path)
+    elif to == "hf":
         save_hf(lm, out_path, tokenizer)
     else:
         from memlm.interop.gguf import save_gguf

@@ -236,7 +236,8 @@ def _run_model_section(run_dir: Path) -> dict:
 
 def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
              weight_format: str | None = None) -> tuple[nn.Module, Tokenizer]:
-    """The latest checkpoint of a memlm training run (weight_format as in `load_model`).
+    """The latest checkpoint of a memlm training run (weight_format as in `load_model`), or the
+    weights of a folder `memlm export --to safetensors` wrote (config.toml + model.safetensors).
 
     The checkpoint is read one tensor at a time into fresh memory (TensorFile, not safetensors'
     map of the whole file), each block Linear converted before the next is read.
@@ -247,11 +248,12 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
     from memlm.train.checkpoint import MODEL_FILE, latest_checkpoint, verify_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    if ckpt is None and not (run_dir / MODEL_FILE).is_file():
         raise MemlmError(f"run folder {run_dir} has no checkpoint yet", "train it first (memlm train)")
     config = ModelConfig.from_dict(_run_model_section(run_dir))
-    verify_checkpoint(ckpt, [MODEL_FILE])  # the weights are as saved (the sha256 in trainer_state.json)
-    weights = ckpt / MODEL_FILE
+    if ckpt is not None:
+        verify_checkpoint(ckpt, [MODEL_FILE])  # the weights are as saved (the sha256 in trainer_state.json)
+    weights = (ckpt or run_dir) / MODEL_FILE
     assembler = ModelAssembler(empty_model(config), weight_format, dtype, source=str(weights))
     with TensorFile(weights) as f:
         for key in f.keys():
@@ -259,6 +261,29 @@ def load_run(run_dir: Path, dtype: torch.dtype = torch.float32,
             target = "tok_emb.weight" if config.tied_embeddings and key == "lm_head.weight" else key
             assembler.put(target, f.read(key))
     return assembler.finish(), Tokenizer.load(run_dir)
+
+
+def save_safetensors(model: nn.Module, tokenizer: Tokenizer | None, folder: str | Path) -> Path:
+    """A folder `load_run` reads back, for a model of any kind: config.toml ([model]),
+    model.safetensors (a tied weight once), the tokenizer. Each file is written to a temporary
+    name and renamed into place."""
+    import os
+
+    from safetensors.torch import save_model
+
+    from memlm.config import to_toml
+    from memlm.integrity import write_text_atomic
+    from memlm.train.checkpoint import MODEL_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MODEL_FILE}.tmp"
+    save_model(model, str(tmp), metadata={"format": "memlm-model-1"})
+    os.replace(tmp, folder / MODEL_FILE)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    write_text_atomic(folder / "config.toml", to_toml({"model": model.config.to_dict()}))
+    return folder
 
 
 @dataclass

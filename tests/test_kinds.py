@@ -135,3 +135,47 @@ def test_a_conv_context_beyond_its_receptive_field_is_refused():
     with pytest.raises(MemlmError, match="longer than its receptive field of 15") as e:
         small("conv", block_size=16)
     assert "raise n_layer or conv_kernel" in e.value.hint
+
+
+# ---------------------------------------------------------------------------- bad input, from the CLI
+
+@pytest.fixture(scope="module")
+def gru_run(tmp_path_factory, corpus, tokenizer_dir):
+    run = tmp_path_factory.mktemp("kinds") / "gru"
+    train(_train_cfg(run, corpus, tokenizer_dir, steps=2, eval_every=0, save_every=0), small("gru", vocab_size=320))
+    return run
+
+
+@pytest.mark.slow  # three fresh processes
+def test_what_a_kind_cannot_do_is_one_line_and_exit_2(gru_run, tmp_path):
+    from tests.test_cli import assert_user_error, memlm
+
+    assert_user_error(memlm("train", "--kind", "conv", "--set", "model.block_size=1024", "--out", str(tmp_path / "c")),
+                      "longer than its receptive field of 511", "hint: raise n_layer or conv_kernel")
+    assert_user_error(memlm("chat", "--model", str(gru_run), input="hi\n"), "no chat template")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"source": "def f(): pass", "label": "nothing"}\n')
+    assert_user_error(memlm("train", "--kind", "encdec", "--task", "seq2seq", "--corpus", str(pairs),
+                            "--out", str(tmp_path / "e")), "line 1: no string 'target' field")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
+
+
+def test_the_commands_of_decoders_refuse_other_kinds_with_a_hint(gru_run, tmp_path):
+    from memlm.compress.pipeline import plan_compress
+    from memlm.fit import load_for_serving
+    from memlm.interop.gguf import save_gguf
+    from memlm.interop.hf import save_hf
+    from memlm.loading import load_model, save_safetensors
+    from memlm.train.loop import check_task
+
+    model, tokenizer = load_model(gru_run)
+    for refused in (lambda: save_hf(model, tmp_path / "hf"), lambda: save_gguf(model, tokenizer, tmp_path / "m.gguf"),
+                    lambda: load_for_serving(str(gru_run)), lambda: plan_compress(str(gru_run), ["int8"]),
+                    lambda: check_task(TrainConfig(task="seq2seq"), model.config)):
+        with pytest.raises(MemlmError) as e:
+            refused()
+        assert "rnn" in e.value.message and e.value.hint
+    # what every kind can do: a safetensors folder that memlm.load reads back
+    save_safetensors(model, tokenizer, tmp_path / "exported")
+    again = load(tmp_path / "exported")
+    assert torch.equal(again.model.tok_emb.weight, model.tok_emb.weight) and again.config == model.config

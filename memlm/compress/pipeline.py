@@ -472,6 +472,9 @@ def plan_compress(source: str, methods: list[str], options: CompressOptions | No
     o.validate()
     check_methods(methods)
     config = model_config_of(source)
+    if config.kind != "decoder":
+        raise MemlmError(f"memlm compress works on a decoder's transformer blocks; {source} is a {config.kind} model",
+                         "a light model is small already: memlm generate --memory-budget loads it in bf16 if needed")
     # PyTorch's int4 layout: asked for, or by default where memlm's own kernels are not built
     kernel = o.use_kernel is True or (o.use_kernel is None and torch_int4_layout_by_default())
     window = min(o.window, config.block_size)

@@ -1024,6 +1024,9 @@ def _tokenizer_from(f: _GGUFFile) -> Tokenizer:
 
 def gguf_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture a config maps to, or a MemlmError saying what does not fit."""
+    if config.kind != "decoder":
+        raise MemlmError(f"llama.cpp runs decoder models; this is a {config.kind} model",
+                         "export it with --to safetensors (memlm.load reads that folder back)")
     flavour = (config.norm, config.positions, config.mlp)
     if flavour == ("rmsnorm", "rope", "swiglu"):
         return "llama"

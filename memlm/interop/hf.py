@@ -98,6 +98,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def hf_architecture(config: ModelConfig) -> str:
     """Which HF architecture holds this memlm config exactly, or an error naming why none does."""
+    if config.kind != "decoder":
+        raise MemlmError(f"a {config.kind} model has no Hugging Face decoder twin to export to",
+                         "export it with --to safetensors (memlm.load reads that folder back)")
     if config.norm == "layernorm" and config.positions == "learned" and config.mlp == "gelu" and config.bias \
             and config.n_kv_heads == config.n_head:
         return "gpt2"
