@@ -609,6 +609,39 @@ def distill(
     _report_peak(result.predicted_peak_bytes)
 
 
+# ---- sweep ---------------------------------------------------------------------------------------
+
+@app.command()
+def sweep(
+    budget: Annotated[str, typer.Option(help="Memory per training run, e.g. 1GiB: only sizes that fit are tried.")],
+    time: Annotated[str, typer.Option("--time", help="Training time for the whole ladder, e.g. 10m (equal shares).")],
+    preset: Annotated[str, typer.Option(help="The flavour every size is scaled from.")] = "tiny",
+    rungs: Annotated[int, typer.Option(help="How many sizes to train.")] = 4,
+    out_dir: Annotated[str, typer.Option("--out", help="Folder of the sweep (a run folder per size).")] = "runs/sweep",
+    corpus: Annotated[str, typer.Option(help="'default' or a path; held-out loss on its eval split.")] = "default",
+    seq_len: Annotated[Optional[int], typer.Option(help="Training context length.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any key: model.positions=rope, train.lr=3e-3.")] = None,
+):
+    """Choose a model size by validation: train a ladder of sizes that fit the budget, each for its
+    share of the time, and recommend the one with the lowest held-out loss (with a plot and its plan)."""
+    from memlm.config import check_range
+    from memlm.sweep import describe, parse_duration, recommendation
+    from memlm.sweep import sweep as run_sweep
+
+    check_range("sweep", "--rungs", rungs, low=1)
+    seconds = parse_duration(time)
+    overrides = _parse_set(set_ or [])
+    overrides["train"].update({k: v for k, v in {"corpus": corpus, "seq_len": seq_len}.items() if v is not None})
+    if Path(out_dir).exists():
+        raise MemlmError(f"{out_dir} already exists", "choose another --out")
+    base, train_cfg = resolve_configs(None, preset, overrides)
+    result = run_sweep(base, train_cfg, budget, seconds, out_dir, rungs, console=console)
+    out.print(describe(result), markup=False)
+    out.print(f"recommended for {budget}: [bold]{result.best.name}[/] ({result.best.params:,} parameters, "
+              f"held-out loss {result.best.eval_loss:.4f}); plot {result.plot}; results {Path(out_dir) / 'sweep.json'}")
+    out.print(recommendation(result))
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 @app.command()
