@@ -65,8 +65,13 @@ def fuse_projections(model: Decoder) -> Decoder:
     One matmul instead of three reads the activations once and makes one kernel call per token
     instead of three (at batch 1 on a CPU the calls, not the FLOPs, are much of the cost). Only
     layers of one kind and format are fused; anything else (LoRA, low-rank, mixed formats) is
-    left as it is."""
+    left as it is.
+
+    Each block's freed parts go back to the system before the next block is fused: the fused
+    copies never fit the holes the parts leave in glibc's heap, and without this the model's
+    resident memory grew by ~45 MiB (SmolLM2 int8) for the pages of weights no longer used."""
     from memlm.compress.quantize import concat_linears  # the formats know how to concatenate
+    from memlm.memory.measure import return_free_heap
 
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
@@ -80,6 +85,7 @@ def fuse_projections(model: Decoder) -> Decoder:
             if fused is not None:
                 mlp.gate_up_proj = fused
                 del mlp.gate_proj, mlp.up_proj
+        return_free_heap()
     return model
 
 
