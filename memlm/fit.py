@@ -80,13 +80,14 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
     if budget is None:
         lm = load(name_or_path)
         ctx = min(context or lm.config.block_size, lm.config.block_size)
-        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime)
+        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime, compile)
         fitted = Fitted(lm, b)
     else:
         config = model_config_of(name_or_path)
         ctx = min(context or config.block_size, config.block_size)
         plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
                               min_batch=batch, max_batch=max(batch, max_batch or batch), runtime=runtime,
+                              compile=compile,
                               **_candidates(name_or_path))
         fitted = _load_planned(name_or_path, plan, "the model", "token",
                                "raise --memory-budget, shorten the context or use a smaller model "
@@ -109,7 +110,7 @@ def load_for_serving(name_or_path: str, budget: str | int | None = None, context
     fidelity). The pool is the plan's: `breakdown.settings["batch"]` x `["context"]`."""
     ctx = context or min(model_config_of(name_or_path).block_size, SERVE_CONTEXT)
     if budget is not None:
-        slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots)
+        slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots, compile)
     return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile, runtime="serve")
 
 
@@ -117,7 +118,7 @@ def _prefill_share(slots: int) -> int:
     return -(-PREFILL_CHUNK // slots)
 
 
-def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) -> int:
+def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int, compile: bool = False) -> int:
     """The most slots (up to `slots`) any one format holds in the budget (at least 1: if not even
     one fits, load_for_inference refuses it with the leanest plan's need)."""
     config, candidates = model_config_of(name_or_path), _candidates(name_or_path)
@@ -125,7 +126,7 @@ def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) ->
 
     def most(fmt: str, prompt_len: int, least: int = 1) -> int:
         plan = plan_inference(config, budget, context=context, prompt_len=prompt_len, min_batch=least,
-                              max_batch=slots, formats=[fmt], runtime="serve", **candidates)
+                              max_batch=slots, formats=[fmt], runtime="serve", compile=compile, **candidates)
         return plan.settings["concurrent_sequences"] if plan.feasible else 0
 
     best = 0

@@ -65,6 +65,11 @@ RUNTIME_BYTES: dict[str, dict[str, int]] = {
              "serve": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
+# A compiled decode step (`--compile`): torch.compile's own memory in the process (dynamo,
+# inductor, sympy, the FX graphs and the compiled block's code), the same whatever the model's
+# size: `memlm generate --compile` minus the same command eager, SmolLM2 fp32 +150 MiB and int8
+# (--memory-budget 600MiB) +164 MiB on 2026-12-01, warm inductor cache.
+COMPILE_BYTES = {"cpu": 165 * MiB, "cuda": 0}
 
 # glibc's heap (its default, dynamic mmap threshold) serves tensors up to 32 MiB from arenas that
 # keep freed blocks for reuse: a step's transients are resident with their holes, and gradients
@@ -919,10 +924,10 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                        weight_format: str = "fp32", kv_dtype: str | None = None, prompt_len: int | None = None,
                        device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool | None = None,
                        group_size: int | None = None, embedding_group_size: int | None = None,
-                       runtime: str = "infer") -> Breakdown:
+                       runtime: str = "infer", compile: bool = False) -> Breakdown:
     """Peak memory of generation: weights + KV cache for `batch` sequences of `context` tokens +
     the larger of the prefill and decode temporaries + the runtime ("infer": a command;
-    "serve": memlm serve, see RUNTIME_BYTES).
+    "serve": memlm serve, see RUNTIME_BYTES) + the compiler's, with a compiled decode step.
 
     context: the cache's length (prompt + new tokens; default block_size). prompt_len: tokens
     prefilled at once (default: context // 2). kv_dtype: default like generate_ids: the
@@ -950,6 +955,7 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
         Term("kv_cache", kv, f"2*L*B*n_kv*ctx*hd*{DTYPE_BYTES[kv_dtype]} (B={batch}, ctx={context})"),
         *_inference_extras(model_cfg, weight_format, device),
+        *([Term("compiler", COMPILE_BYTES[device], "torch.compile in the process (measured)")] if compile else []),
     ]
     phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}
     peak_phase = "prefill" if pre >= dec else "decode"
@@ -1244,7 +1250,7 @@ def model_layout(model) -> dict:
 
 
 def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None,
-                       runtime: str = "infer") -> Breakdown:
+                       runtime: str = "infer", compile: bool = False) -> Breakdown:
     """`estimate_inference` for a loaded model, its layout read off its modules (`model_layout`)."""
     return estimate_inference(model.config, batch, context, prompt_len=prompt_len, runtime=runtime,
-                              **model_layout(model))
+                              compile=compile, **model_layout(model))

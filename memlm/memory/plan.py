@@ -307,7 +307,8 @@ def _max_int(lo: int, hi: int, ok) -> int:
 def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int | None = None,
                    device: str = "cpu", max_batch: int = 256, prompt_len: int | None = None,
                    min_batch: int = 1, formats: list[str] | None = None,
-                   layout: Callable[[str], dict] | None = None, runtime: str = "infer") -> Plan:
+                   layout: Callable[[str], dict] | None = None, runtime: str = "infer",
+                   compile: bool = False) -> Plan:
     """Weight format, KV-cache dtype and concurrent sequences (x context) that fit the budget.
 
     The format is the best one that holds `min_batch` sequences; the rest of the budget goes to
@@ -316,6 +317,7 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
     memlm can build for this model); `layout(format)`: how the loader will lay that format out
     (memlm.loading.layout_of: group sizes, an int8 embedding), so the plan predicts what loads.
     runtime: "infer" (a command) or "serve" (memlm serve; memlm.memory.estimate.RUNTIME_BYTES).
+    compile: the decode step is compiled (the compiler's memory is counted).
     """
     max_batch = max(max_batch, min_batch)
     budget = parse_size(budget_bytes)
@@ -333,7 +335,7 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
     def est(fmt: str, kv: str, batch: int, ctx: int) -> Breakdown:
         return estimate_inference(model_cfg, batch=batch, context=ctx, weight_format=fmt, kv_dtype=kv,
                                   prompt_len=min(prompt_len, ctx) if prompt_len else None, device=device,
-                                  runtime=runtime, **layouts[fmt])
+                                  runtime=runtime, compile=compile, **layouts[fmt])
 
     def tradeoffs(fmt: str, kv: str, ctx: int) -> list[str]:
         out = []
