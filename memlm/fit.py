@@ -64,17 +64,19 @@ def prompt_tokens_bound(text: str) -> int:
 
 
 def load_for_inference(name_or_path: str, budget: str | int | None = None, context: int | None = None,
-                       batch: int = 1, prompt_len: int | None = None, compile: bool = False) -> Fitted:
+                       batch: int = 1, prompt_len: int | None = None, compile: bool = False,
+                       adapter: str | None = None) -> Fitted:
     """`memlm.load`, planned: with a budget, the best weight format whose predicted peak for
     `batch` sequences of `context` tokens fits, loaded straight into that format; without one,
     the model as stored and the prediction of its own format. It generates through an Engine
     with fused projections (and a compiled decode step when `compile`).
 
     context: the KV cache's length (default: the model's block size). prompt_len: tokens
-    prefilled at once (default: the whole context).
+    prefilled at once (default: the whole context). adapter: a LoRA adapter folder put on the
+    model (memlm.load's; its few weights are not in the prediction).
     """
     if budget is None:
-        lm = load(name_or_path)
+        lm = load(name_or_path, adapter=adapter)
         ctx = min(context or lm.config.block_size, lm.config.block_size)
         b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx))
         fitted = Fitted(lm, b)
@@ -85,33 +87,35 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
                               min_batch=batch, max_batch=batch, **_candidates(name_or_path))
         fitted = _load_planned(name_or_path, plan, "the model", "token",
                                "raise --memory-budget, shorten the context or use a smaller model "
-                               "(see: memlm plan --task infer)")
+                               "(see: memlm plan --task infer)", adapter)
     lm = fitted.lm
     lm.engine = Engine(lm.model, compile=compile, fuse=True, cache_dtype=lm.cache_dtype)
     return fitted
 
 
-def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str) -> Fitted:
+def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str,
+                  adapter: str | None = None) -> Fitted:
     """Refuse an infeasible plan before any work; else load straight into its format, guarded."""
     if not plan.feasible:
         raise DoesNotFit(f"{what} does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
                          f"the leanest plan needs {format_bytes(plan.min_budget)}", hint)
     assert plan.breakdown is not None
     guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), unit)  # before loading: it counts
-    lm = load(name_or_path, weight_format=plan.settings["weight_format"])
+    lm = load(name_or_path, weight_format=plan.settings["weight_format"], adapter=adapter)
     if plan.settings.get("kv_dtype"):
         lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
     guard.mark("model")
     return Fitted(lm, plan.breakdown, plan, guard)
 
 
-def load_for_scoring(name_or_path: str, budget: str | int | None = None, window: int = 512, batch: int = 1) -> Fitted:
+def load_for_scoring(name_or_path: str, budget: str | int | None = None, window: int = 512, batch: int = 1,
+                     adapter: str | None = None) -> Fitted:
     """`memlm.load` for perplexity scoring of `batch` windows of `window` tokens (memlm eval)."""
     if budget is None:
-        lm = load(name_or_path)
+        lm = load(name_or_path, adapter=adapter)
         b = estimate_scoring(lm.config, batch, window, **model_layout(lm.model))
         return Fitted(lm, b)
     config = model_config_of(name_or_path)
     plan = plan_scoring(config, parse_size(budget), window, batch, **_candidates(name_or_path))
     return _load_planned(name_or_path, plan, "scoring", "batch of windows",
-                         "raise --memory-budget or lower --window / --batch-size")
+                         "raise --memory-budget or lower --window / --batch-size", adapter)

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memlm.compress.lowrank import LowRankLinear
-from memlm.compress.prune import Sparse24Linear
-from memlm.compress.quantize import GROUP_CLASSES, Int8Embedding, Int8Linear, Int8TiedHead, set_module
+from memlm.compress import kinds
+from memlm.compress.quantize import set_module
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 from memlm.memory.measure import return_free_heap
@@ -44,8 +43,8 @@ META_FILE = "memlm_model.json"
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """{module name: spec} for every compressed module (those with a `spec()` method)."""
-    return {name: m.spec() for name, m in model.named_modules() if callable(getattr(m, "spec", None))}
+    """{module name: spec} for every compressed module (memlm.compress.kinds)."""
+    return kinds.layer_specs(model)
 
 
 def _is_tied(model: nn.Module) -> bool:
@@ -166,27 +165,6 @@ class TensorFile:
         self.close()
 
 
-def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module, use_kernel: bool | None) -> nn.Module:
-    """A module of the recorded kind with meta tensors of the placeholder's shape."""
-    kind = spec.get("kind")
-    linear_args = lambda: (placeholder.in_features, placeholder.out_features)  # noqa: E731
-    has_bias = getattr(placeholder, "bias", None) is not None
-    if kind == "int8":  # version-1 folders have no group size: one scale per row
-        return Int8Linear(*linear_args(), bias=has_bias, device="meta", group_size=spec.get("group_size"))
-    if kind in ("int4", "int3"):
-        return GROUP_CLASSES[int(kind[-1])](*linear_args(), spec["group_size"], bias=has_bias, device="meta", use_kernel=use_kernel)
-    if kind == "lowrank":
-        return LowRankLinear(*linear_args(), spec["rank"], bias=has_bias, device="meta")
-    if kind == "sparse_2_4":
-        return Sparse24Linear(*linear_args(), bias=has_bias, device="meta")
-    if kind == "int8_embedding":
-        return Int8Embedding(placeholder.num_embeddings, placeholder.embedding_dim, device="meta",
-                             group_size=spec.get("group_size"))
-    if kind == "int8_tied_head":
-        return Int8TiedHead(model.get_submodule(spec["embedding"]), spec["embedding"])
-    raise MemlmError(f"unknown compressed layer kind {kind!r}", "this model was saved by a newer memlm; upgrade memlm")
-
-
 def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None) from a folder written by `save_compressed`; model in eval mode.
 
@@ -217,7 +195,7 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
             placeholder = model.get_submodule(name)
         except AttributeError:
             raise MemlmError(f"{meta_path}: layer {name!r} does not exist in the model its config describes") from None
-        set_module(model, name, _empty_module(spec, placeholder, model, use_kernel))
+        set_module(model, name, kinds.empty_layer(spec, placeholder, model, use_kernel))
 
     tied = bool(meta.get("tied_embeddings")) and isinstance(model.lm_head, nn.Linear)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())

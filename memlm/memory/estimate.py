@@ -832,17 +832,15 @@ def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool | Non
     PyTorch's CPU int4 kernel also caches a bf16 (scale, zero) pair per group on first use:
     + 4*out*in/g, where its layout is used (int4_kernel; None: as on this machine, torch_int4_layout).
     """
-    n = n_in * n_out
-    if fmt in ("fp32", "bf16"):
-        return n * DTYPE_BYTES[fmt]
-    if fmt == "int8":
-        return n + 4 * (n_out if group_size is None else n_out * (n_in // group_size))
+    from memlm.compress.kinds import FORMAT_KINDS  # each layer kind's own formula
+
+    if fmt not in ("fp32", "bf16", "int8", "int4"):
+        raise MemlmError(f"unknown weight format '{fmt}'", "use fp32, bf16, int8 or int4")
     if fmt == "int4":
         g = int4_group_size(n_in, group_size or 128)
-        groups = n_out * (n_in // g)
-        kernel = 4 * groups if (torch_int4_layout(int4_kernel) and int4_uses_kernel(n_out, g)) else 0
-        return n // 2 + 4 * groups + kernel
-    raise MemlmError(f"unknown weight format '{fmt}'", "use fp32, bf16, int8 or int4")
+        return FORMAT_KINDS[fmt].weight_bytes(n_in, n_out, group_size=g, torch_int4_layout=(
+            torch_int4_layout(int4_kernel) and int4_uses_kernel(n_out, g)))
+    return FORMAT_KINDS[fmt].weight_bytes(n_in, n_out, DTYPE_BYTES[fmt], group_size)
 
 
 def inference_weight_bytes(cfg: ModelConfig, weight_format: str = "fp32", quantize_embedding: bool = False,
@@ -1220,21 +1218,23 @@ def model_layout(model) -> dict:
     given; 32 for GGUF Q4_1 blocks), and whether (and how) the embedding is int8."""
     import torch
 
+    from memlm.compress.kinds import kind_of
+
     modules = list(model.modules())
-    kinds = {type(m).__name__ for m in modules}
+    names = {kind_of(m).name for m in modules if kind_of(m) is not None}
 
     def group_of(kind: str) -> int | None:
-        sizes = [m.group_size for m in modules if type(m).__name__ == kind]
+        sizes = [m.group_size for m in modules if kind_of(m) is not None and kind_of(m).name == kind]
         return max(sizes) if sizes and None not in sizes else None
 
-    if "Int4Linear" in kinds:
-        fmt, group = "int4", group_of("Int4Linear")
-    elif "Int8Linear" in kinds:
-        fmt, group = "int8", group_of("Int8Linear")
+    if "int4" in names:
+        fmt, group = "int4", group_of("int4")
+    elif "int8" in names:
+        fmt, group = "int8", group_of("int8")
     else:
         fmt, group = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32", None
-    return {"weight_format": fmt, "quantize_embedding": "Int8Embedding" in kinds, "group_size": group,
-            "embedding_group_size": group_of("Int8Embedding")}
+    return {"weight_format": fmt, "quantize_embedding": "int8_embedding" in names, "group_size": group,
+            "embedding_group_size": group_of("int8_embedding")}
 
 
 def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None) -> Breakdown:
