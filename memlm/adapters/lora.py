@@ -9,10 +9,10 @@ the base (its shape, how it passes gradients back, how an update folds into it) 
 base's kind. `lora_A` starts as nn.Linear's default (Kaiming-uniform, as PEFT) and `lora_B` at
 zero, so before the first step the model computes exactly what the base did.
 
-A frozen quantized base is never dequantized whole. Autograd would keep every float slice a
-quantized forward makes (the whole layer, in float, until backward); `_FrozenLinear` keeps
-nothing instead and, in backward, computes grad_x = grad_y @ W a slice of W's rows at a time
-(`LayerKind.input_grad`), which is what QLoRA does.
+A frozen quantized base is never dequantized whole: under autograd its forward saves nothing and
+its backward computes grad_x = grad_y @ W from the packed weight, a slice of rows at a time
+(memlm.compress.quantize.frozen_matmul, as QLoRA's 4-bit matmul), which holds for every frozen
+quantized layer of the model, adapted or not.
 
 The state-dict names are PEFT's once the adapter name is dropped: `<layer>.lora_A.weight`,
 `<layer>.lora_B.weight`, the base under `<layer>.base_layer` (memlm.adapters.peft reads and
@@ -32,30 +32,6 @@ from memlm.errors import MemlmError
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the blocks (not the output head)
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """y = base(x) for a frozen base, with grad_x = grad_y @ W computed in backward from the
-    base's own storage (nothing saved in forward: no float copy of a quantized weight)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # type: ignore[override]
-        ctx.base, ctx.dtype = base, x.dtype
-        return base(x)  # grad mode is off here: the base takes its inference paths
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        return kind_of(ctx.base).input_grad(ctx.base, grad_out).to(ctx.dtype), None
-
-
-def frozen_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """base(x) for a frozen linear-like layer, differentiable in x.
-
-    A float nn.Linear goes through autograd as it is (it saves its weight, which exists anyway);
-    every other kind through `_FrozenLinear`."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or type(base) is nn.Linear:
-        return base(x)
-    return _FrozenLinear.apply(x, base)
 
 
 class LoRALinear(nn.Module):
@@ -84,7 +60,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_forward(self.base_layer, x)
+        y = self.base_layer(x)  # a frozen quantized base keeps no float weight for backward (quantize.frozen_matmul)
         a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return y + (self.lora_B(a) * self.scaling).to(y.dtype)
 

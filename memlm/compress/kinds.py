@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from memlm.compress.lowrank import LowRankLinear
-from memlm.compress.prune import Sparse24Linear, _unpack_2bit
+from memlm.compress.prune import Sparse24Linear
 from memlm.compress.quantize import (
-    DEQUANT_CHUNK_ELEMENTS,
     GROUP_CLASSES,
     GroupQuantLinear,
     Int3Linear,
@@ -45,13 +44,9 @@ from memlm.compress.quantize import (
     module_from_codes,
     quantize_groups,
     quantize_int8,
+    rows_matmul,
 )
 from memlm.errors import MemlmError
-
-
-def _rows_step(in_features: int) -> int:
-    """Output rows materialised at once: at most DEQUANT_CHUNK_ELEMENTS float weights."""
-    return max(1, DEQUANT_CHUNK_ELEMENTS // max(1, in_features))
 
 
 class LayerKind:
@@ -85,14 +80,7 @@ class LayerKind:
     def input_grad(self, m: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
         """grad_out (..., out) @ W (out, in), W materialised a slice of output rows at a time."""
         out_f, in_f = self.shape(m)
-        step = _rows_step(in_f)
-        if out_f <= step:
-            return grad_out @ self.weight_rows(m, 0, None, grad_out.dtype)
-        grad_in = None
-        for i in range(0, out_f, step):
-            part = grad_out[..., i:i + step] @ self.weight_rows(m, i, i + step, grad_out.dtype)
-            grad_in = part if grad_in is None else grad_in.add_(part)
-        return grad_in
+        return rows_matmul(grad_out, lambda i, j: self.weight_rows(m, i, j, grad_out.dtype), out_f, in_f)
 
     def quantized_state(self, m: nn.Module) -> dict[str, torch.Tensor] | None:
         return None
@@ -149,7 +137,7 @@ class _Int8(LayerKind):
                           device="meta", group_size=spec.get("group_size"))
 
     def weight_rows(self, m, start=0, stop=None, dtype=torch.float32):
-        return dequantize_int8(m.weight_int8[start:stop], m.scales[start:stop], dtype)
+        return m.weight_rows(start, stop, dtype)
 
     def quantized_state(self, m):
         return {"weight_int8": m.weight_int8, "scales": m.scales}
@@ -178,7 +166,7 @@ class _Group(LayerKind):
                                         use_kernel=use_kernel)
 
     def weight_rows(self, m, start=0, stop=None, dtype=torch.float32):
-        return m.dequantized(dtype, start, stop)
+        return m.weight_rows(start, stop, dtype)
 
     def quantized_state(self, m):
         return {"codes": m.codes(), "scales": m.scales, "mins": m.mins}
@@ -241,11 +229,7 @@ class _Sparse24(LayerKind):
                               device="meta")
 
     def weight_rows(self, m, start=0, stop=None, dtype=torch.float32):
-        values = m.values.detach()[start:stop]
-        rows, inp = values.shape[0], m.in_features
-        pos = _unpack_2bit(m.positions[start:stop]).long().view(rows, inp // 4, 2)
-        dense = torch.zeros(rows, inp // 4, 4, dtype=dtype, device=values.device)
-        return dense.scatter_(-1, pos, values.to(dtype).view(rows, inp // 4, 2)).view(rows, inp)
+        return m.weight_rows(start, stop, dtype)
 
     def plus_low_rank(self, m, up, down):
         """Pruned again to 2:4 (the update is dense): lossy."""
@@ -284,7 +268,7 @@ class _Int8TiedHead(LayerKind):
         return None
 
     def weight_rows(self, m, start=0, stop=None, dtype=torch.float32):
-        return KINDS[Int8Embedding].weight_rows(m.embedding, start, stop, dtype)
+        return m.weight_rows(start, stop, dtype)
 
 
 KINDS: dict[type[nn.Module], LayerKind] = {
