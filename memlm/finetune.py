@@ -360,7 +360,7 @@ def finetune(fcfg: FinetuneConfig, train_cfg: TrainConfig, resume: bool = False,
     if resume:
         _check_resume(run_dir, fcfg)
     task = FineTune(fcfg, cfg, console)
-    if eval_before and not resume:
+    if eval_before and not resume and fcfg.task == "lm":  # (a classifier's head starts untrained: no "before")
         task.eval_before = task.evaluate(task.base, cfg, torch.device("cpu"))
     if before and fcfg.task == "lm":
         held_out = [e for e in task.eval_records if "messages" in e][:before]

@@ -777,7 +777,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         recomputing = CHECKPOINT_SLACK * per_block if n_ckpt else 0
         for terms in phases.values():
             unit = sum(v[0] for k, v in terms.items() if k not in ("runtime", "weights", "optimizer_states", "teacher"))
-            state = weights + states
+            # a frozen base is allocated once, when loaded: no freed gradients or updates around it
+            state = weights + states - (frozen.base_bytes if frozen is not None else 0)
             terms["allocator"] = (int(a_unit * unit + a_state * state + recomputing),
                                   f"{a_unit}*(this phase's transients) + {a_state}*(weights + states)"
                                   + (f" + {CHECKPOINT_SLACK}*A_block (recomputation)" if n_ckpt else "")
@@ -934,6 +935,23 @@ def estimate_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     for terms in {id(t): t for t in [b.terms, *b.phase_terms.values()]}.values():  # the peak's list is one of them
         terms[1:1] = extras  # after the runtime
     b.phases = {k: v + sum(t.bytes for t in extras) for k, v in b.phases.items()}
+    # The held-out evaluation (memlm.finetune.FineTune.evaluate): a no-grad forward of a
+    # micro-batch, the fused head's (N, V) logits buffer at its end, beside the weights and states
+    N = train_cfg.micro_batch * (train_cfg.seq_len or model_cfg.block_size)
+    fwd, fwd_f = forward_transient(model_cfg, train_cfg.micro_batch, train_cfg.seq_len or model_cfg.block_size,
+                                   base_format if lora_r is not None else "fp32")
+    head = N * model_cfg.n_embd * 4 + N * model_cfg.vocab_size * 4
+    work = max(fwd, head)
+    kept = [t for t in b.phase_terms["optimizer step"] if t.name in ("runtime", "weights", "optimizer_states")]
+    evaluation = kept[:1] + extras + kept[1:] + [
+        Term("workspace", work, fwd_f if fwd >= head else "N*d*4 + N*V*4 (final norm, the head's logits buffer)")]
+    if device == "cpu":
+        a_work = ALLOCATOR_SLACK["infer"][0]
+        evaluation.append(Term("allocator", int(a_work * work), f"{a_work}*workspace ({ALLOCATOR_NOTE})"))
+    b.phase_terms["evaluation"] = evaluation
+    b.phases["evaluation"] = sum(t.bytes for t in evaluation)
+    peak = max(b.phases, key=lambda k: b.phases[k])
+    b.peak_phase, b.terms = peak, b.phase_terms[peak]
     b.task = "finetune"
     b.settings.update(method="full" if lora_r is None else ("qlora" if base_format in ("int8", "int4") else "lora"),
                       lora_r=lora_r, lora_targets=",".join(lora_targets or ()) or None, base_format=base_format)
