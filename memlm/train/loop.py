@@ -425,11 +425,12 @@ def train(
             ctx.fault_point(step)
             set_lr(optimizer, lr_at(step, cfg))
             shape = step_shape(step, cfg)
-            tokens_per_step = shape.tokens * cfg.grad_accum
+            tokens_per_step = 0  # as run: a fine-tune's rows are padded to each batch's longest, not seq_len
             loss_sum = None  # on the device: one host sync a step, not one per micro-batch
             for k in range(cfg.grad_accum):
                 x, y = micro_batch((step - 1) * cfg.grad_accum + k, shape)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                tokens_per_step += x.numel() * ctx.world_size  # every rank's share has this shape
                 ctx.sync_gradients(net, now=k == cfg.grad_accum - 1)
                 loss = compute_loss(net, x, y, cfg, objective) / cfg.grad_accum
                 loss.backward()  # with fused_backward, this also steps the optimizer
