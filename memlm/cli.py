@@ -566,6 +566,7 @@ def distill(
 # ---- finetune / merge ----------------------------------------------------------------------------
 
 DEMO_QUESTIONS = 3  # held-out questions answered before and after `memlm finetune` with no arguments
+DEMO_BUDGET = "2GiB"  # ... and the memory budget it runs in (QLoRA int4 on SmolLM2 fits with room to spare)
 
 
 @app.command()
@@ -598,6 +599,8 @@ def finetune(
     from memlm.finetune import FinetuneConfig, answers, finetune as run_finetune
 
     bare = len(sys.argv) <= 2 and not set_  # `memlm finetune` alone: the demo of the family
+    if bare and memory_budget is None:
+        memory_budget = DEMO_BUDGET  # a budget chosen for you: the planner fits the run inside it
     fcfg = FinetuneConfig(model=model, data=data, task=task, lora_r=lora_r, lora_alpha=lora_alpha,
                           lora_dropout=lora_dropout, lora_targets=lora_targets, full=full, pooling=pooling,
                           quantize_base=None if full or quantize_base == "none" else quantize_base)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,15 +84,11 @@ def read_labelled(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise MemlmError(f"data file not found: {path}", "pass a .jsonl file, or leave --data out for the embedded set")
+    from memlm.data import jsonl_objects
+
     records = []
     kinds: dict[type, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MemlmError(f"{path} line {lineno}: not valid JSON ({e.msg})", "each line must be one JSON object") from None
+    for lineno, obj in jsonl_objects(path, path.read_text(encoding="utf-8")):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"]:
             raise MemlmError(f"{path} line {lineno}: no non-empty string 'text'",
                              'each line must look like {"text": "...", "label": "..."}')

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,15 +157,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise MemlmError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start})", "convert it to UTF-8") from None
-    records = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MemlmError(f"{path} line {lineno}: not valid JSON ({e.msg})", "each line must be one JSON object") from None
-        records.append(_checked(obj, f"{path} line {lineno}"))
+    from memlm.data import jsonl_objects
+
+    records = [_checked(obj, f"{path} line {lineno}") for lineno, obj in jsonl_objects(path, raw)]
     if not records:
         raise MemlmError(f"data file {path} is empty", 'add one JSON object per line: {"text": ...} or {"messages": [...]}')
     return records

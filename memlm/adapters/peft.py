@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ from torch import nn
 
 from memlm.adapters.lora import LoRALinear, lora_layers
 from memlm.compress.quantize import set_module
-from memlm.compress.storage import TensorFile
+from memlm.compress.storage import TensorFile, write_folder
 from memlm.errors import MemlmError
 from memlm.interop.hf import hf_architecture, hf_module_names
 
@@ -127,22 +124,12 @@ def save_adapter(model: nn.Module, folder: str | Path, base_name: str | None = N
     tensors, config = adapter_tensors(model)
     config = {"base_model_name_or_path": base_name, **config}
     metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():  # swap the old folder out only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / "x")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return write_folder(folder, fill)
 
 
 # ------------------------------------------------------------------------------ loading

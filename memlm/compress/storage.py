@@ -21,6 +21,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +84,24 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
         # Position tables are recomputed on load, in float32; a model moved to bf16 had them in bf16.
         "table_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if n not in state},
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if folder.exists():  # swap the old folder out only once the new one is complete
+
+    return write_folder(folder, fill)
+
+
+def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """Make `folder` atomically: `fill(tmp)` writes its files into a temporary sibling, which then
+    takes the folder's name (an old folder is swapped out only once the new one is complete)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        fill(tmp)
+        if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / "x")
             os.replace(tmp, folder)

@@ -508,14 +508,18 @@ def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
     """
     plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
                          world_size=max(1, train_cfg.nproc), teacher_bytes=teacher_bytes)
+    return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len or pick a smaller model "
+                                     "(see: memlm plan)"), plan
+
+
+def _planned(train_cfg: TrainConfig, plan: Plan, hint: str) -> TrainConfig:
+    """The run's config with the plan's settings; an infeasible plan is refused before any work."""
     if not plan.feasible:
         raise DoesNotFit(
             f"nothing fits the memory budget {format_bytes(plan.budget_bytes)}: "
-            f"the leanest plan needs {format_bytes(plan.min_budget)}",
-            "raise --memory-budget, shorten --seq-len or pick a smaller model (see: memlm plan)",
-        )
+            f"the leanest plan needs {format_bytes(plan.min_budget)}", hint)
     keys = [k for k in plan.settings if k in {f.name for f in dataclasses.fields(TrainConfig)}]
-    return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys}), plan
+    return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys})
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -577,11 +581,5 @@ def fit_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
     the run's config with the plan's micro-batch, checkpointing and loss chunk."""
     plan = plan_finetune(model_cfg, train_cfg, train_cfg.memory_budget, device, lora_r, lora_targets, base_format,
                          layout=lambda f: {"group_size": group_size}, search_base=False)
-    if not plan.feasible:
-        raise DoesNotFit(
-            f"nothing fits the memory budget {format_bytes(plan.budget_bytes)}: "
-            f"the leanest plan needs {format_bytes(plan.min_budget)}",
-            "raise --memory-budget, shorten --seq-len, or use a quantized base (see: memlm plan --task finetune)",
-        )
-    keys = [k for k in plan.settings if k in {f.name for f in dataclasses.fields(TrainConfig)}]
-    return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys}), plan
+    return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len, or use a quantized base "
+                                     "(see: memlm plan --task finetune)"), plan
