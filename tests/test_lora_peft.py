@@ -130,3 +130,23 @@ def test_a_damaged_adapter_is_refused(tmp_path):
     (folder / "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
     with pytest.raises(MemlmError, match="pickle"):
         load_adapter(load_hf(tmp_path / "hf"), folder)
+
+
+@pytest.mark.slow
+def test_a_qlora_adapter_of_smollm2_loads_in_peft_on_transformers_smollm2(smollm2_gguf_path, tmp_path):
+    """The real model: an adapter made on SmolLM2's int4 base (QLoRA) carries the base's
+    fingerprint to the float base, and peft puts it on transformers' own SmolLM2 (read from the
+    same GGUF file) with the same logits."""
+    quantized = memlm.load("smollm2-135m-instruct", weight_format="int4")
+    apply_lora(quantized.model, r=8, alpha=16, targets="q_proj,v_proj,down_proj")
+    _randomize_adapters(quantized.model)
+    save_adapter(quantized.model, tmp_path / "adapter", base_name="smollm2-135m-instruct")
+    del quantized
+
+    ours = memlm.load("smollm2-135m-instruct", adapter=tmp_path / "adapter")  # the float base
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32).eval()
+    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    ids = torch.tensor([ours.tokenizer.encode("The with statement is used to wrap the execution of a block")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(ids), peft_model(ids).logits, atol=1e-4, rtol=0)
