@@ -19,17 +19,24 @@ inline const char* const kIsaNames[] = {"portable", "avx2", "avx_vnni"};
 Isa best_isa();  // what this CPU has
 
 // All activation rows, quantized once per call before any dot product.
-//   q:    rows x in int8 codes, in the int4 order (see quant_linear.cpp) or natural order (int8)
+//   q:    rows x in int8 codes, in the layout the kernels read (see act_position in
+//         quant_kernels.cpp): the first `quads` groups of 4 blocks interleaved so that one
+//         weight load feeds the 4 blocks (the many-row kernels), the rest in the int4 pair order
+//         (int4) or natural order (int8)
 //   d:    rows x d_stride floats, one per block, zero-padded to a multiple of 8
-//   d_pairs: int4 only, rows x d_pairs_stride floats, 8 per pair of blocks [d0 d0 d0 d0 d1 d1 d1 d1]
-//         (the lane layout of a pair's integer sums); a trailing single block pads with zeros
+//   d_lanes: rows x lanes_stride floats, 8 per quad in the lane layout of its integer sums
+//         (int4 [d0 d0 d2 d2 d1 d1 d3 d3], int8 [d0 d0 d1 d1 d2 d2 d3 d3]), then, int4 only, 8
+//         per pair of blocks after the quads [d0 d0 d0 d0 d1 d1 d1 d1]; a single block pads with 0
 //   sums: int4 only, rows x sums_stride floats, per weight group: sum over its blocks of d*sum(q)
 //         (what the group's min multiplies), zero-padded to a multiple of 8; then 8 more, the
 //         last 8 groups' sums with those already in a full chunk of 8 zeroed (see quantize_rows)
+//   corr: int8 quads only, rows x quads x 8 int32: -128 * sum(q) of each block of a quad in the
+//         first of its two lanes (the AVX-VNNI kernel adds 128 to the signed weights, see there)
 struct Acts {
-  int64_t rows = 0, in = 0, blocks = 0, d_stride = 0, d_pairs_stride = 0, sums_stride = 0;
+  int64_t rows = 0, in = 0, blocks = 0, quads = 0, d_stride = 0, lanes_stride = 0, sums_stride = 0;
   std::vector<int8_t> q;
-  std::vector<float> d, d_pairs, sums;
+  std::vector<float> d, d_lanes, sums;
+  std::vector<int32_t> corr;
 };
 
 struct Int4Weights {
@@ -45,14 +52,24 @@ struct Int8Weights {
   int64_t in, out, groups, group;  // groups == 0: one scale per row
 };
 
-// Sizes (zeroed) the buffers of `a` for rows x in activations; int4: with weight groups of `group`.
-void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group);
+// Sizes (zeroed) the buffers of `a` for rows x in activations; int4: with weight groups of
+// `group`. quads: whether the first blocks go in the 4-block layout of the many-row kernels.
+void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, bool quads);
 // Quantizes rows [r0, r1) of x (rows x in, float32) into `a` (prepared with the same arguments).
 void quantize_rows(const float* x, int64_t r0, int64_t r1, bool int4, int64_t group, Acts& a, Isa isa);
 
-// y (rows x out) for the nr (<= kTile) weight rows from row o, against every activation row.
+// One activation layout per row count: the many-row kernels read quads from this many rows on.
+constexpr int64_t kQuadRows = 2;
+constexpr int kMaxRowTile = 8;  // activation rows per pass of a weight row in the many-row kernels
+
+// One row count (a.quads == 0): y (rows x out) for the nr (<= kTile) weight rows from row o,
+// against every activation row.
 void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa);
 void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa);
+// Many rows (a.quads > 0 or a layer too narrow for a quad): y for weight rows [o0, o1), each
+// weight row read once per kMaxRowTile activation rows.
+void int4_rows(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa);
+void int8_rows(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa);
 
 // Rows o..o+n-1 of the weight as float32 into dst (n x in).
 void dequant_int4(const Int4Weights& w, int64_t o, int64_t n, float* dst, Isa isa);

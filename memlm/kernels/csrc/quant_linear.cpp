@@ -60,26 +60,38 @@ std::atomic<int> g_isa{best_isa()};
 
 Acts quantize_acts(const float* x, int64_t rows, int64_t in, bool int4, int64_t group, Isa isa) {
   Acts a;
-  prepare_acts(a, rows, in, int4, group);
+  prepare_acts(a, rows, in, int4, group, /*quads=*/rows >= kQuadRows);
   // Prefill: rows are independent; a decode step (one row) stays on this thread.
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / in),
                    [&](int64_t r0, int64_t r1) { quantize_rows(x, r0, r1, int4, group, a, isa); });
   return a;
 }
 
-// Runs tile(o, nr, y) over all tiles of kTile output rows, split across torch's threads.
-template <typename Tile>
-at::Tensor run_tiles(const at::Tensor& x, int64_t rows, int64_t out, int64_t weight_bytes, Tile tile) {
-  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (out + kTile - 1) / kTile;
-  const int64_t tile_work = std::max<int64_t>(1, weight_bytes / out * kTile * rows);
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kMinBytesPerTask / tile_work), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o = t * kTile;
-      tile(o, static_cast<int>(std::min<int64_t>(kTile, out - o)), yp);
-    }
+// Runs kernel(o0, o1) over the output rows, split across torch's threads in runs of whole
+// `unit`s (the one-row kernels' tiles), none with less than kMinBytesPerTask of weights per
+// activation row behind it.
+template <typename Kernel>
+void split_outputs(int64_t rows, int64_t out, int64_t row_bytes, int64_t unit, Kernel kernel) {
+  const int64_t units = (out + unit - 1) / unit;
+  const int64_t unit_work = std::max<int64_t>(1, row_bytes * unit * rows);
+  at::parallel_for(0, units, std::max<int64_t>(1, kMinBytesPerTask / unit_work), [&](int64_t u0, int64_t u1) {
+    kernel(u0 * unit, std::min(out, u1 * unit));
   });
+}
+
+// y (rows x out) from the kernels: one activation row in tiles of kTile weight rows, more rows
+// one weight row at a time (see simd_kernels.h).
+template <typename Tile, typename Rows>
+at::Tensor run_kernels(const at::Tensor& x, const Acts& a, int64_t out, int64_t row_bytes, Tile tile, Rows rows) {
+  at::Tensor y = at::empty({a.rows, out}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  if (a.rows >= kQuadRows) {
+    split_outputs(a.rows, out, row_bytes, 1, [&](int64_t o0, int64_t o1) { rows(o0, o1, yp); });
+  } else {
+    split_outputs(a.rows, out, row_bytes, kTile, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; o += kTile) tile(o, static_cast<int>(std::min<int64_t>(kTile, o1 - o)), yp);
+    });
+  }
   return y;
 }
 
@@ -157,8 +169,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     return shaped_output(x, dequant_matmul(xf, out, in, dequant), out);
   }
   const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/true, group_size, isa);
-  const at::Tensor y = run_tiles(x, rows, out, out * in / 2,
-                                 [&](int64_t o, int nr, float* yp) { int4_tile(w, o, nr, a, yp, isa); });
+  const at::Tensor y = run_kernels(
+      x, a, out, in / 2, [&](int64_t o, int nr, float* yp) { int4_tile(w, o, nr, a, yp, isa); },
+      [&](int64_t o0, int64_t o1, float* yp) { int4_rows(w, o0, o1, a, yp, isa); });
   return shaped_output(x, y, out);
 }
 
@@ -187,8 +200,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     return shaped_output(x, dequant_matmul(xf, out, in, dequant), out);
   }
   const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/false, kBlock, isa);
-  const at::Tensor y = run_tiles(x, rows, out, out * in,
-                                 [&](int64_t o, int nr, float* yp) { int8_tile(w, o, nr, a, yp, isa); });
+  const at::Tensor y = run_kernels(
+      x, a, out, in, [&](int64_t o, int nr, float* yp) { int8_tile(w, o, nr, a, yp, isa); },
+      [&](int64_t o0, int64_t o1, float* yp) { int8_rows(w, o0, o1, a, yp, isa); });
   return shaped_output(x, y, out);
 }
 
