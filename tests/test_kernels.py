@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["avx_vnni", "avx2", "portable"])
+@pytest.fixture(params=["amx", "avx_vnni", "avx2", "portable"])
 def isa(request):
     """Every code path the CPU has."""
     active = kernels.set_isa(request.param)

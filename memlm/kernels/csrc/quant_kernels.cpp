@@ -22,7 +22,8 @@ Isa best_isa() {
 #ifdef MEMLM_X86
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
     return kPortable;
-  return __builtin_cpu_supports("avxvnni") ? kAvxVnni : kAvx2;
+  if (!__builtin_cpu_supports("avxvnni")) return kAvx2;
+  return amx_usable() ? kAmx : kAvxVnni;
 #else
   return kPortable;
 #endif
@@ -39,7 +40,15 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // nibbles of 64 packed bytes gives); int8, chunks: bytes 0-7, 16-23, 8-15, 24-31, slots in block
 // order. After the quads, int4 goes on in pairs (64 columns: [even of block 0, even of block 1,
 // odd of 0, odd of 1]) and a trailing single block [16 even | 16 odd]; int8 in natural order.
+// kTiles: the 32 codes of a block in the order of the weight tile's columns (int4: the 16 low
+// nibbles, even columns, then the 16 high ones; int8: natural), 4 at a time: k-th code at
+// (k / 4) * np * 4 + (row in its group) * 4 + k % 4, the tile layout AMX's dot products read.
+inline int64_t tile_position(int64_t b, int64_t k, const Acts& a) {
+  return b * kBlock * a.np + (k / 4) * a.np * 4 + k % 4;
+}
+
 inline int64_t int4_position(int64_t b, int64_t j, const Acts& a) {
+  if (a.layout == Layout::kTiles) return tile_position(b, (j % 2) * 16 + j / 2, a);
   if (b < 4 * a.quads) {
     const int64_t kb = b % 4, t = j / 2, chunk = (j % 2) * 2 + t / 8, slot = (kb % 2) * 2 + kb / 2;
     return (b / 4) * 128 + chunk * 32 + slot * 8 + t % 8;
@@ -51,9 +60,16 @@ inline int64_t int4_position(int64_t b, int64_t j, const Acts& a) {
 }
 
 inline int64_t int8_position(int64_t b, int64_t j, const Acts& a) {
+  if (a.layout == Layout::kTiles) return tile_position(b, j, a);
   if (b >= 4 * a.quads) return b * kBlock + j;
   const int64_t chunk = (j / 8 == 1) ? 2 : (j / 8 == 2) ? 1 : j / 8;  // 0 2 1 3: its own inverse
   return (b / 4) * 128 + chunk * 32 + (b % 4) * 8 + j % 8;
+}
+
+// Where row r's codes start: the positions above are relative to it.
+inline int64_t row_start(int64_t r, const Acts& a) {
+  if (a.layout != Layout::kTiles) return r * a.in;
+  return (r / kTileRows) * a.blocks * kBlock * a.np + (r % kTileRows) * 4;
 }
 
 // The first of the two d_lanes lanes of block b (int4 quads: slots 0 2 1 3; int8: in order);
@@ -134,7 +150,7 @@ MEMLM_AVX2 float quantize_block_avx2(const float* x, int8_t* q, int64_t b, const
   // The packs work per 128-bit lane, leaving 4-byte runs in the order 0 2 4 6 1 3 5 7.
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
   __m256i codes = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  if (!int4 && b >= 4 * a.quads) {
+  if (!int4 && a.layout != Layout::kTiles && b >= 4 * a.quads) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), codes);
     return d;
   }
@@ -144,6 +160,12 @@ MEMLM_AVX2 float quantize_block_avx2(const float* x, int8_t* q, int64_t b, const
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     codes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(codes, split), _MM_SHUFFLE(3, 1, 2, 0));
+  }
+  if (a.layout == Layout::kTiles) {  // 4 codes at a time, in tile order
+    alignas(32) int32_t four[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(four), codes);
+    for (int k = 0; k < 8; ++k) std::memcpy(q + tile_position(b, 4 * k, a), four + k, 4);
+    return d;
   }
   // Four runs of 8 codes: int4 even 0-7, even 8-15, odd 0-7, odd 8-15; int8 bytes 0-7 ... 24-31.
   const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
@@ -163,7 +185,7 @@ void quantize_rows(const float* x, int64_t r0, int64_t r1, bool int4, int64_t gr
   const bool simd = isa >= kAvx2;
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * in;
-    int8_t* q = a.q.data() + r * in;
+    int8_t* q = a.q.data() + row_start(r, a);
     float* d = a.d.data() + r * a.d_stride;
     float* lanes = a.d_lanes.data() + r * a.lanes_stride;
     float* sums = int4 ? a.sums.data() + r * a.sums_stride : nullptr;
@@ -186,7 +208,7 @@ void quantize_rows(const float* x, int64_t r0, int64_t r1, bool int4, int64_t gr
       }
       d[b] = db;
       const bool in_quad = b < 4 * a.quads;
-      if (int4 || in_quad) {
+      if ((int4 && a.layout != Layout::kTiles) || in_quad) {
         float* l = lanes + lane_of_block(b, int4, a);
         std::fill(l, l + (in_quad ? 2 : 4), db);
       }
@@ -203,15 +225,26 @@ void quantize_rows(const float* x, int64_t r0, int64_t r1, bool int4, int64_t gr
   }
 }
 
-void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, bool quads) {
+void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, Layout layout) {
+  a.layout = layout;
   a.rows = rows;
   a.in = in;
   a.blocks = in / kBlock;
-  a.quads = quads ? a.blocks / 4 : 0;
-  a.q.assign(rows * in, 0);
+  a.quads = layout == Layout::kQuads ? a.blocks / 4 : 0;
+  if (layout == Layout::kTiles) {
+    a.np = 1;
+    while (a.np < std::min(rows, kTileRows)) a.np *= 2;
+    a.row_groups = (rows + kTileRows - 1) / kTileRows;
+    a.q.assign(a.row_groups * a.blocks * kBlock * a.np, 0);
+    a.tile_d.assign(a.row_groups * a.blocks * 16, 0.f);
+    if (int4) a.tile_sums.assign(a.row_groups * (in / group) * 16, 0.f);
+  } else {
+    a.q.assign(rows * in, 0);
+  }
   a.d_stride = round_up(a.blocks, 8);
   a.d.assign(rows * a.d_stride, 0.f);
-  a.lanes_stride = 8 * a.quads + (int4 ? 4 * round_up(a.blocks - 4 * a.quads, 2) : 0);
+  const bool pairs = int4 && layout != Layout::kTiles;
+  a.lanes_stride = 8 * a.quads + (pairs ? 4 * round_up(a.blocks - 4 * a.quads, 2) : 0);
   a.d_lanes.assign(rows * a.lanes_stride, 0.f);
   if (int4) {
     a.sums_stride = round_up(in / group, 8) + 8;
@@ -221,6 +254,18 @@ void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, b
   }
 }
 
+void finish_tiles(Acts& a, bool int4, int64_t group) {
+  const int64_t groups = a.in / group;
+  for (int64_t rg = 0; rg < a.row_groups; ++rg)
+    for (int64_t e = 0; e < 16; ++e) {
+      const int64_t r = rg * kTileRows + e % a.np;
+      if (r >= a.rows) continue;
+      for (int64_t b = 0; b < a.blocks; ++b) a.tile_d[(rg * a.blocks + b) * 16 + e] = a.d[r * a.d_stride + b];
+      if (int4)
+        for (int64_t g = 0; g < groups; ++g) a.tile_sums[(rg * groups + g) * 16 + e] = a.sums[r * a.sums_stride + g];
+    }
+}
+
 // ------------------------------------------------------------------ dot products
 
 // The portable kernels: weight rows [o0, o1) against every activation row, into y (rows x out),
@@ -228,7 +273,7 @@ void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, b
 // put back in natural order (the layouts only serve the SIMD loads).
 std::vector<int8_t> natural_codes(const Acts& a, int64_t r, bool int4) {
   std::vector<int8_t> codes(a.in);
-  const int8_t* q = a.q.data() + r * a.in;
+  const int8_t* q = a.q.data() + row_start(r, a);
   for (int64_t b = 0; b < a.blocks; ++b)
     for (int64_t j = 0; j < kBlock; ++j)
       codes[b * kBlock + j] = q[int4 ? int4_position(b, j, a) : int8_position(b, j, a)];
@@ -303,7 +348,7 @@ namespace avx_vnni {
 
 void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
 #ifdef MEMLM_X86
-  if (isa == kAvxVnni) return avx_vnni::int4_tile(w, o, nr, a, y);
+  if (isa >= kAvxVnni) return avx_vnni::int4_tile(w, o, nr, a, y);
   if (isa == kAvx2) return avx2::int4_tile(w, o, nr, a, y);
 #endif
   int4_scalar(w, o, o + nr, a, y);
@@ -311,7 +356,7 @@ void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y,
 
 void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
 #ifdef MEMLM_X86
-  if (isa == kAvxVnni) return avx_vnni::int8_tile(w, o, nr, a, y);
+  if (isa >= kAvxVnni) return avx_vnni::int8_tile(w, o, nr, a, y);
   if (isa == kAvx2) return avx2::int8_tile(w, o, nr, a, y);
 #endif
   int8_scalar(w, o, o + nr, a, y);
@@ -319,7 +364,7 @@ void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y,
 
 void int4_rows(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa) {
 #ifdef MEMLM_X86
-  if (isa == kAvxVnni) return avx_vnni::int4_rows(w, o0, o1, a, y);
+  if (isa >= kAvxVnni) return avx_vnni::int4_rows(w, o0, o1, a, y);
   if (isa == kAvx2) return avx2::int4_rows(w, o0, o1, a, y);
 #endif
   int4_scalar(w, o0, o1, a, y);
@@ -327,7 +372,7 @@ void int4_rows(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, floa
 
 void int8_rows(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa) {
 #ifdef MEMLM_X86
-  if (isa == kAvxVnni) return avx_vnni::int8_rows(w, o0, o1, a, y);
+  if (isa >= kAvxVnni) return avx_vnni::int8_rows(w, o0, o1, a, y);
   if (isa == kAvx2) return avx2::int8_rows(w, o0, o1, a, y);
 #endif
   int8_scalar(w, o0, o1, a, y);
