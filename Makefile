@@ -27,7 +27,7 @@ demo-finetune: install
 # the machine allows (root with apt), and the test is skipped, saying why, where it is not.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  timeout 300 apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+	  timeout 120 apt-get install -y -q chromium chromium-driver >/dev/null; } || \
 	  echo "note: no Chromium: tests/test_browser.py will be skipped"
 
 test: install browser
