@@ -48,6 +48,8 @@ USE_TARGET = 0.80
 WORK = ROOT / "bench" / ".work"
 SMOL = "smollm2-135m-instruct"
 TINY_RUN = "runs/tiny"
+FT_TEXT = "ft-text.jsonl"  # made by setup(): 3,000-character pieces of the embedded corpus, one per line
+FT_GPT2 = "gpt2-shape"  # made by setup(): the gpt2 preset (random weights) with SmolLM2's chat tokenizer
 LONG_PROMPT = ("The with statement is used to wrap the execution of a block with methods defined by a context "
                "manager. This allows common try, except, finally usage patterns to be encapsulated. ") * 6
 
@@ -229,6 +231,20 @@ def rows() -> list[dict[str, Any]]:
     add("distill budget 1GiB", ["distill", "--teacher", TINY_RUN, "--student-preset", "tiny", "--set",
                                 "model.n_layer=2", "--steps", "6", "--memory-budget", "1GiB", "--out", "runs/bench-d2"])
     add("demo 60 steps", ["demo", "--steps", "60", "--out", "runs/bench-demo"])
+    # Fine-tuning (memlm finetune): rows of FT_TEXT fill the whole --seq-len, so every step has the
+    # shape the prediction is for; SmolLM2 and a GPT-2-shaped model (FT_GPT2, random weights)
+    ft = ["finetune", "--data", FT_TEXT, "--seq-len", "256", "--micro-batch", "2", "--steps", "3"]
+    ckpt = ["--set", "train.activation_checkpointing=1"]
+    add("finetune smollm2 lora", ft + ["--quantize-base", "none"] + out("f1"))
+    add("finetune smollm2 qlora int4", ft + ["--quantize-base", "int4"] + out("f2"))
+    add("finetune smollm2 qlora int4 checkpointing", ft + ["--quantize-base", "int4"] + ckpt + out("f3"))
+    add("finetune smollm2 lora all-linear checkpointing", ft + ["--quantize-base", "none", "--lora-targets",
+                                                                "all-linear"] + ckpt + out("f4"))
+    add("finetune smollm2 full", ft + ["--full"] + out("f5"))
+    add("finetune gpt2-shape lora", ft + ["--model", FT_GPT2, "--quantize-base", "none"] + out("f6"))
+    add("finetune gpt2-shape qlora int4", ft + ["--model", FT_GPT2, "--quantize-base", "int4"] + out("f7"))
+    add("finetune gpt2-shape qlora int8 checkpointing", ft + ["--model", FT_GPT2, "--quantize-base", "int8"]
+        + ckpt + out("f8"))
     if compress_has_budget():
         add("compress tiny run int8", ["compress", TINY_RUN, "--out", "runs/bench-k1", "--method", "int8"])
         add("compress smollm2 int4 g32", ["compress", SMOL, "--out", "runs/bench-k2", "--method", "int4",
@@ -365,6 +381,23 @@ def setup() -> None:
     if not (WORK / TINY_RUN / "checkpoints").is_dir():
         r = run_command(["train", "--preset", "tiny", "--steps", "30", "--out", TINY_RUN])
         assert r["code"] == 0, r["stderr"]
+    if not (WORK / FT_TEXT).is_file():
+        from memlm.data import default_corpus_text
+
+        text = default_corpus_text()
+        pieces = [text[i:i + 3000] for i in range(0, 3000 * 60, 3000)]
+        (WORK / FT_TEXT).write_text("".join(json.dumps({"text": p}) + "\n" for p in pieces))
+    if not (WORK / FT_GPT2 / "config.json").is_file():
+        import torch
+
+        from memlm.config import preset
+        from memlm.interop.hf import save_hf
+        from memlm.loading import load_model
+        from memlm.model import Decoder
+
+        tokenizer = load_model(SMOL)[1]
+        torch.manual_seed(0)
+        save_hf(Decoder(preset("gpt2", vocab_size=tokenizer.vocab_size)), WORK / FT_GPT2, tokenizer)
 
 
 def summarize(results: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> dict[str, Any]:

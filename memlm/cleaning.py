@@ -3,7 +3,7 @@
 Applied to every document of a corpus (memlm.data.read_corpus), in this order:
 
   control      remove control characters (Unicode Cc, except tab and newline; so "\\r\\n" becomes
-               "\\n") and the byte-order mark U+FEFF                                   default on
+               "\\n"), the byte-order mark U+FEFF and lone surrogates (not text)         default on
   unicode      normalise to NFC (canonical: the same text, one encoding) or NFKC (also folds
                compatibility forms: "ﬁ" -> "fi", full-width letters -> ASCII)          default NFC
   lowercase    str.lower()                                                              default off
@@ -32,7 +32,7 @@ from typing import Literal
 NEAR_THRESHOLD = 0.8  # Jaccard similarity of word 3-gram shingles above which two texts are near-duplicates
 _MINHASHES, _BAND = 32, 4  # 32 MinHash values in 8 bands of 4: pairs at Jaccard 0.8 share a band with p ~ 0.9996
 _PRIME = (1 << 61) - 1
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ud800-\udfff]")
 _SPACES = re.compile(r"[^\S\n]+")  # whitespace other than newlines
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
@@ -193,7 +193,7 @@ def _shingles(text: str) -> frozenset[int]:
     """Word 3-grams (of lower-cased words), hashed with CRC-32: stable across processes."""
     words = text.lower().split()
     grams = [" ".join(words[i:i + 3]) for i in range(max(len(words) - 2, 1))] if words else []
-    return frozenset(zlib.crc32(g.encode("utf-8")) for g in grams)
+    return frozenset(zlib.crc32(g.encode("utf-8", "surrogatepass")) for g in grams)
 
 
 _SEEDS = [(zlib.crc32(f"a{i}".encode()) | 1, zlib.crc32(f"b{i}".encode())) for i in range(_MINHASHES)]

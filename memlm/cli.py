@@ -167,11 +167,11 @@ def _report_peak(predicted: int, record: dict | None = None) -> dict:
 
 
 def _load_fitted(model: str, budget: Optional[str], context: Optional[int], batch: int = 1,
-                 prompt_len: Optional[int] = None, compile: bool = False):
+                 prompt_len: Optional[int] = None, compile: bool = False, adapter: Optional[str] = None):
     """Load a model, planned for a budget when one is given; print the one prediction."""
     from memlm.fit import load_for_inference
 
-    fitted = load_for_inference(model, budget, context, batch, prompt_len, compile)
+    fitted = load_for_inference(model, budget, context, batch, prompt_len, compile, adapter)
     console.print(fitted.describe(), style="dim")
     return fitted
 
@@ -198,6 +198,10 @@ Compile = Annotated[bool, typer.Option(
          "kernels are cached in ~/.cache/memlm). Falls back to eager when compiling fails.")]
 
 
+AdapterOpt = Annotated[Optional[str], typer.Option(
+    help="A LoRA adapter folder (memlm finetune's run/adapter, or peft's) put on the model.")]
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
@@ -212,6 +216,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as one user turn of the chat template.")] = False,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
     compile: Compile = False,
+    adapter: AdapterOpt = None,
 ):
     """Continue a prompt, streaming the text to the terminal."""
     from memlm.fit import prompt_tokens_bound
@@ -220,7 +225,8 @@ def generate(
     # The cache is sized for the prompt and the new tokens; the prompt's length is bounded by its
     # bytes before any tokenizer is loaded, so the plan (and its one prediction) comes first.
     room = prompt_tokens_bound(prompt) + (64 if chat else 0)  # the chat template's few tokens
-    fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room, compile=compile)
+    fitted = _load_fitted(model, memory_budget, room + max_new_tokens, prompt_len=room, compile=compile,
+                          adapter=adapter)
     lm = fitted.lm
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:  # a decoder continues the prompt; an encoder-decoder answers it
@@ -257,10 +263,11 @@ def chat(
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Longest conversation in tokens (default: the model's).")] = None,
     compile: Compile = False,
+    adapter: AdapterOpt = None,
 ):
     """Talk to an instruct model. /reset clears the history, /exit leaves."""
     settings = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, [], seed)  # checked first
-    fitted = _load_fitted(model, memory_budget, context, compile=compile)
+    fitted = _load_fitted(model, memory_budget, context, compile=compile, adapter=adapter)
     lm = fitted.lm
     lm.chat_prompt([{"role": "user", "content": "hi"}])  # fail now, not after the first question
     history = [{"role": "system", "content": system}] if system else []
@@ -317,6 +324,7 @@ def serve(
         help="Torch threads for the model (default: torch's, one per core; on a machine busy with other "
              "jobs, 1 is often faster).")] = None,
     compile: Compile = False,
+    adapter: AdapterOpt = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API with a chat page at / (needs: pip install 'memlm[serve]')."""
     from memlm.config import check_port, check_range
@@ -332,7 +340,7 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    fitted = load_for_serving(model, memory_budget, context, slots, compile)
+    fitted = load_for_serving(model, memory_budget, context, slots, compile, adapter)
     console.print(fitted.describe(), style="dim")
     run_server(fitted, Path(model).name, host, port, api_key=api_key or None, max_body=parse_size(max_body),
                queue_size=queue, request_timeout=request_timeout)
@@ -351,10 +359,20 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     memory_budget: Annotated[Optional[str], typer.Option(help="Quantize/cast the weights to fit e.g. 300MiB.")] = None,
+    adapter: AdapterOpt = None,
+    task: Annotated[str, typer.Option(help="lm (perplexity) | classify (a memlm finetune --task classify run).")] = "lm",
+    data: Annotated[str, typer.Option(help="classify: JSONL of text and label ('default': the held-out split).")] = "default",
+    plot: Annotated[Optional[Path], typer.Option(help="classify: also draw the confusion matrix into this PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Seq2seq: score the first N pairs only (default: all).")] = None,
 ):
-    """Perplexity of a model on a corpus (default: the embedded eval split, the W2 protocol); for an
-    encoder-decoder, loss, exact match and token F1 on pairs against the copy-the-name baseline."""
+    """Perplexity of a model on a corpus (default: the embedded eval split, the W2 protocol); --task
+    classify: accuracy, macro-F1 and the confusion matrix of a classifier; an encoder-decoder: loss,
+    exact match and token F1 on pairs against the copy-the-name baseline."""
+    if task == "classify":
+        _evaluate_classifier(model, data, plot, as_json)
+        return
+    if task != "lm":
+        raise MemlmError(f"unknown eval task {task!r}", "use --task lm or --task classify")
     from rich.progress import Progress
 
     from memlm.cleaning import CleanOptions
@@ -368,7 +386,7 @@ def evaluate(
     for flag, value in (("--window", window), ("--stride", stride), ("--batch-size", batch_size)):
         if value is not None:
             check_range("eval", flag, value, low=1)
-    fitted = load_for_scoring(model, memory_budget, window, batch_size)
+    fitted = load_for_scoring(model, memory_budget, window, batch_size, adapter)
     lm = fitted.lm
     if not as_json:
         console.print(fitted.describe(), style="dim")
@@ -427,6 +445,21 @@ def _evaluate_pairs(lm, fitted, model: str, corpus: str, split: str, limit: Opti
     _report_peak(fitted.predicted_peak)
 
 
+def _evaluate_classifier(run: str, data: str, plot: Optional[Path], as_json: bool) -> None:
+    from memlm.eval.classify import confusion_table, plot_confusion
+    from memlm.finetune import evaluate_classifier
+
+    result, baseline = evaluate_classifier(run, data)
+    if as_json:
+        out.print_json(json.dumps({"model": run, "data": data, **result.to_dict(), "baseline": baseline.to_dict()}))
+    else:
+        out.print(confusion_table(result))
+        out.print(f"accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f} over {result.n:,} examples "
+                  f"(majority class: accuracy {baseline.accuracy:.4f}, macro-F1 {baseline.macro_f1:.4f})")
+    if plot is not None:
+        console.print(f"confusion matrix drawn in {plot_confusion(result, plot)}", style="dim")
+
+
 # ---- plan ----------------------------------------------------------------------------------------
 
 @app.command()
@@ -443,6 +476,9 @@ def plan(
     optimizer: Annotated[Optional[str], typer.Option(help="Without --budget: adamw | adamw8bit | adafactor | sgd.")] = None,
     weight_format: Annotated[Optional[str], typer.Option(help="Without --budget, infer: fp32 | bf16 | int8 | int4.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Without --budget: any train key, e.g. train.loss_chunk=256.")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="finetune: LoRA rank (without: a full fine-tune).")] = None,
+    lora_targets: Annotated[str, typer.Option(help="finetune: layers with adapters, or all-linear.")] = "q_proj,v_proj",
+    quantize_base: Annotated[str, typer.Option(help="finetune with --lora-r: frozen base fp32 | int8 | int4.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ):
     """Predict peak memory: of exactly the settings given, or of the fastest ones that fit --budget."""
@@ -460,18 +496,26 @@ def plan(
         if value is not None:
             check_range("plan", flag, value, low=1)
     model_cfg = model_config_of(model)
+    finetune = None
+    if task == "finetune" and lora_r is not None:
+        from memlm.adapters.lora import parse_targets
+        from memlm.config import PRESETS
+        from memlm.loading import layout_of
+
+        finetune = {"lora_r": lora_r, "lora_targets": parse_targets(lora_targets), "base_format": quantize_base,
+                    "layout": None if model in PRESETS else (lambda f: {} if f == "fp32" else layout_of(model, f))}
     if budget is None:
         train_keys = _parse_set(set_ or [])["train"]
         flags = {"micro_batch": micro_batch, "precision": precision, "optimizer": optimizer}
         train_keys.update({k: v for k, v in flags.items() if v is not None})
         breakdown = predict_for_cli(model_cfg, task, seq_len, train_keys, world_size, device,
-                                    weight_format=weight_format or "fp32")
+                                    weight_format=weight_format or "fp32", finetune=finetune)
         if as_json:
             out.print_json(json.dumps({"predicted_peak_bytes": breakdown.total, **breakdown.to_dict()}))
         else:
             out.print(breakdown.table())
         return
-    chosen = plan_for_cli(model_cfg, task, budget, seq_len, global_batch_tokens, world_size, device)
+    chosen = plan_for_cli(model_cfg, task, budget, seq_len, global_batch_tokens, world_size, device, finetune)
     if as_json:
         out.print_json(chosen.to_json())
     else:
@@ -640,6 +684,92 @@ def sweep(
     out.print(f"recommended for {budget}: [bold]{result.best.name}[/] ({result.best.params:,} parameters, "
               f"held-out loss {result.best.eval_loss:.4f}); plot {result.plot}; results {Path(out_dir) / 'sweep.json'}")
     out.print(recommendation(result))
+
+
+# ---- finetune / merge ----------------------------------------------------------------------------
+
+DEMO_QUESTIONS = 3  # held-out questions answered before and after `memlm finetune` with no arguments
+DEMO_BUDGET = "2GiB"  # ... and the memory budget it runs in (QLoRA int4 on SmolLM2 fits with room to spare)
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Option("--model", "-m", help="The base: a known model name or a path.")] = "smollm2-135m-instruct",
+    data: Annotated[str, typer.Option(help="JSONL with 'text' or chat 'messages' (--task classify: 'text' and "
+                                           "'label'); 'default': the embedded set.")] = "default",
+    task: Annotated[str, typer.Option(help="lm | classify.")] = "lm",
+    out_dir: Annotated[str, typer.Option("--out", help="Run folder.")] = "runs/finetune",
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / r).")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the adapters' input.")] = 0.0,
+    lora_targets: Annotated[str, typer.Option(help="Layers to adapt, e.g. q_proj,v_proj, or all-linear.")] = "q_proj,v_proj",
+    quantize_base: Annotated[str, typer.Option(help="Frozen base format: int4 (QLoRA) | int8 | none.")] = "int4",
+    full: Annotated[bool, typer.Option("--full", help="Train every weight (no adapters, float base).")] = False,
+    pooling: Annotated[str, typer.Option(help="--task classify: last (real token) | mean.")] = "last",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Longest example in tokens (longer ones are cut).")] = 512,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 2e-4 for LoRA, 5e-5 --full).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(
+        help="Fit the run in e.g. 2GiB: the planner picks rank, checkpointing, base format and micro-batch.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder's last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any train key: train.eval_every=50.")] = None,
+):
+    """Fine-tune a pretrained model with LoRA / QLoRA adapters (or fully) on instruction or classification data."""
+    from memlm.config import TrainConfig
+    from memlm.finetune import FinetuneConfig, answers, finetune as run_finetune
+
+    bare = len(sys.argv) <= 2 and not set_  # `memlm finetune` alone: the demo of the family
+    if bare and memory_budget is None:
+        memory_budget = DEMO_BUDGET  # a budget chosen for you: the planner fits the run inside it
+    fcfg = FinetuneConfig(model=model, data=data, task=task, lora_r=lora_r, lora_alpha=lora_alpha,
+                          lora_dropout=lora_dropout, lora_targets=lora_targets, full=full, pooling=pooling,
+                          quantize_base=None if full or quantize_base == "none" else quantize_base)
+    keys = {"out_dir": out_dir, "steps": steps, "micro_batch": micro_batch, "grad_accum": grad_accum,
+            "seq_len": seq_len, "lr": lr if lr is not None else (5e-5 if full else 2e-4), "device": device,
+            "memory_budget": memory_budget, "warmup_steps": max(1, steps // 10), "eval_every": steps,
+            "save_every": max(1, steps // 2), "log_every": 5}
+    keys["min_lr"] = keys["lr"] / 10
+    keys.update(_parse_set(set_ or [])["train"])
+    train_cfg = TrainConfig.from_dict(keys)
+    result, ft = run_finetune(fcfg, train_cfg, resume=resume, console=console, before=DEMO_QUESTIONS if bare else 0)
+    out.print(f"fine-tuned {result.final_step} steps ({fcfg.method}): held-out loss "
+              + (f"{ft.eval_before:.4f} -> " if ft.eval_before is not None else "")
+              + f"{result.eval_losses[-1][1]:.4f}; {result.tokens_per_s:,.0f} tokens/s; run saved in {result.run_dir}")
+    if ft.before_answers:
+        from rich.table import Table
+
+        table = Table(title="held-out questions: before and after fine-tuning (greedy)")
+        for col in ("question", "before", "after", "reference"):
+            table.add_column(col, overflow="fold")
+        after = answers(ft.model, ft.tokenizer, [q for q, _ in ft.before_answers])
+        for (q, before), a, ref in zip(ft.before_answers, after, ft.references):
+            table.add_row(q, before, a, ref)
+        out.print(table)
+    _report_peak(result.predicted_peak_bytes)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Argument(help="An adapter folder, or a memlm finetune run folder.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output folder (loads with memlm.load).")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The base (default: the one the adapter names).")] = None,
+    weight_format: Annotated[Optional[str], typer.Option(
+        help="Merge into this base format: fp32 (exact) | int8 | int4 (default: what the run was trained on).")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Perplexity before/after on this many eval tokens (0: skip).")] = 4096,
+):
+    """Fold a LoRA adapter into its base's weights and save the merged model."""
+    from memlm.finetune import merge_adapter
+
+    r = merge_adapter(adapter, out_path, model, weight_format, eval_tokens)
+    out.print(f"merged {r.layers} adapted layers into a {r.weight_format} base; saved to {r.out}")
+    if r.ppl_adapter is not None:
+        exact = r.weight_format in ("fp32", "bf16")
+        out.print(f"perplexity on {eval_tokens:,} eval tokens: adapter {r.ppl_adapter:.4f}, merged {r.ppl_merged:.4f} "
+                  f"({100 * (r.ppl_merged / r.ppl_adapter - 1):+.3f}%); largest logit change {r.max_logit_diff:.2e}"
+                  + (" (float: exact up to rounding)" if exact else f" (re-quantized to {r.weight_format})"))
 
 
 # ---- demo ----------------------------------------------------------------------------------------

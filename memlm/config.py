@@ -156,6 +156,8 @@ class ModelConfig:
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count of a decoder from the shape alone (tests check it against the model;
         every kind's parameters, one by one: memlm.memory.estimate.param_shapes)."""
+        if self.kind != "decoder":
+            raise ValueError(f"num_params counts a decoder; a {self.kind} model's: memlm.memory.estimate.param_shapes")
         d, f, hd = self.n_embd, self.ffn_hidden, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_heads * hd
         b = int(self.bias)

@@ -102,17 +102,22 @@ def _read_file(path: Path) -> list[str]:
     if path.suffix.lower() != ".jsonl":
         return [raw]
     docs = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MemlmError(f"{path} line {lineno}: not valid JSON ({e.msg})", "each line must be one JSON object") from e
+    for lineno, obj in jsonl_objects(path, raw):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise MemlmError(f"{path} line {lineno}: no string 'text' field", 'each line must look like {"text": "..."}')
         docs.append(obj["text"])
     return docs
+
+
+def jsonl_objects(path: Path, raw: str) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for every non-blank line of the JSONL text `raw` read from `path`."""
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MemlmError(f"{path} line {lineno}: not valid JSON ({e.msg})", "each line must be one JSON object") from None
 
 
 def _split_documents(docs: list[str], fraction: float, split: str) -> list[str]:

@@ -68,7 +68,7 @@ def prompt_tokens_bound(text: str) -> int:
 
 def load_for_inference(name_or_path: str, budget: str | int | None = None, context: int | None = None,
                        batch: int = 1, prompt_len: int | None = None, compile: bool = False,
-                       max_batch: int | None = None, runtime: str = "infer") -> Fitted:
+                       max_batch: int | None = None, runtime: str = "infer", adapter: str | None = None) -> Fitted:
     """`memlm.load`, planned: with a budget, the best weight format whose predicted peak for
     `batch` sequences of `context` tokens fits, loaded straight into that format; without one,
     the model as stored and the prediction of its own format. It generates through an Engine
@@ -77,22 +77,24 @@ def load_for_inference(name_or_path: str, budget: str | int | None = None, conte
     context: the KV cache's length (default: the model's block size). prompt_len: tokens
     prefilled at once per sequence (default: the whole context). max_batch: with a budget, the
     rest of it goes to more sequences, up to this many (default: batch). runtime: "infer" (a
-    command) or "serve" (memlm serve's process; memlm.memory.estimate.RUNTIME_BYTES).
+    command) or "serve" (memlm serve's process; memlm.memory.estimate.RUNTIME_BYTES). adapter: a
+    LoRA adapter folder put on the model (memlm.load's; its few weights are not in the prediction).
     """
     if budget is None:
-        lm = load(name_or_path)
+        lm = load(name_or_path, adapter=adapter)
         ctx = _context(context, lm.config)
-        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime)
+        b = estimate_for_model(lm.model, batch, ctx, min(prompt_len or ctx, ctx), runtime, compile)
         fitted = Fitted(lm, b)
     else:
         config = model_config_of(name_or_path)
         ctx = _context(context, config)
         plan = plan_inference(config, parse_size(budget), context=ctx, prompt_len=min(prompt_len or ctx, ctx),
                               min_batch=batch, max_batch=max(batch, max_batch or batch), runtime=runtime,
+                              compile=compile,
                               **_candidates(name_or_path))
         fitted = _load_planned(name_or_path, plan, "the model", "token",
                                "raise --memory-budget, shorten the context or use a smaller model "
-                               "(see: memlm plan --task infer)")
+                               "(see: memlm plan --task infer)", adapter)
     lm = fitted.lm
     lm.engine = make_engine(lm.model, compile=compile, fuse=True, cache_dtype=lm.cache_dtype)
     return fitted
@@ -108,7 +110,7 @@ SERVE_CONTEXT = 2048  # a server's default KV pool length per slot (the model's,
 
 
 def load_for_serving(name_or_path: str, budget: str | int | None = None, context: int | None = None,
-                     slots: int = 8, compile: bool = False) -> Fitted:
+                     slots: int = 8, compile: bool = False, adapter: str | None = None) -> Fitted:
     """`load_for_inference` for a server's KV pool: `slots` sequences of `context` tokens
     (default: the model's context, at most SERVE_CONTEXT). The server prefills at most
     PREFILL_CHUNK prompt tokens a forward in all (memlm.serve.scheduler), so each of b slots is
@@ -121,15 +123,16 @@ def load_for_serving(name_or_path: str, budget: str | int | None = None, context
                          "generate with it through memlm generate or memlm.load(...).generate")
     ctx = context or min(config.block_size, SERVE_CONTEXT)
     if budget is not None:
-        slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots)
-    return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile, runtime="serve")
+        slots = _slots_that_fit(name_or_path, parse_size(budget), ctx, slots, compile)
+    return load_for_inference(name_or_path, budget, ctx, slots, _prefill_share(slots), compile, runtime="serve",
+                              adapter=adapter)
 
 
 def _prefill_share(slots: int) -> int:
     return -(-PREFILL_CHUNK // slots)
 
 
-def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) -> int:
+def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int, compile: bool = False) -> int:
     """The most slots (up to `slots`) any one format holds in the budget (at least 1: if not even
     one fits, load_for_inference refuses it with the leanest plan's need)."""
     config, candidates = model_config_of(name_or_path), _candidates(name_or_path)
@@ -137,7 +140,7 @@ def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) ->
 
     def most(fmt: str, prompt_len: int, least: int = 1) -> int:
         plan = plan_inference(config, budget, context=context, prompt_len=prompt_len, min_batch=least,
-                              max_batch=slots, formats=[fmt], runtime="serve", **candidates)
+                              max_batch=slots, formats=[fmt], runtime="serve", compile=compile, **candidates)
         return plan.settings["concurrent_sequences"] if plan.feasible else 0
 
     best = 0
@@ -154,27 +157,29 @@ def _slots_that_fit(name_or_path: str, budget: int, context: int, slots: int) ->
     return max(best, 1)
 
 
-def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str) -> Fitted:
+def _load_planned(name_or_path: str, plan: Plan, what: str, unit: str, hint: str,
+                  adapter: str | None = None) -> Fitted:
     """Refuse an infeasible plan before any work; else load straight into its format, guarded."""
     if not plan.feasible:
         raise DoesNotFit(f"{what} does not fit the memory budget {format_bytes(plan.budget_bytes)}: "
                          f"the leanest plan needs {format_bytes(plan.min_budget)}", hint)
     assert plan.breakdown is not None
     guard = MemoryGuard(plan.budget_bytes, expected_from(plan.breakdown), unit)  # before loading: it counts
-    lm = load(name_or_path, weight_format=plan.settings["weight_format"])
+    lm = load(name_or_path, weight_format=plan.settings["weight_format"], adapter=adapter)
     if plan.settings.get("kv_dtype"):
         lm.cache_dtype = torch.bfloat16 if plan.settings["kv_dtype"] == "bf16" else torch.float32
     guard.mark("model")
     return Fitted(lm, plan.breakdown, plan, guard)
 
 
-def load_for_scoring(name_or_path: str, budget: str | int | None = None, window: int = 512, batch: int = 1) -> Fitted:
+def load_for_scoring(name_or_path: str, budget: str | int | None = None, window: int = 512, batch: int = 1,
+                     adapter: str | None = None) -> Fitted:
     """`memlm.load` for perplexity scoring of `batch` windows of `window` tokens (memlm eval)."""
     if budget is None:
-        lm = load(name_or_path)
+        lm = load(name_or_path, adapter=adapter)
         b = estimate_scoring(lm.config, batch, window, **model_layout(lm.model))
         return Fitted(lm, b)
     config = model_config_of(name_or_path)
     plan = plan_scoring(config, parse_size(budget), window, batch, **_candidates(name_or_path))
     return _load_planned(name_or_path, plan, "scoring", "batch of windows",
-                         "raise --memory-budget or lower --window / --batch-size")
+                         "raise --memory-budget or lower --window / --batch-size", adapter)

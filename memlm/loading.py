@@ -323,9 +323,21 @@ class LoadedModel:
         return self.generate(self.chat_prompt(messages), **settings)
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, weight_format: str | None = None) -> LoadedModel:
-    """A model and its tokenizer, ready to generate (dtype, weight_format: see `load_model`)."""
+def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, weight_format: str | None = None,
+         adapter: str | Path | None = None) -> LoadedModel:
+    """A model and its tokenizer, ready to generate (dtype, weight_format: see `load_model`).
+
+    adapter: a LoRA adapter folder (the PEFT layout: memlm finetune's or peft's) put on the
+    model's layers unmerged; one made for another base is refused (memlm.adapters.peft)."""
+    if adapter is not None:
+        from memlm.adapters.peft import read_adapter_config
+
+        read_adapter_config(adapter)  # a bad adapter path fails before the model is read
     model, tokenizer = load_model(name_or_path, dtype, weight_format)
     if tokenizer is None:
         raise MemlmError(f"model '{name_or_path}' has no tokenizer", "put a tokenizer.json beside the weights")
+    if adapter is not None:
+        from memlm.adapters.peft import load_adapter
+
+        load_adapter(model, adapter)
     return LoadedModel(model.eval(), tokenizer)

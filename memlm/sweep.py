@@ -128,9 +128,12 @@ def sweep(base: ModelConfig, train_cfg: TrainConfig, budget: str | int, seconds:
         f"({', '.join(f'{r.name} {r.params / 1e6:.2f}M' for r in chosen)}), {share:.0f} s each")
     tokenizer = train_cfg.tokenizer
     for rung in chosen:
+        # The savers the plan chose, applied as settings: the runs share this process, whose
+        # resident memory after one run is no baseline for the next one's guard.
         run_cfg = dataclasses.replace(
-            train_cfg, out_dir=str(out / rung.name), tokenizer=tokenizer, max_time_s=share, steps=max(train_cfg.steps, 10**6),
-            memory_budget=str(budget_bytes), eval_every=0, save_every=0, eval_batches=SWEEP_EVAL_BATCHES)
+            rung.plan.train_config, out_dir=str(out / rung.name), tokenizer=tokenizer, max_time_s=share,
+            steps=max(train_cfg.steps, 10**6), memory_budget=None, eval_every=0, save_every=0,
+            eval_batches=SWEEP_EVAL_BATCHES)
         say(f"[bold]{rung.name}[/] ({rung.params:,} parameters) for {share:.0f} s")
         result = train(run_cfg, shape(base, rung.n_embd, rung.n_layer), console=console)
         tokenizer = tokenizer or str(out / rung.name)  # the first rung's BPE for all: the same ids

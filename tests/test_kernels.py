@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["avx_vnni", "avx2", "portable"])
+@pytest.fixture(params=["amx", "avx_vnni", "avx2", "portable"])
 def isa(request):
     """Every code path the CPU has."""
     active = kernels.set_isa(request.param)
@@ -68,8 +68,11 @@ def assert_tight(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------ int4
 
-INT4_SHAPES = [(inp, g) for inp in (64, 576, 1536) for g in (32, 64, 128) if inp % g == 0]
-ROWS = (1, 2, 3, 17)
+# 64: no quad of blocks (pairs only); 576: 4 quads and a pair; 384 with groups of 192: quads
+# that straddle two groups.
+INT4_SHAPES = [(inp, g) for inp in (64, 576, 1536) for g in (32, 64, 128) if inp % g == 0] + [(384, 192)]
+# 1: the one-row kernels; 2, 5, 8: one pass of the many-row kernels; 17: two full passes and one row.
+ROWS = (1, 2, 5, 8, 17)
 
 
 @pytest.mark.parametrize("inp,group", INT4_SHAPES)
@@ -131,8 +134,7 @@ def test_empty_input():
 # ------------------------------------------------------------------------------ int8
 
 
-@pytest.mark.parametrize("group", [None, 32, 64])
-@pytest.mark.parametrize("inp", [64, 576, 1536])
+@pytest.mark.parametrize("group,inp", [(g, i) for g in (None, 32, 64) for i in (64, 576, 1536)] + [(96, 576)])
 def test_int8_matches_reference(isa, group, inp):
     q, scales, _ = int8_weight(37, inp, group)
     for rows in ROWS:

@@ -13,6 +13,7 @@ from rich.console import Console
 from memlm.config import PREFILL_CHUNK, ModelConfig, TrainConfig, preset
 from memlm.memory import estimate as est
 from memlm.memory.measure import parse_size
+from memlm.memory.plan import plan_inference
 from memlm.memory.estimate import (
     Breakdown,
     activation_bytes,
@@ -353,6 +354,16 @@ def test_runtime_overhead_is_the_recorded_constant():
     assert b["runtime"] == est.RUNTIME_BYTES["cpu"]["train"]
     assert estimate_inference(preset("tiny"), context=32)["runtime"] == est.RUNTIME_BYTES["cpu"]["infer"]
     assert estimate_training(preset("tiny"), TrainConfig(micro_batch=1, seq_len=16), device="cuda")["runtime"] == 0
+
+
+def test_a_compiled_decode_step_counts_the_compiler_and_plans_within_the_rest():
+    eager = estimate_inference(preset("tiny"), context=32)
+    compiled = estimate_inference(preset("tiny"), context=32, compile=True)
+    assert compiled["compiler"] == est.COMPILE_BYTES["cpu"]
+    assert compiled.total == eager.total + est.COMPILE_BYTES["cpu"]
+    budget = eager.total + est.COMPILE_BYTES["cpu"] // 2  # eager fits, compiled does not
+    assert plan_inference(preset("tiny"), budget, context=32, formats=["fp32"]).feasible
+    assert not plan_inference(preset("tiny"), budget, context=32, formats=["fp32"], compile=True).feasible
 
 
 @pytest.mark.slow

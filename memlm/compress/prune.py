@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.compress.quantize import is_block_linear, set_module
+from memlm.compress.quantize import frozen_matmul, is_block_linear, set_module
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 
@@ -144,7 +144,20 @@ class Sparse24Linear(nn.Module):
         return dense.scatter_(-1, pos, self.values.view(out, inp // 4, 2)).view(out, inp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.values.requires_grad:  # trained itself (pruning, then fine-tuning the kept weights)
+            return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = frozen_matmul(self, x)  # frozen (under LoRA, say): no float copy kept for backward
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype))
+
+    def weight_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        values = self.values.detach()[start:stop]
+        rows, inp = values.shape[0], self.in_features
+        pos = _unpack_2bit(self.positions[start:stop]).long().view(rows, inp // 4, 2)
+        dense = torch.zeros(rows, inp // 4, 4, dtype=dtype, device=values.device)
+        return dense.scatter_(-1, pos, values.to(dtype).view(rows, inp // 4, 2)).view(rows, inp)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "sparse_2_4"}

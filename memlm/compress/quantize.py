@@ -109,6 +109,46 @@ class _KeepsScaleDtype(nn.Module):
         return self
 
 
+def rows_matmul(grad_out: torch.Tensor, weight_rows: Callable[[int, int], torch.Tensor], out_features: int,
+                in_features: int) -> torch.Tensor:
+    """grad_out (..., out) @ W (out, in) with W materialised DEQUANT_CHUNK_ELEMENTS weights at a
+    time: `weight_rows(i, j)` gives rows i..j of W in grad_out's dtype."""
+    step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, in_features))
+    if out_features <= step:
+        return grad_out @ weight_rows(0, out_features)
+    grad_in = None
+    for i in range(0, out_features, step):
+        part = grad_out[..., i:i + step] @ weight_rows(i, min(i + step, out_features))
+        grad_in = part if grad_in is None else grad_in.add_(part)
+    return grad_in
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ W^T of a quantized weight (never trained) under autograd. The layer's own no-grad
+    paths compute the output and nothing is saved; backward computes grad_x = grad_y @ W from
+    the packed weight again, a slice of rows at a time. Plain autograd would keep every float
+    slice the forward dequantized: the whole layer in float32, until backward (as QLoRA's
+    4-bit matmul, which saves only the quantized state)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return layer.matmul(x)  # grad mode is off here
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        layer = ctx.layer
+        rows = lambda i, j: layer.weight_rows(i, j, grad_out.dtype)  # noqa: E731
+        return rows_matmul(grad_out, rows, layer.out_features, layer.in_features).to(ctx.dtype), None
+
+
+def frozen_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer.matmul(x), differentiable in x without keeping a float copy of the weight."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenMatmul.apply(x, layer)
+    return layer.matmul(x)
+
+
 # ------------------------------------------------------------------------------ int8
 
 
@@ -226,8 +266,14 @@ class Int8Linear(_KeepsScaleDtype):
     memlm_kernel = True  # decode through memlm.kernels where they run; False: PyTorch's paths only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _int8_matmul(x, self.weight_int8, self.scales, self.memlm_kernel)
+        y = frozen_matmul(self, x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _int8_matmul(x, self.weight_int8, self.scales, self.memlm_kernel)
+
+    def weight_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.weight_int8[start:stop], self.scales[start:stop], dtype)
 
     def compute_path(self) -> str:
         from memlm import kernels
@@ -280,7 +326,22 @@ class Int8TiedHead(nn.Module):
     memlm_kernel = True  # as Int8Linear's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_matmul(self, x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return _int8_matmul(x, self.embedding.weight_int8, self.embedding.scales, self.memlm_kernel)
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    def weight_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        e = self.embedding
+        return dequantize_int8(e.weight_int8[start:stop], e.scales[start:stop], dtype)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "int8_tied_head", "embedding": self.embedding_name}
@@ -532,6 +593,13 @@ class GroupQuantLinear(_KeepsScaleDtype):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = frozen_matmul(self, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def weight_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantized(dtype, start, stop)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.memlm_kernel and not self.kernel_layout and memlm_kernels_fit(x, self.in_features, self.group_size):
             from memlm import kernels
 
@@ -546,7 +614,7 @@ class GroupQuantLinear(_KeepsScaleDtype):
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:  # the weight dequantized for this call only (a prefill, or no kernel)
             y = self._dequantized_matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return y
 
     def spec(self) -> dict[str, Any]:
         return {"kind": f"int{self.bits}", "group_size": self.group_size}

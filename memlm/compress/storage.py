@@ -22,15 +22,15 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from memlm.compress.lowrank import LowRankLinear
-from memlm.compress.prune import Sparse24Linear
-from memlm.compress.quantize import GROUP_CLASSES, Int8Embedding, Int8Linear, Int8TiedHead, set_module
+from memlm.compress import kinds
+from memlm.compress.quantize import set_module
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError, first_line, io_error, os_error_of
 from memlm.integrity import SEAL, damaged_files, describe_files, seal, sealed_intact
@@ -46,8 +46,8 @@ META_FILE = "memlm_model.json"
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """{module name: spec} for every compressed module (those with a `spec()` method)."""
-    return {name: m.spec() for name, m in model.named_modules() if callable(getattr(m, "spec", None))}
+    """{module name: spec} for every compressed module (memlm.compress.kinds)."""
+    return kinds.layer_specs(model)
 
 
 def _is_tied(model: nn.Module) -> bool:
@@ -86,19 +86,30 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
         # Position tables are recomputed on load, in float32; a model moved to bf16 had them in bf16.
         "table_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if n not in state},
     }
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    except OSError as e:
-        raise io_error(e, f"save the model to {folder}") from e
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
         # last: the size and sha256 of every other file, checked on load
-        meta = seal({**meta, "files": describe_files(tmp, sorted(p.name for p in tmp.iterdir()))})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():  # swap the old folder out only once the new one is complete
+        sealed = seal({**meta, "files": describe_files(tmp, sorted(p.name for p in tmp.iterdir()))})
+        (tmp / META_FILE).write_text(json.dumps(sealed, indent=2) + "\n", encoding="utf-8")
+
+    return write_folder(folder, fill)
+
+
+def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """Make `folder` atomically: `fill(tmp)` writes its files into a temporary sibling, which then
+    takes the folder's name (an old folder is swapped out only once the new one is complete). A
+    full or read-only disk is one line (io_error), and no temporary is left behind."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as e:
+        raise io_error(e, f"save to {folder}") from e
+    try:
+        fill(tmp)
+        if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / "x")
             os.replace(tmp, folder)
@@ -108,7 +119,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pat
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if os_error_of(e) is not None:  # a full or read-only disk (safetensors says so in Rust's words)
-            raise io_error(e, f"save the model to {folder}") from e
+            raise io_error(e, f"save to {folder}") from e
         raise
     return folder
 
@@ -175,27 +186,6 @@ class TensorFile:
         self.close()
 
 
-def _empty_module(spec: dict[str, Any], placeholder: nn.Module, model: nn.Module, use_kernel: bool | None) -> nn.Module:
-    """A module of the recorded kind with meta tensors of the placeholder's shape."""
-    kind = spec.get("kind")
-    linear_args = lambda: (placeholder.in_features, placeholder.out_features)  # noqa: E731
-    has_bias = getattr(placeholder, "bias", None) is not None
-    if kind == "int8":  # version-1 folders have no group size: one scale per row
-        return Int8Linear(*linear_args(), bias=has_bias, device="meta", group_size=spec.get("group_size"))
-    if kind in ("int4", "int3"):
-        return GROUP_CLASSES[int(kind[-1])](*linear_args(), spec["group_size"], bias=has_bias, device="meta", use_kernel=use_kernel)
-    if kind == "lowrank":
-        return LowRankLinear(*linear_args(), spec["rank"], bias=has_bias, device="meta")
-    if kind == "sparse_2_4":
-        return Sparse24Linear(*linear_args(), bias=has_bias, device="meta")
-    if kind == "int8_embedding":
-        return Int8Embedding(placeholder.num_embeddings, placeholder.embedding_dim, device="meta",
-                             group_size=spec.get("group_size"))
-    if kind == "int8_tied_head":
-        return Int8TiedHead(model.get_submodule(spec["embedding"]), spec["embedding"])
-    raise MemlmError(f"unknown compressed layer kind {kind!r}", "this model was saved by a newer memlm; upgrade memlm")
-
-
 def read_description(folder: str | Path) -> dict[str, Any]:
     """The memlm_model.json of a compressed folder, its fields checked (a one-line error if not)."""
     path = Path(folder) / META_FILE
@@ -244,7 +234,7 @@ def load_compressed(folder: str | Path, use_kernel: bool | None = None) -> tuple
                 placeholder = model.get_submodule(name)
             except AttributeError:
                 raise MemlmError(f"{meta_path}: layer {name!r} does not exist in the model its config describes") from None
-            set_module(model, name, _empty_module(spec, placeholder, model, use_kernel))
+            set_module(model, name, kinds.empty_layer(spec, placeholder, model, use_kernel))
 
         tied = bool(meta.get("tied_embeddings")) and isinstance(model.lm_head, nn.Linear)
         expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())

@@ -45,13 +45,9 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from memlm.compress import assemble
 from memlm.compress.assemble import InOrder, ModelAssembler
-from memlm.compress.lowrank import LowRankLinear
+from memlm.compress.kinds import kind_of
 from memlm.compress.quantize import (
-    GroupQuantLinear,
     Int4Linear,
-    Int8Embedding,
-    Int8Linear,
-    dequantize_weight,
     embedding_from_codes,
     format_float_dtype,
     module_from_codes,
@@ -1145,7 +1141,7 @@ class _Export:
 class _Sources:
     """A model's tensors by state-dict key, whether its layers are plain or compressed.
 
-    A compressed layer (memlm.compress: it has a `spec()`) holds no `weight` parameter: its float
+    A compressed layer (one memlm.compress.kinds says storage records) holds no `weight` parameter: its float
     weight is dequantized on demand, and its codes can be re-encoded in a matching GGML type.
     """
 
@@ -1159,11 +1155,12 @@ class _Sources:
             module = self.model.get_submodule(name)
         except AttributeError:
             return None, kind
-        return (module if callable(getattr(module, "spec", None)) else None), kind
+        layer = kind_of(module)
+        return (module if layer is not None and layer.spec(module) is not None else None), kind
 
     @staticmethod
     def _bias(module: torch.nn.Module) -> torch.Tensor | None:
-        return module.up.bias if isinstance(module, LowRankLinear) else getattr(module, "bias", None)
+        return kind_of(module).bias(module)
 
     def has(self, key: str) -> bool:
         if key in self.params:
@@ -1177,26 +1174,25 @@ class _Sources:
         module, kind = self._layer(key)
         if kind == "bias":
             return tuple(self._bias(module).shape)
-        if isinstance(module, Int8Embedding):
-            return (module.num_embeddings, module.embedding_dim)
-        return (module.out_features, module.in_features)
+        return kind_of(module).shape(module)
 
     def values(self, key: str) -> np.ndarray:
         if key in self.params:
             t = self.params[key].detach()
         else:
             module, kind = self._layer(key)
-            t = self._bias(module).detach() if kind == "bias" else dequantize_weight(module)
+            t = self._bias(module).detach() if kind == "bias" else kind_of(module).dense_weight(module)
         return t.to(device="cpu", dtype=torch.float32).numpy()
 
     def encode(self, key: str, qtype: QType) -> np.ndarray | None:
         module, kind = self._layer(key)
         if key in self.params or module is None or kind != "weight":
             return None
-        if qtype == QType.Q8_0 and isinstance(module, (Int8Linear, Int8Embedding)):
-            return _int8_to_q8_0(module.weight_int8, module.scales)
-        if qtype == QType.Q4_1 and isinstance(module, GroupQuantLinear) and module.bits == 4 and module.group_size == 32:
-            return _int4_to_q4_1(module.codes(), module.scales, module.mins)
+        state = kind_of(module).quantized_state(module)  # the codes the layer holds, if any
+        if qtype == QType.Q8_0 and state is not None and "weight_int8" in state:
+            return _int8_to_q8_0(state["weight_int8"], state["scales"])
+        if qtype == QType.Q4_1 and kind_of(module).name == "int4" and module.group_size == 32:
+            return _int4_to_q4_1(state["codes"], state["scales"], state["mins"])
         return None
 
 

@@ -167,6 +167,21 @@ def _llama_names(config: ModelConfig):
     yield "norm.weight", "model.norm.weight"
 
 
+def hf_module_names(config: ModelConfig) -> dict[str, str]:
+    """{memlm name of a block Linear: the HF module that holds its weight}: what adapters on
+    one are called on the other (GPT-2's q/k/v share its fused Conv1D `attn.c_attn`)."""
+    arch = hf_architecture(config)
+    out = {}
+    for ours, theirs in (_gpt2_names(config) if arch == "gpt2" else _llama_names(config)):
+        if ours.startswith("blocks.") and ours.endswith("_proj.weight"):
+            out[ours.removesuffix(".weight")] = theirs.removesuffix(".weight")
+    if arch == "gpt2":
+        for i in range(config.n_layer):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                out[f"blocks.{i}.attn.{proj}"] = f"transformer.h.{i}.attn.c_attn"
+    return out
+
+
 def iter_state_from_hf(config: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(memlm name, tensor) pairs of an HF checkpoint, renamed (and for GPT-2 transposed/split),
     reading each HF tensor through `get(name)` once, when its pair is due: a loader that

@@ -47,8 +47,8 @@ INT4_DEQUANT_ROWS = 48
 INT8_DEQUANT_ROWS = 32
 _NAME = "memlm_quant_linear"
 _CSRC = Path(__file__).parent / "csrc"
-# Two translation units, so ninja compiles them in parallel: the torch ops and the compute.
-_SOURCES = (_CSRC / "quant_linear.cpp", _CSRC / "quant_kernels.cpp")
+# Translation units that ninja compiles in parallel: the torch ops, the compute, its AMX part.
+_SOURCES = (_CSRC / "quant_linear.cpp", _CSRC / "quant_kernels.cpp", _CSRC / "amx_kernels.cpp")
 # No -mavx2: the AVX2 functions carry their own target attribute and are chosen at run time, so
 # the portable fallback in the same file never contains AVX2 instructions. -fopenmp: at::parallel_for
 # is a header template that only splits work when the caller is compiled with OpenMP (it then
@@ -113,12 +113,12 @@ def _register_fakes() -> None:
     """Output shapes for torch.compile / meta tensors: the ops never run while tracing."""
 
     @torch.library.register_fake("memlm::int4_linear")
-    def _int4_fake(x, packed, scales, mins, group_size, dequant_rows=0):
+    def _int4_fake(x, packed, scales, mins, group_size, dequant_rows=0, amx_rows=0):
         torch._check(x.shape[-1] == packed.shape[1] * 2, lambda: "x's last dimension must be in_features")
         return x.new_empty(*x.shape[:-1], packed.shape[0])
 
     @torch.library.register_fake("memlm::int8_linear")
-    def _int8_fake(x, w_int8, scales, dequant_rows=0):
+    def _int8_fake(x, w_int8, scales, dequant_rows=0, amx_rows=0):
         torch._check(x.shape[-1] == w_int8.shape[1], lambda: "x's last dimension must be in_features")
         return x.new_empty(*x.shape[:-1], w_int8.shape[0])
 
@@ -155,8 +155,8 @@ def _require() -> None:
 
 
 def set_isa(name: str = "best") -> str:
-    """Choose the code path: "avx_vnni", "avx2", "portable" (plain C++) or "best", capped at what
-    the CPU has (for tests and benchmarks; the best one is used by default). Returns the one in use."""
+    """Choose the code path: "amx", "avx_vnni", "avx2", "portable" (plain C++) or "best", capped at
+    what the CPU has (for tests and benchmarks; the best one is used by default). Returns the one in use."""
     _require()
     return torch.ops.memlm.set_isa(name)
 
@@ -165,24 +165,26 @@ def set_isa(name: str = "best") -> str:
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                group_size: int, dequant_rows: int = INT4_DEQUANT_ROWS) -> torch.Tensor:
+                group_size: int, dequant_rows: int = INT4_DEQUANT_ROWS, amx_rows: int = 1) -> torch.Tensor:
     """x (..., in) @ W^T for W = q * scale + min: packed (out, in/2) uint8 (low nibble = even
     column), scales/mins (out, in/group_size) float16, group_size 32 or a multiple of 64.
 
-    Fewer than `dequant_rows` rows of x: the integer kernel; more: dequantize + float matmul
-    (0: always the kernel)."""
+    Fewer than `dequant_rows` rows of x: the integer kernels; more: dequantize + float matmul
+    (0: always the kernels). From `amx_rows` rows on (0: never), AMX's tiles where the path in
+    use (`set_isa`) is "amx"."""
     if not _LOADED:
         _require()
-    return torch.ops.memlm.int4_linear.default(x, packed, scales, mins, group_size, dequant_rows)
+    return torch.ops.memlm.int4_linear.default(x, packed, scales, mins, group_size, dequant_rows, amx_rows)
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
-                dequant_rows: int = INT8_DEQUANT_ROWS) -> torch.Tensor:
+                dequant_rows: int = INT8_DEQUANT_ROWS, amx_rows: int = 1) -> torch.Tensor:
     """x (..., in) @ W^T for W = q * scale: w_int8 (out, in) int8, scales float32 (out,) per row
-    or (out, in/g) per group of g inputs (g a multiple of 32). `dequant_rows` as for int4_linear."""
+    or (out, in/g) per group of g inputs (g a multiple of 32). `dequant_rows`, `amx_rows` as for
+    int4_linear."""
     if not _LOADED:
         _require()
-    return torch.ops.memlm.int8_linear.default(x, w_int8, scales, dequant_rows)
+    return torch.ops.memlm.int8_linear.default(x, w_int8, scales, dequant_rows, amx_rows)
 
 
 # ------------------------------------------------------------------------------ references

@@ -65,6 +65,11 @@ RUNTIME_BYTES: dict[str, dict[str, int]] = {
              "serve": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
+# A compiled decode step (`--compile`): torch.compile's own memory in the process (dynamo,
+# inductor, sympy, the FX graphs and the compiled block's code), the same whatever the model's
+# size: `memlm generate --compile` minus the same command eager, SmolLM2 fp32 +150 MiB and int8
+# (--memory-budget 600MiB) +164 MiB on 2026-12-01, warm inductor cache.
+COMPILE_BYTES = {"cpu": 165 * MiB, "cuda": 0}
 
 # glibc's heap (its default, dynamic mmap threshold) serves tensors up to 32 MiB from arenas that
 # keep freed blocks for reuse: a step's transients are resident with their holes, and gradients
@@ -638,9 +643,11 @@ def buffer_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
 # ------------------------------------------------------------------------------ training
 
 
-def _loss_terms(cfg: ModelConfig, N: int, precision: str, loss_chunk: int, p: int) -> dict[str, tuple[int, str]]:
+def _loss_terms(cfg: ModelConfig, N: int, precision: str, loss_chunk: int, p: int,
+                head_trainable: bool = True) -> dict[str, tuple[int, str]]:
     """Memory of the head + loss in three moments: 'fwd' (peak inside the loss), 'held'
-    (kept from the end of forward into backward), 'bwd' (peak of the loss's backward)."""
+    (kept from the end of forward into backward), 'bwd' (peak of the loss's backward).
+    A frozen head (fine-tuning adapters) makes no weight gradient in the chunked loss."""
     V, d = cfg.vocab_size, cfg.n_embd
     a, r, _ = _dtypes(precision)
     if loss_chunk <= 0:
@@ -665,6 +672,12 @@ def _loss_terms(cfg: ModelConfig, N: int, precision: str, loss_chunk: int, p: in
     logits = c * V * 4
     inner = max(c * V * 4, c * V * 2 if bf16_mm else 0,
                 (c * V * 2 + V * d * 2 + V * d * 4) if bf16_mm else V * d * 4)
+    if not head_trainable:  # grad_h alone: no (V, d) accumulator, no chunk product
+        held = N * d * h_bytes
+        fwd = held + w_cast + logits + max(c * V * 4, c * V * 2 if bf16_mm else 0)
+        return {"fwd": (fwd, f"N*d*{h_bytes} grad_h + c*V*4 logits + c*V*4 logsumexp (frozen head, c={c})"),
+                "held": (held, f"N*d*{h_bytes} (saved gradient)"),
+                "bwd": (2 * held, f"2*N*d*{h_bytes} (saved and scaled gradient)")}
     fwd = N * d * h_bytes + V * d * 4 + w_cast + logits + inner
     held = N * d * h_bytes + V * d * p  # saved: grad_h, grad_w in the weight's dtype
     if p != 4:
@@ -688,13 +701,15 @@ def _train_settings(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
-                      world_size: int = 1, strategy: str | None = None, teacher_bytes: int = 0) -> Breakdown:
+                      world_size: int = 1, strategy: str | None = None, teacher_bytes: int = 0,
+                      frozen: FrozenBase | None = None) -> Breakdown:
     """Peak memory of one process of a training step (steady state: the optimizer has its state).
 
     `strategy` defaults to train_cfg.strategy; it only matters when world_size > 1.
     train_cfg.micro_batch is the global micro-batch, split evenly over the processes (as the loop does).
     `teacher_bytes`: distillation (memlm.train.distill) from a frozen teacher holding that many
     bytes of weights; the loss is then the distillation loss over full logits (no chunking).
+    `frozen`: only adapters are trained on a frozen base (LoRA / QLoRA: see `estimate_finetune`).
     """
     cfg, mc = train_cfg, model_cfg
     device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -706,7 +721,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     precision = cfg.precision
     p = 2 if precision == "bf16" else 4
     a, r, _ = _dtypes(precision)
-    shapes = param_shapes(mc)
+    shapes = param_shapes(mc) if frozen is None else frozen.trainable  # what the optimizer steps
     P = sum(s.numel for s in shapes)
     fsdp = world > 1 and strategy == "fsdp"
     ddp = world > 1 and not fsdp
@@ -716,7 +731,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     runtime = RUNTIME_BYTES[device]["train" if precision == "fp32" else "train-bf16"]
     if world > 1:  # the process group (and FSDP's code): measured once, like the rest
         runtime += RUNTIME_BYTES[device][f"train-{strategy}"] - RUNTIME_BYTES[device]["train"]
-    weights = P * p // shard + buffer_bytes(mc)
+    weights = P * p // shard + buffer_bytes(mc) + (frozen.base_bytes if frozen is not None else 0)
     states = sum(optimizer_state_bytes(s, cfg.optimizer) for s in shapes) // shard
     grads = P * p // shard
     block_params = sum(s.numel for s in shapes if s.name.startswith("blocks.0."))
@@ -724,15 +739,19 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     # The head's weight gradient (tied: summed with the embedding's at the end of backward). Under
     # FSDP it belongs to the root, whose gradients stay unsharded until its reduce-scatter, the
     # last of the step: full size, not / world.
-    head_grad = V * d * p
+    head_grad = V * d * p if frozen is None else 0  # a frozen head has no weight gradient
     ddp_buckets = P * p if ddp else 0
     gathered_root, gathered_block = root_params * p, block_params * p  # FSDP: one group unsharded
 
     # -- activations
-    per_block = sum(s.bytes for s in block_activations(mc, B, T, precision))
-    outside_bytes = sum(s.bytes for s in outside_activations(mc, B, T, precision, cfg.loss_chunk))
+    per_block = sum(s.bytes for s in block_activations(mc, B, T, precision)) if frozen is None else frozen.per_block
+    outside_bytes = (sum(s.bytes for s in outside_activations(mc, B, T, precision, cfg.loss_chunk))
+                     if frozen is None else frozen.outside)
     n_ckpt = checkpointed_blocks(L, cfg.activation_checkpointing)
-    kept = activation_bytes(mc, B, T, precision, cfg.activation_checkpointing, cfg.loss_chunk) - outside_bytes
+    if frozen is None:
+        kept = activation_bytes(mc, B, T, precision, cfg.activation_checkpointing, cfg.loss_chunk) - outside_bytes
+    else:  # a checkpointed block keeps its input (block 0's, the frozen embedding's output, needs no grad)
+        kept = n_ckpt * N * d * r + (L - n_ckpt) * per_block - (0 if n_ckpt else per_block - frozen.first_block)
     recompute = per_block if n_ckpt else 0  # backward recomputes ONE checkpointed block at a time
     act_formula = (f"{L}*A_block({_mib(per_block)}) + outside({_mib(outside_bytes)})" if not n_ckpt else
                    f"{n_ckpt} ckpt inputs*N*d*r + {L - n_ckpt}*A_block({_mib(per_block)}) + outside")
@@ -744,7 +763,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         autocast_bwd = (autocast_weight_copy_bytes(mc, cfg.loss_chunk, cfg.activation_checkpointing)
                         + (block_linear_params(mc) * 2 if n_ckpt else 0))
 
-    loss = _loss_terms(mc, N, precision, cfg.loss_chunk, p)
+    loss = _loss_terms(mc, N, precision, cfg.loss_chunk, p, head_trainable=frozen is None)
     if teacher_bytes:
         # memlm.train.distill.distillation_loss over (N, V) fp32: the teacher's logits, the
         # student's, s/T and t/T, both log_softmaxes, the KL's elementwise terms and the
@@ -788,7 +807,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
 
     base = {
         "runtime": (runtime, RUNTIME_NOTE),
-        "weights": (weights, f"P({P:,})*{p}" + (f"/{shard}" if shard > 1 else "")
+        "weights": (weights, (f"{frozen.base_formula} + adapters " if frozen is not None else "")
+                    + f"P({P:,})*{p}" + (f"/{shard}" if shard > 1 else "")
                     + (" + position tables" if buffer_bytes(mc) else "")),
         "optimizer_states": (states, OPTIMIZER_FORMULAS[cfg.optimizer] + (f" /{shard}" if shard > 1 else "")),
     }
@@ -882,7 +902,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     last_block_ckpt = n_ckpt > 0 and (L - 1) % max(cfg.activation_checkpointing, 1) == 0
     # freed before the blocks' backward: the head's input (full loss) and the final norm's saved
     head_input = sum(x.bytes for x in outside_activations(mc, B, T, precision, cfg.loss_chunk)
-                     if x.what.startswith(("final norm", "lm_head input")))
+                     if x.what.startswith(("final norm", "lm_head input"))) if frozen is None else frozen.head_input
     phases["backward: last block"] = phase(
         activations=(kept + outside_bytes - head_input + (recompute if last_block_ckpt else 0),
                      act_formula + (" + 1 recomputed block" if last_block_ckpt else "")),
@@ -926,7 +946,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         recomputing = CHECKPOINT_SLACK * per_block if n_ckpt else 0
         for terms in phases.values():
             unit = sum(v[0] for k, v in terms.items() if k not in ("runtime", "weights", "optimizer_states", "teacher"))
-            state = weights + states
+            # a frozen base is allocated once, when loaded: no freed gradients or updates around it
+            state = weights + states - (frozen.base_bytes if frozen is not None else 0)
             terms["allocator"] = (int(a_unit * unit + a_state * state + recomputing),
                                   f"{a_unit}*(this phase's transients) + {a_state}*(weights + states)"
                                   + (f" + {CHECKPOINT_SLACK}*A_block (recomputation)" if n_ckpt else "")
@@ -939,6 +960,171 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         notes.append(f"{strategy} over {world} processes: per-process memory")
     return Breakdown("train", device, phase_terms[peak_phase], peak_phase, totals,
                      {**_train_settings(mc, cfg), "world_size": world, "strategy": strategy}, notes, phase_terms)
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+
+@dataclass(frozen=True)
+class FrozenBase:
+    """Adapters trained on a frozen base (LoRA / QLoRA), as `estimate_training` takes it."""
+
+    base_bytes: int  # the frozen weights as they are stored
+    base_formula: str
+    trainable: list[ParamShape]  # the adapters' parameters: what gets gradients and optimizer states
+    per_block: int  # what autograd saves in a block whose input needs a gradient
+    first_block: int  # ... in block 0, whose input (the frozen embedding's output) needs none
+    outside: int  # saved outside the blocks
+    head_input: int  # the part of `outside` freed before the blocks' backward
+
+
+def lora_shapes(cfg: ModelConfig, r: int, targets: tuple[str, ...]) -> list[ParamShape]:
+    """lora_A (r, in) and lora_B (out, r) of every targeted block Linear (memlm.adapters.lora)."""
+    names = _linear_names(cfg)
+    out = []
+    for i in range(cfg.n_layer):
+        for name, (n_in, n_out) in names.items():
+            if "all-linear" in targets or name in targets:
+                out += [ParamShape(f"blocks.{i}.{name}.lora_A.weight", (r, n_in)),
+                        ParamShape(f"blocks.{i}.{name}.lora_B.weight", (n_out, r))]
+    return out
+
+
+def _linear_names(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{short name: (in, out)} of one block's Linears, as memlm.model.layers names them."""
+    d, f, hd = cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
+    qd, kvd = cfg.n_head * hd, cfg.n_kv_heads * hd
+    names = {"q_proj": (d, qd), "k_proj": (d, kvd), "v_proj": (d, kvd), "o_proj": (qd, d)}
+    if cfg.mlp == "swiglu":
+        names["gate_proj"] = (d, f)
+    return {**names, "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def lora_block_activations(cfg: ModelConfig, batch: int, seq_len: int, r: int, targets: tuple[str, ...],
+                           first: bool = False) -> list[Saved]:
+    """What autograd saves in one Block.forward when only LoRA adapters train (fp32).
+
+    Follows which tensors need a gradient: the block's input does (except in block 0, whose
+    input is the frozen embedding's output: `first`), and so does every adapter's output and
+    whatever is computed from one. Then, op by op: a frozen Linear saves nothing (its weight
+    needs no gradient, so its input is not kept, and the gradient it passes back is computed
+    from the weight itself); an adapter keeps its input (for lora_A's gradient; shared by the
+    adapters reading one tensor) and its rank-r hidden state; a frozen RMSNorm keeps its input
+    and rstd (LayerNorm: input, mean, rstd) when its input needs a gradient; attention keeps q,
+    k, v, its output and logsumexp when any of q, k, v needs one; silu keeps its input, the
+    product each factor the other's gradient needs, gelu its input. Checked against
+    saved_tensors_hooks in tests/test_finetune_memory.py.
+    """
+    B, T, d, f, nh = batch, seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    N = B * T
+    adapted = lambda name: "all-linear" in targets or name in targets  # noqa: E731
+    out: list[Saved] = []
+
+    def norm(name: str, needs_grad: bool) -> None:
+        if not needs_grad:
+            return
+        if cfg.norm == "rmsnorm":
+            out.append(Saved(f"{name}: input, rstd", N * d * 4 + N * 4, "N*d*4 + N*4"))
+        else:
+            out.append(Saved(f"{name}: input, mean + rstd", N * d * 4 + 2 * N * 4, "N*d*4 + 2*N*4"))
+
+    def adapters(what: str, names: tuple[str, ...], width: int) -> None:
+        """The adapters among `names` reading one tensor of `width` features."""
+        n = sum(map(adapted, names))
+        if n:
+            out.append(Saved(f"{what} (the adapters' input)", N * width * 4, f"N*{width}*4"))
+            out.append(Saved(f"{'/'.join(x for x in names if adapted(x))} hidden states", n * N * r * 4,
+                             f"{n}*N*r*4"))
+
+    x_grad = not first
+    norm("attn_norm", x_grad)
+    adapters("attn_norm output", ("q_proj", "k_proj", "v_proj"), d)
+    if x_grad or any(map(adapted, ("q_proj", "k_proj", "v_proj"))):
+        out.append(Saved("q (after RoPE)" if cfg.positions == "rope" else "q", N * qd * 4, "N*qd*4"))
+        out.append(Saved("k, v", 2 * N * kvd * 4, "2*N*kvd*4"))
+        out.append(Saved("sdpa output", N * qd * 4, "N*qd*4"))
+        out.append(Saved("sdpa logsumexp", B * nh * T * 4, "B*nh*T*4"))
+        attn_grad = True
+    else:
+        attn_grad = False
+        adapters("sdpa output", ("o_proj",), qd)
+    h_grad = x_grad or attn_grad or adapted("o_proj")
+    if attn_grad and adapted("o_proj"):  # its input is the sdpa output, saved already
+        out.append(Saved("o_proj hidden state", N * r * 4, "N*r*4"))
+    norm("mlp_norm", h_grad)
+    if cfg.mlp == "swiglu":
+        adapters("mlp_norm output", ("gate_proj", "up_proj"), d)
+        g_grad, u_grad = h_grad or adapted("gate_proj"), h_grad or adapted("up_proj")
+        kept = [("gate", g_grad), ("silu(gate)", u_grad), ("up", g_grad)]  # silu's input; each factor
+        n = sum(k for _, k in kept)
+        if n:
+            out.append(Saved("swiglu: " + ", ".join(w for w, k in kept if k), n * N * f * 4, f"{n}*N*f*4"))
+    else:
+        adapters("mlp_norm output", ("up_proj",), d)
+        if h_grad or adapted("up_proj"):
+            out.append(Saved("gelu: input", N * f * 4, "N*f*4"))
+    adapters("down_proj's input", ("down_proj",), f)
+    return out
+
+
+def frozen_base(cfg: ModelConfig, batch: int, seq_len: int, r: int, targets: tuple[str, ...],
+                base_format: str = "fp32", group_size: int | None = None, loss_chunk: int = 0) -> FrozenBase:
+    """The terms of a LoRA / QLoRA fine-tune: the base's block Linears in `base_format` (its
+    embedding and norms fp32: memlm.finetune keeps a float head), the adapters in fp32."""
+    N, d = batch * seq_len, cfg.n_embd
+    per_block = sum(s.bytes for s in lora_block_activations(cfg, batch, seq_len, r, targets))
+    first = sum(s.bytes for s in lora_block_activations(cfg, batch, seq_len, r, targets, first=True))
+    # the final norm (frozen) keeps its input and rstd; the loss keeps the head's input (full loss)
+    final = N * d * 4 + (N * 4 if cfg.norm == "rmsnorm" else 2 * N * 4)
+    head_input = final + (N * d * 4 if loss_chunk <= 0 else 0)
+    return FrozenBase(
+        base_bytes=inference_weight_bytes(cfg, base_format, group_size=group_size) - buffer_bytes(cfg),
+        base_formula=f"frozen base ({base_format}" + (f" g{group_size}" if group_size else "") + ")",
+        trainable=lora_shapes(cfg, r, targets), per_block=per_block, first_block=first,
+        outside=2 * N * 8 + head_input, head_input=head_input)
+
+
+def estimate_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
+                      lora_r: int | None = None, lora_targets: tuple[str, ...] | None = None,
+                      base_format: str = "fp32", group_size: int | None = None) -> Breakdown:
+    """Peak memory of a `memlm finetune` step: LoRA / QLoRA (`lora_r`: adapters of rank r on
+    `lora_targets`, on a frozen base stored in `base_format`) or, lora_r None, a full fine-tune
+    (estimate_training's). Both add what a pretrained model brings to the process beyond its
+    tensors: its tokenizer and the base format's kernels (as in inference)."""
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    frozen = None
+    if lora_r is not None:
+        T = train_cfg.seq_len or model_cfg.block_size
+        B = train_cfg.micro_batch
+        frozen = frozen_base(model_cfg, B, T, lora_r, tuple(lora_targets or ("q_proj", "v_proj")), base_format,
+                             group_size, train_cfg.loss_chunk)
+    b = estimate_training(model_cfg, train_cfg, device, frozen=frozen)
+    extras = _inference_extras(model_cfg, base_format if lora_r is not None else "fp32", device)
+    for terms in {id(t): t for t in [b.terms, *b.phase_terms.values()]}.values():  # the peak's list is one of them
+        terms[1:1] = extras  # after the runtime
+    b.phases = {k: v + sum(t.bytes for t in extras) for k, v in b.phases.items()}
+    # The held-out evaluation (memlm.finetune.FineTune.evaluate): a no-grad forward of a
+    # micro-batch, the fused head's (N, V) logits buffer at its end, beside the weights and states
+    N = train_cfg.micro_batch * (train_cfg.seq_len or model_cfg.block_size)
+    fwd, fwd_f = forward_transient(model_cfg, train_cfg.micro_batch, train_cfg.seq_len or model_cfg.block_size,
+                                   base_format if lora_r is not None else "fp32")
+    head = N * model_cfg.n_embd * 4 + N * model_cfg.vocab_size * 4
+    work = max(fwd, head)
+    kept = [t for t in b.phase_terms["optimizer step"] if t.name in ("runtime", "weights", "optimizer_states")]
+    evaluation = kept[:1] + extras + kept[1:] + [
+        Term("workspace", work, fwd_f if fwd >= head else "N*d*4 + N*V*4 (final norm, the head's logits buffer)")]
+    if device == "cpu":
+        a_work = ALLOCATOR_SLACK["infer"][0]
+        evaluation.append(Term("allocator", int(a_work * work), f"{a_work}*workspace ({ALLOCATOR_NOTE})"))
+    b.phase_terms["evaluation"] = evaluation
+    b.phases["evaluation"] = sum(t.bytes for t in evaluation)
+    peak = max(b.phases, key=lambda k: b.phases[k])
+    b.peak_phase, b.terms = peak, b.phase_terms[peak]
+    b.task = "finetune"
+    b.settings.update(method="full" if lora_r is None else ("qlora" if base_format in ("int8", "int4") else "lora"),
+                      lora_r=lora_r, lora_targets=",".join(lora_targets or ()) or None, base_format=base_format)
+    return b
 
 
 # ------------------------------------------------------------------------------ inference
@@ -996,17 +1182,15 @@ def linear_weight_bytes(n_in: int, n_out: int, fmt: str, int4_kernel: bool | Non
     PyTorch's CPU int4 kernel also caches a bf16 (scale, zero) pair per group on first use:
     + 4*out*in/g, where its layout is used (int4_kernel; None: as on this machine, torch_int4_layout).
     """
-    n = n_in * n_out
-    if fmt in ("fp32", "bf16"):
-        return n * DTYPE_BYTES[fmt]
-    if fmt == "int8":
-        return n + 4 * (n_out if group_size is None else n_out * (n_in // group_size))
+    from memlm.compress.kinds import FORMAT_KINDS  # each layer kind's own formula
+
+    if fmt not in ("fp32", "bf16", "int8", "int4"):
+        raise MemlmError(f"unknown weight format '{fmt}'", "use fp32, bf16, int8 or int4")
     if fmt == "int4":
         g = int4_group_size(n_in, group_size or 128)
-        groups = n_out * (n_in // g)
-        kernel = 4 * groups if (torch_int4_layout(int4_kernel) and int4_uses_kernel(n_out, g)) else 0
-        return n // 2 + 4 * groups + kernel
-    raise MemlmError(f"unknown weight format '{fmt}'", "use fp32, bf16, int8 or int4")
+        return FORMAT_KINDS[fmt].weight_bytes(n_in, n_out, group_size=g, torch_int4_layout=(
+            torch_int4_layout(int4_kernel) and int4_uses_kernel(n_out, g)))
+    return FORMAT_KINDS[fmt].weight_bytes(n_in, n_out, DTYPE_BYTES[fmt], group_size)
 
 
 def inference_weight_bytes(cfg: ModelConfig, weight_format: str = "fp32", quantize_embedding: bool = False,
@@ -1117,10 +1301,10 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                        weight_format: str = "fp32", kv_dtype: str | None = None, prompt_len: int | None = None,
                        device: str = "cpu", quantize_embedding: bool = False, int4_kernel: bool | None = None,
                        group_size: int | None = None, embedding_group_size: int | None = None,
-                       runtime: str = "infer") -> Breakdown:
+                       runtime: str = "infer", compile: bool = False) -> Breakdown:
     """Peak memory of generation: weights + KV cache for `batch` sequences of `context` tokens +
     the larger of the prefill and decode temporaries + the runtime ("infer": a command;
-    "serve": memlm serve, see RUNTIME_BYTES).
+    "serve": memlm serve, see RUNTIME_BYTES) + the compiler's, with a compiled decode step.
 
     context: the cache's length (prompt + new tokens; default block_size). prompt_len: tokens
     prefilled at once (default: context // 2). kv_dtype: default like generate_ids: the
@@ -1152,6 +1336,7 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
         Term("kv_cache" if not light else "decode_state", kv, kv_formula),
         *_inference_extras(model_cfg, weight_format, device),
+        *([Term("compiler", COMPILE_BYTES[device], "torch.compile in the process (measured)")] if compile else []),
     ]
     phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}
     peak_phase = "prefill" if pre >= dec else "decode"
@@ -1428,25 +1613,27 @@ def model_layout(model) -> dict:
     given; 32 for GGUF Q4_1 blocks), and whether (and how) the embedding is int8."""
     import torch
 
+    from memlm.compress.kinds import kind_of
+
     modules = list(model.modules())
-    kinds = {type(m).__name__ for m in modules}
+    names = {kind_of(m).name for m in modules if kind_of(m) is not None}
 
     def group_of(kind: str) -> int | None:
-        sizes = [m.group_size for m in modules if type(m).__name__ == kind]
+        sizes = [m.group_size for m in modules if kind_of(m) is not None and kind_of(m).name == kind]
         return max(sizes) if sizes and None not in sizes else None
 
-    if "Int4Linear" in kinds:
-        fmt, group = "int4", group_of("Int4Linear")
-    elif "Int8Linear" in kinds:
-        fmt, group = "int8", group_of("Int8Linear")
+    if "int4" in names:
+        fmt, group = "int4", group_of("int4")
+    elif "int8" in names:
+        fmt, group = "int8", group_of("int8")
     else:
         fmt, group = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32", None
-    return {"weight_format": fmt, "quantize_embedding": "Int8Embedding" in kinds, "group_size": group,
-            "embedding_group_size": group_of("Int8Embedding")}
+    return {"weight_format": fmt, "quantize_embedding": "int8_embedding" in names, "group_size": group,
+            "embedding_group_size": group_of("int8_embedding")}
 
 
 def estimate_for_model(model, batch: int = 1, context: int | None = None, prompt_len: int | None = None,
-                       runtime: str = "infer") -> Breakdown:
+                       runtime: str = "infer", compile: bool = False) -> Breakdown:
     """`estimate_inference` for a loaded model, its layout read off its modules (`model_layout`)."""
     return estimate_inference(model.config, batch, context, prompt_len=prompt_len, runtime=runtime,
-                              **model_layout(model))
+                              compile=compile, **model_layout(model))

@@ -211,12 +211,15 @@ def _tradeoffs(base: TrainConfig, c: _Candidate, sequences: int, n_layer: int, t
 
 def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_bytes: int | str,
                   device: str = "cpu", world_size: int = 1, global_batch_tokens: int | None = None,
-                  allow: dict[str, list] | None = None, task: str = "train", teacher_bytes: int = 0) -> Plan:
+                  allow: dict[str, list] | None = None, task: str = "train", teacher_bytes: int = 0,
+                  estimator: Callable[[TrainConfig], Breakdown] | None = None) -> Plan:
     """The fastest training settings whose predicted peak fits `budget_bytes` per process.
 
     global_batch_tokens: tokens per optimizer step over all processes (default: what
     base_train_cfg gives: micro_batch * grad_accum * seq_len * world_size); it is rounded to
     whole sequences per process. `allow` restricts the search, e.g. {"optimizer": ["adamw"]}.
+    `estimator`: the prediction of a candidate (default: estimate_training; fine-tuning: see
+    `plan_finetune`).
     """
     budget = parse_size(budget_bytes)
     device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -232,7 +235,7 @@ def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_by
     if sequences * seq_len * world != global_batch_tokens:
         notes.append(f"global batch rounded to {sequences * seq_len * world:,} tokens "
                      f"({sequences} sequences of {seq_len} per process)")
-    if task == "finetune":
+    if task == "finetune" and estimator is None:
         notes.append("full fine-tuning: every weight is trained (LoRA is not planned)")
     if teacher_bytes:  # the distillation loss needs the student's full logits: no chunked loss
         allow = {**(allow or {}), "loss_chunk": [0]}
@@ -240,6 +243,8 @@ def plan_training(model_cfg: ModelConfig, base_train_cfg: TrainConfig, budget_by
 
     def estimate(c: _Candidate) -> tuple[TrainConfig, Breakdown]:
         tc = _apply(base_train_cfg, c, seq_len, world)
+        if estimator is not None:
+            return tc, estimator(tc)
         return tc, estimate_training(model_cfg, tc, device=device, world_size=world, teacher_bytes=teacher_bytes)
 
     for c in candidates:
@@ -309,7 +314,8 @@ def _max_int(lo: int, hi: int, ok) -> int:
 def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int | None = None,
                    device: str = "cpu", max_batch: int = 256, prompt_len: int | None = None,
                    min_batch: int = 1, formats: list[str] | None = None,
-                   layout: Callable[[str], dict] | None = None, runtime: str = "infer") -> Plan:
+                   layout: Callable[[str], dict] | None = None, runtime: str = "infer",
+                   compile: bool = False) -> Plan:
     """Weight format, KV-cache dtype and concurrent sequences (x context) that fit the budget.
 
     The format is the best one that holds `min_batch` sequences; the rest of the budget goes to
@@ -318,6 +324,7 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
     memlm can build for this model); `layout(format)`: how the loader will lay that format out
     (memlm.loading.layout_of: group sizes, an int8 embedding), so the plan predicts what loads.
     runtime: "infer" (a command) or "serve" (memlm serve; memlm.memory.estimate.RUNTIME_BYTES).
+    compile: the decode step is compiled (the compiler's memory is counted).
     """
     max_batch = max(max_batch, min_batch)
     budget = parse_size(budget_bytes)
@@ -335,7 +342,7 @@ def plan_inference(model_cfg: ModelConfig, budget_bytes: int | str, context: int
     def est(fmt: str, kv: str, batch: int, ctx: int) -> Breakdown:
         return estimate_inference(model_cfg, batch=batch, context=ctx, weight_format=fmt, kv_dtype=kv,
                                   prompt_len=min(prompt_len, ctx) if prompt_len else None, device=device,
-                                  runtime=runtime, **layouts[fmt])
+                                  runtime=runtime, compile=compile, **layouts[fmt])
 
     def tradeoffs(fmt: str, kv: str, ctx: int) -> list[str]:
         out = []
@@ -405,13 +412,21 @@ def plan_scoring(model_cfg: ModelConfig, budget_bytes: int | str, window: int | 
 
 
 def plan_for_cli(model_cfg: ModelConfig, task: str, budget_bytes: int | str, seq_len: int | None = None,
-                 global_batch_tokens: int | None = None, world_size: int = 1, device: str = "cpu") -> Plan:
+                 global_batch_tokens: int | None = None, world_size: int = 1, device: str = "cpu",
+                 finetune: dict[str, Any] | None = None) -> Plan:
     """Everything `memlm plan` does besides reading its arguments.
 
     train / finetune: seq_len defaults to the model's block_size, the global batch to 8
     sequences per process (TrainConfig's default micro-batch). infer: seq_len is the context
-    (default: block_size).
+    (default: block_size). finetune with `finetune` = {lora_r, lora_targets, base_format,
+    layout}: a LoRA / QLoRA plan (`plan_finetune`); without it, full fine-tuning.
     """
+    if task == "finetune" and finetune is not None:
+        seq = seq_len or model_cfg.block_size
+        base = TrainConfig(seq_len=seq)
+        if global_batch_tokens:
+            base = dataclasses.replace(base, micro_batch=max(1, round(global_batch_tokens / seq)))
+        return plan_finetune(model_cfg, base, budget_bytes, device, **finetune)
     if task in ("train", "finetune"):
         seq = seq_len or model_cfg.block_size
         base = TrainConfig(seq_len=seq, nproc=max(1, world_size))
@@ -424,7 +439,7 @@ def plan_for_cli(model_cfg: ModelConfig, task: str, budget_bytes: int | str, seq
 
 def predict_for_cli(model_cfg: ModelConfig, task: str, seq_len: int | None = None,
                     train_keys: dict[str, Any] | None = None, world_size: int = 1, device: str = "cpu",
-                    weight_format: str = "fp32") -> Breakdown:
+                    weight_format: str = "fp32", finetune: dict[str, Any] | None = None) -> Breakdown:
     """`memlm plan` without a budget: the predicted peak of exactly these settings, term by term.
 
     train / finetune: TrainConfig's defaults with `train_keys` over them (micro_batch is per
@@ -438,6 +453,13 @@ def predict_for_cli(model_cfg: ModelConfig, task: str, seq_len: int | None = Non
         keys["micro_batch"] = keys.get("micro_batch", TrainConfig().micro_batch) * world
         tc = TrainConfig.from_dict({**keys, "seq_len": seq, "nproc": world})
         tc.validate()
+        if task == "finetune" and finetune is not None:
+            from memlm.memory.estimate import estimate_finetune
+
+            layout = finetune.get("layout")
+            group = (layout(finetune["base_format"]) if layout else {}).get("group_size")
+            return estimate_finetune(model_cfg, tc, device, finetune["lora_r"], finetune["lora_targets"],
+                                     finetune["base_format"], group)
         return estimate_training(model_cfg, tc, device=device, world_size=world)
     if task == "infer":
         return estimate_inference(model_cfg, batch=int(keys.get("micro_batch", 1)), context=seq_len,
@@ -491,11 +513,78 @@ def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
     """
     plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
                          world_size=max(1, train_cfg.nproc), teacher_bytes=teacher_bytes)
+    return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len or pick a smaller model "
+                                     "(see: memlm plan)"), plan
+
+
+def _planned(train_cfg: TrainConfig, plan: Plan, hint: str) -> TrainConfig:
+    """The run's config with the plan's settings; an infeasible plan is refused before any work."""
     if not plan.feasible:
         raise DoesNotFit(
             f"nothing fits the memory budget {format_bytes(plan.budget_bytes)}: "
-            f"the leanest plan needs {format_bytes(plan.min_budget)}",
-            "raise --memory-budget, shorten --seq-len or pick a smaller model (see: memlm plan)",
-        )
+            f"the leanest plan needs {format_bytes(plan.min_budget)}", hint)
     keys = [k for k in plan.settings if k in {f.name for f in dataclasses.fields(TrainConfig)}]
-    return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys}), plan
+    return dataclasses.replace(train_cfg, **{k: plan.settings[k] for k in keys})
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+# Base formats a LoRA fine-tune may fall back to, by fidelity; and the lowest rank it goes down to.
+FINETUNE_FORMATS = ("fp32", "int8", "int4")
+MIN_LORA_RANK = 2
+
+
+def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: int | str, device: str = "cpu",
+                  lora_r: int | None = 8, lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                  base_format: str = "fp32", layout: Callable[[str], dict] | None = None,
+                  search_base: bool = True) -> Plan:
+    """The settings of `memlm finetune` that fit: micro-batch (the global batch kept), activation
+    checkpointing and the chunked loss as for training, and, for LoRA, the base's format (the one
+    asked for, then the more compact int8 and int4) and then the rank (halved down to
+    MIN_LORA_RANK). A full fine-tune (lora_r None) is planned like training, every saver allowed.
+    `layout(format)`: how the base loads in that format (memlm.loading.layout_of: group sizes).
+    The plan's settings carry `lora_r` and `base_format`."""
+    from memlm.memory.estimate import estimate_finetune
+
+    budget = parse_size(budget_bytes)
+    if lora_r is None:
+        plan = plan_training(model_cfg, train_cfg, budget, device, task="finetune",
+                             estimator=lambda tc: estimate_finetune(model_cfg, tc, device))
+        plan.settings.update(lora_r=None, base_format="fp32")
+        return plan
+    keep = {"optimizer": [train_cfg.optimizer], "precision": [train_cfg.precision], "fused_backward": [False]}
+    asked = FINETUNE_FORMATS.index(base_format) if base_format in FINETUNE_FORMATS else 0
+    formats = list(FINETUNE_FORMATS[asked:]) if search_base else [base_format]
+    ranks = [lora_r]
+    while search_base and ranks[-1] // 2 >= MIN_LORA_RANK:
+        ranks.append(ranks[-1] // 2)
+    leanest = None
+    for r in ranks:
+        for fmt in formats:
+            group = (layout(fmt) if layout else {}).get("group_size")
+
+            def estimator(tc: TrainConfig, r=r, fmt=fmt, group=group) -> Breakdown:
+                return estimate_finetune(model_cfg, tc, device, r, lora_targets, fmt, group)
+
+            plan = plan_training(model_cfg, train_cfg, budget, device, allow=keep, task="finetune", estimator=estimator)
+            plan.settings.update(lora_r=r, base_format=fmt)
+            trade = ([f"{fmt} base weights (frozen)"] if fmt != base_format else []) + (
+                [f"LoRA rank {r} instead of {lora_r}"] if r != lora_r else [])
+            plan.tradeoffs = trade + plan.tradeoffs
+            if plan.feasible:
+                return plan
+            if leanest is None or plan.predicted_peak < leanest.predicted_peak:
+                leanest = plan
+    assert leanest is not None
+    return leanest
+
+
+def fit_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu", lora_r: int | None = 8,
+                 lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), base_format: str = "fp32",
+                 group_size: int | None = None) -> tuple[TrainConfig, Plan]:
+    """`fit_training` for a fine-tune whose rank and base are already chosen (by `plan_finetune`):
+    the run's config with the plan's micro-batch, checkpointing and loss chunk."""
+    plan = plan_finetune(model_cfg, train_cfg, train_cfg.memory_budget, device, lora_r, lora_targets, base_format,
+                         layout=lambda f: {"group_size": group_size}, search_base=False)
+    return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len, or use a quantized base "
+                                     "(see: memlm plan --task finetune)"), plan

@@ -56,6 +56,10 @@ class Seq2SeqBatch:
     def device(self) -> torch.device:
         return self.target_in.device
 
+    def numel(self) -> int:
+        """Tokens the model reads: the (padded) sources and decoder inputs (the loop's tokens/s)."""
+        return self.source.numel() + self.target_in.numel()
+
     def size(self, dim: int) -> int:
         return self.target_in.size(dim)
 

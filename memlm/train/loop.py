@@ -242,6 +242,7 @@ def train(
     console: Console | None = None,
     stop_after: int | None = None,
     teacher: Any | None = None,
+    tuning: Any | None = None,
 ) -> TrainResult:
     """Train a model as `train_cfg` says, in the run folder `train_cfg.out_dir`.
 
@@ -249,6 +250,9 @@ def train(
     `stop_after`: end (eval and save as at the end) after this step, without changing the
     schedule, which still runs to `train_cfg.steps`: for tests and time-limited jobs.
     `teacher`: distill from it (memlm.train.distill); evaluation stays plain cross-entropy.
+    `tuning`: fine-tune (memlm.finetune.FineTune): it supplies the model and its tokenizer, the
+    batches, the evaluation, the memory plan, an `objective` (None: next-token cross-entropy),
+    the run files beside config.toml, and the part of the model a checkpoint holds.
     """
     from memlm.cleaning import CleanOptions, CleanReport
     from memlm.model import build_model
@@ -290,7 +294,9 @@ def train(
         torch.set_num_threads(cfg.threads)
 
     pretrained: nn.Module | None = None
-    if saved_state is not None:
+    if tuning is not None:  # a pretrained base, built by the fine-tune (its tokenizer too)
+        tokenizer, model_cfg = tuning.tokenizer, tuning.model_config
+    elif saved_state is not None:
         tokenizer = Tokenizer.load(run_dir)
         if cfg.init_from:  # the checkpoint's weights win; its config is the model's config
             model_cfg = ModelConfig.from_dict(saved_state["model_config"])
@@ -305,9 +311,9 @@ def train(
         tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
         tokenizer = None  # trained below, once the plan (if any) has said that the run fits
-    if pretrained is None:
+    if pretrained is None and tuning is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size if tokenizer else cfg.vocab_size)
-    elif tokenizer.vocab_size > model_cfg.vocab_size:
+    elif pretrained is not None and tokenizer.vocab_size > model_cfg.vocab_size:
         raise MemlmError(
             f"tokenizer has {tokenizer.vocab_size} ids but {cfg.init_from} only {model_cfg.vocab_size} embeddings",
             "fine-tune with the model's own tokenizer",
@@ -334,12 +340,16 @@ def train(
     if cfg.memory_budget is not None:  # the planner picks the savers, keeping the global batch
         from memlm.memory.plan import fit_training
 
-        cfg, plan = fit_training(model_cfg, cfg, device.type, teacher_bytes=_teacher_bytes(teacher))
+        cfg, plan = (tuning.fit(cfg, device.type) if tuning is not None else
+                     fit_training(model_cfg, cfg, device.type, teacher_bytes=_teacher_bytes(teacher)))
         breakdown = plan.breakdown
         say(f"memory budget {format_bytes(plan.budget_bytes)}: predicted peak {format_bytes(plan.predicted_peak)}; "
             + ("; ".join(plan.tradeoffs) or "no saver needed"))
         if device.type == "cpu":  # the guard watches resident memory; CUDA budgets are the allocator's
             guard = MemoryGuard(plan.budget_bytes, expected_from(breakdown), "step")
+    elif tuning is not None:
+        breakdown = tuning.estimate(cfg, device.type)
+        say(f"predicted peak memory {format_bytes(breakdown.total)} (memlm plan --task finetune shows the terms)")
     else:
         breakdown = estimate_training(model_cfg, cfg, device.type, world_size=ctx.world_size,
                                       teacher_bytes=_teacher_bytes(teacher))
@@ -360,13 +370,16 @@ def train(
                 "resume with the run's own config.toml",
             )
 
-    if model_cfg.kind == "encdec":  # the decoder starts from EOS, as BART's
-        if tokenizer.eos_id is None:
-            raise MemlmError("an encoder-decoder needs a tokenizer with an EOS token", "train one here (no --tokenizer)")
-        model_cfg = dataclasses.replace(model_cfg, start_id=tokenizer.eos_id)
-    data = training_data(cfg, model_cfg, tokenizer, seq_len, run_dir / CACHE_DIR, cleaning, ctx.main_first)
-    if data.cleaning_report:
-        say("cleaning (train split): " + CleanReport(**data.cleaning_report).summary())
+    data = None  # a fine-tune brings its own examples (tuning.batch, tuning.evaluate)
+    if tuning is None:
+        if model_cfg.kind == "encdec":  # the decoder starts from EOS, as BART's
+            if tokenizer.eos_id is None:
+                raise MemlmError("an encoder-decoder needs a tokenizer with an EOS token",
+                                 "train one here (no --tokenizer)")
+            model_cfg = dataclasses.replace(model_cfg, start_id=tokenizer.eos_id)
+        data = training_data(cfg, model_cfg, tokenizer, seq_len, run_dir / CACHE_DIR, cleaning, ctx.main_first)
+        if data.cleaning_report:
+            say("cleaning (train split): " + CleanReport(**data.cleaning_report).summary())
     return_free_heap()  # the tokenizer's and the tokenization's freed buffers go back to the system
     if guard is not None:
         guard.mark("start-up")
@@ -375,13 +388,15 @@ def train(
     batches: dict[int, Any] = {}
 
     def micro_batch(index: int, shape) -> tuple[Any, torch.Tensor]:
+        if tuning is not None:
+            return tuning.batch(index, ctx.rank, ctx.world_size, shape)
         if shape.micro_batch not in batches:
             batches[shape.micro_batch] = data.batches(shape.micro_batch)
         return batches[shape.micro_batch].get(index, ctx.rank, ctx.world_size, seq_len=shape.seq_len)
 
     # ---- model and optimizer (built before the run folder is written: they can still fail)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
+    model = tuning.build_model() if tuning is not None else build_model(model_cfg)
     if pretrained is not None:
         model.load_state_dict(pretrained.state_dict())
         del pretrained
@@ -389,11 +404,13 @@ def train(
     apply_train_settings(model, ctx.model_settings(cfg))
     net = ctx.wrap(model)  # forward runs through net: DDP's wrapper, or model itself (FSDP shards it in place)
     optimizer = build_optimizer(model, cfg)
+    saved = tuning.checkpoint_module(model) if tuning is not None else model  # what checkpoints hold
+    objective = teacher if teacher is not None else getattr(tuning, "objective", None)
 
     step, tokens_seen, wall_time, last_loss = 0, 0, 0.0, float("nan")
     eval_losses: list[tuple[int, float]] = []
     if ckpt is not None:
-        state = ctx.load_checkpoint(ckpt, model, optimizer, verify=False)  # intact_checkpoint verified it
+        state = ctx.load_checkpoint(ckpt, saved, optimizer, verify=False)  # intact_checkpoint verified it
         step = state["step"]
         tokens_seen = state.get("tokens_seen", 0)
         wall_time = state.get("wall_time", 0.0)
@@ -410,6 +427,8 @@ def train(
                 tokenizer.save(run_dir)
             # whole or not at all: `--resume` reads it back
             write_text_atomic(run_dir / CONFIG_FILE, to_toml({"model": model_cfg.to_dict(), "train": cfg.to_dict()}))
+            if tuning is not None:
+                tuning.write_run_files(run_dir)
             if saved_state is None:
                 metrics_path.write_text("", encoding="utf-8")
             else:
@@ -420,8 +439,8 @@ def train(
     end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     say(
         f"model: {model.num_params():,} parameters | device {device} | {cfg.precision} | "
-        f"{data.size} | "
-        f"{cfg.micro_batch * cfg.grad_accum * seq_len:,} tokens per step"
+        + (f"{data.size} | " if tuning is None else f"{tuning.data_summary} | ")
+        + f"{cfg.micro_batch * cfg.grad_accum * seq_len:,} tokens per step"
         + (" (after the warmup phases)" if cfg.seq_len_warmup or cfg.batch_ramp else "")
     )
 
@@ -467,11 +486,11 @@ def train(
         reason = ctx.max(stops.received or int(problem is not None))
         if not reason:
             return
-        saved = latest_checkpoint(run_dir) if ctx.is_main else None
+        saved_at = latest_checkpoint(run_dir) if ctx.is_main else None
         if step > 0 and latest_step_saved != step:
-            saved = ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
+            saved_at = ctx.save_checkpoint(run_dir, step, saved, optimizer, trainer_state(step), cfg.keep_last)
         if reason > 1:
-            raise _interrupted(signal.Signals(reason), step, saved, run_dir)
+            raise _interrupted(signal.Signals(reason), step, saved_at, run_dir)
         raise problem or BudgetExceeded("another process of this run reached its memory budget",
                                         "raise --memory-budget")
 
@@ -490,13 +509,14 @@ def train(
             ctx.fault_point(step)
             set_lr(optimizer, lr_at(step, cfg))
             shape = step_shape(step, cfg)
-            tokens_per_step = shape.tokens * cfg.grad_accum
+            tokens_per_step = 0  # as run: a fine-tune's rows are padded to each batch's longest, not seq_len
             loss_sum = None  # on the device: one host sync a step, not one per micro-batch
             for k in range(cfg.grad_accum):
                 x, y = micro_batch((step - 1) * cfg.grad_accum + k, shape)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                tokens_per_step += x.numel() * ctx.world_size  # every rank's share has this shape
                 ctx.sync_gradients(net, now=k == cfg.grad_accum - 1)
-                loss = compute_loss(net, x, y, cfg, teacher) / cfg.grad_accum
+                loss = compute_loss(net, x, y, cfg, objective) / cfg.grad_accum
                 loss.backward()  # with fused_backward, this also steps the optimizer
                 loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             # clipped to the global norm: DDP's gradients are all-reduced, FSDP's are DTensors
@@ -544,13 +564,14 @@ def train(
                 window_tokens, window_time = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end_step:
-                eval_loss = ctx.mean(evaluate(net, data.eval_batches(), cfg, device, ctx.rank, ctx.world_size))
+                eval_loss = ctx.mean(tuning.evaluate(net, cfg, device, ctx.rank, ctx.world_size) if tuning is not None
+                                     else evaluate(net, data.eval_batches(), cfg, device, ctx.rank, ctx.world_size))
                 eval_losses.append((step, eval_loss))
                 log({"step": step, "eval_loss": eval_loss})
                 say(f"step {step}: eval loss {eval_loss:.4f}")
 
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == end_step:
-                ctx.save_checkpoint(run_dir, step, model, optimizer, trainer_state(step), cfg.keep_last)
+                ctx.save_checkpoint(run_dir, step, saved, optimizer, trainer_state(step), cfg.keep_last)
                 latest_step_saved = step
 
     peak_bytes = ctx.max(peak_now())

@@ -58,28 +58,53 @@ constexpr int64_t kMinBytesPerTask = 32 * 1024;
 // The path in use: the best the CPU has, unless set_isa (tests, benchmarks) chose a lower one.
 std::atomic<int> g_isa{best_isa()};
 
-Acts quantize_acts(const float* x, int64_t rows, int64_t in, bool int4, int64_t group, Isa isa) {
+// The layout (and so the kernel) for rows activation rows: AMX's tiles from amx_rows rows on
+// (0: never) where the CPU has them, else the one-row tiles or the many-row kernels.
+Layout layout_for(int64_t rows, Isa isa, int64_t amx_rows) {
+  if (isa == kAmx && amx_rows > 0 && rows >= amx_rows) return Layout::kTiles;
+  return rows >= kQuadRows ? Layout::kQuads : Layout::kRow;
+}
+
+Acts quantize_acts(const float* x, int64_t rows, int64_t in, bool int4, int64_t group, Isa isa, Layout layout) {
   Acts a;
-  prepare_acts(a, rows, in, int4, group);
+  prepare_acts(a, rows, in, int4, group, layout);
   // Prefill: rows are independent; a decode step (one row) stays on this thread.
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / in),
                    [&](int64_t r0, int64_t r1) { quantize_rows(x, r0, r1, int4, group, a, isa); });
+  if (layout == Layout::kTiles) finish_tiles(a, int4, group);
   return a;
 }
 
-// Runs tile(o, nr, y) over all tiles of kTile output rows, split across torch's threads.
-template <typename Tile>
-at::Tensor run_tiles(const at::Tensor& x, int64_t rows, int64_t out, int64_t weight_bytes, Tile tile) {
-  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (out + kTile - 1) / kTile;
-  const int64_t tile_work = std::max<int64_t>(1, weight_bytes / out * kTile * rows);
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kMinBytesPerTask / tile_work), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o = t * kTile;
-      tile(o, static_cast<int>(std::min<int64_t>(kTile, out - o)), yp);
-    }
+// Runs kernel(o0, o1) over the output rows, split across torch's threads in runs of whole
+// `unit`s (the one-row kernels' tiles, AMX's 16 rows), none with less than kMinBytesPerTask of
+// weights per activation row behind it.
+template <typename Kernel>
+void split_outputs(int64_t rows, int64_t out, int64_t row_bytes, int64_t unit, Kernel kernel) {
+  const int64_t units = (out + unit - 1) / unit;
+  const int64_t unit_work = std::max<int64_t>(1, row_bytes * unit * rows);
+  at::parallel_for(0, units, std::max<int64_t>(1, kMinBytesPerTask / unit_work), [&](int64_t u0, int64_t u1) {
+    kernel(u0 * unit, std::min(out, u1 * unit));
   });
+}
+
+// y (rows x out) from the kernel a's layout is for: one activation row in tiles of kTile weight
+// rows, more one weight row at a time (see simd_kernels.h), or AMX's tiles of 16.
+template <typename Tile, typename Rows, typename Tiles>
+at::Tensor run_kernels(const at::Tensor& x, const Acts& a, int64_t out, int64_t row_bytes, Tile tile, Rows rows,
+                       Tiles tiles) {
+  at::Tensor y = at::empty({a.rows, out}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  if (a.layout == Layout::kTiles) {
+    // AMX's work per weight row hardly grows with the rows: count it as 4 rows' worth.
+    split_outputs(std::min<int64_t>(a.rows, 4), out, row_bytes, kTileRows,
+                  [&](int64_t o0, int64_t o1) { tiles(o0, o1, yp); });
+  } else if (a.layout == Layout::kQuads) {
+    split_outputs(a.rows, out, row_bytes, 1, [&](int64_t o0, int64_t o1) { rows(o0, o1, yp); });
+  } else {
+    split_outputs(a.rows, out, row_bytes, kTile, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; o += kTile) tile(o, static_cast<int>(std::min<int64_t>(kTile, o1 - o)), yp);
+    });
+  }
   return y;
 }
 
@@ -137,7 +162,7 @@ void check_weight(const char* op, const char* name, const at::Tensor& t, at::Sca
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& mins, int64_t group_size, int64_t dequant_rows) {
+                       const at::Tensor& mins, int64_t group_size, int64_t dequant_rows, int64_t amx_rows) {
   const char* op = "memlm::int4_linear";
   TORCH_CHECK(packed.dim() == 2, op, ": packed must be (out, in/2), got shape ", packed.sizes());
   const int64_t out = packed.size(0), in = packed.size(1) * 2;
@@ -156,13 +181,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     auto dequant = [&](int64_t o, int64_t n, float* dst) { dequant_int4(w, o, n, dst, isa); };
     return shaped_output(x, dequant_matmul(xf, out, in, dequant), out);
   }
-  const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/true, group_size, isa);
-  const at::Tensor y = run_tiles(x, rows, out, out * in / 2,
-                                 [&](int64_t o, int nr, float* yp) { int4_tile(w, o, nr, a, yp, isa); });
+  const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/true, group_size, isa,
+                               layout_for(rows, isa, amx_rows));
+  const at::Tensor y = run_kernels(
+      x, a, out, in / 2, [&](int64_t o, int nr, float* yp) { int4_tile(w, o, nr, a, yp, isa); },
+      [&](int64_t o0, int64_t o1, float* yp) { int4_rows(w, o0, o1, a, yp, isa); },
+      [&](int64_t o0, int64_t o1, float* yp) { int4_tiles(w, o0, o1, a, yp); });
   return shaped_output(x, y, out);
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t dequant_rows) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t dequant_rows,
+                       int64_t amx_rows) {
   const char* op = "memlm::int8_linear";
   TORCH_CHECK(codes.dim() == 2, op, ": w_int8 must be (out, in), got shape ", codes.sizes());
   const int64_t out = codes.size(0), in = codes.size(1);
@@ -186,19 +215,22 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     auto dequant = [&](int64_t o, int64_t n, float* dst) { dequant_int8(w, o, n, dst, isa); };
     return shaped_output(x, dequant_matmul(xf, out, in, dequant), out);
   }
-  const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/false, kBlock, isa);
-  const at::Tensor y = run_tiles(x, rows, out, out * in,
-                                 [&](int64_t o, int nr, float* yp) { int8_tile(w, o, nr, a, yp, isa); });
+  const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/false, kBlock, isa,
+                               layout_for(rows, isa, amx_rows));
+  const at::Tensor y = run_kernels(
+      x, a, out, in, [&](int64_t o, int nr, float* yp) { int8_tile(w, o, nr, a, yp, isa); },
+      [&](int64_t o0, int64_t o1, float* yp) { int8_rows(w, o0, o1, a, yp, isa); },
+      [&](int64_t o0, int64_t o1, float* yp) { int8_tiles(w, o0, o1, a, yp); });
   return shaped_output(x, y, out);
 }
 
-// Chooses the code path ("portable", "avx2", "avx_vnni" or "best"), capped at what the CPU has
-// (tests and benchmarks use this to reach every path); returns the one now in use.
+// Chooses the code path ("portable", "avx2", "avx_vnni", "amx" or "best"), capped at what the CPU
+// has (tests and benchmarks use this to reach every path); returns the one now in use.
 std::string set_isa(const std::string& name) {
   int wanted = name == "best" ? best_isa() : -1;
-  for (int i = kPortable; i <= kAvxVnni; ++i)
+  for (int i = kPortable; i <= kAmx; ++i)
     if (name == kIsaNames[i]) wanted = i;
-  TORCH_CHECK(wanted >= 0, "memlm::set_isa: unknown path '", name, "'; use portable, avx2, avx_vnni or best");
+  TORCH_CHECK(wanted >= 0, "memlm::set_isa: unknown path '", name, "'; use portable, avx2, avx_vnni, amx or best");
   g_isa.store(std::min<int>(wanted, best_isa()));
   return kIsaNames[g_isa.load()];
 }
@@ -208,9 +240,11 @@ std::string set_isa(const std::string& name) {
 
 // A fragment, not TORCH_LIBRARY: other parts of memlm may define ops in the same namespace.
 TORCH_LIBRARY_FRAGMENT(memlm, m) {
-  // dequant_rows: from this many activation rows on, dequantize-then-matmul (0: never).
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size, int dequant_rows=0) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor w_int8, Tensor scales, int dequant_rows=0) -> Tensor");
+  // dequant_rows: from this many activation rows on, dequantize-then-matmul (0: never);
+  // amx_rows: from this many on, AMX's tiles where the path in use is "amx" (0: never).
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size, int dequant_rows=0, "
+        "int amx_rows=0) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w_int8, Tensor scales, int dequant_rows=0, int amx_rows=0) -> Tensor");
   m.def("set_isa(str isa) -> str", &memlm::set_isa);  // no tensors: one kernel for all
 }
 

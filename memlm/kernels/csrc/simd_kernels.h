@@ -5,9 +5,11 @@
 // blocks), AVX-VNNI does it in one (vpdpbusd), about 10-15% faster on CPUs that have it. A
 // target attribute cannot differ between instances of one template, hence the two inclusions.
 //
-// Every kernel computes one tile: NR (<= kTile) consecutive weight rows starting at row o,
-// against every activation row, into y (rows x out). The tile's weights (4 x in/2 bytes for
-// int4) stay in L1 while the activation rows pass by, so a prefill reads its weights once.
+// Two kinds of kernel. One activation row (a decode step): a tile of NR (<= kTile) consecutive
+// weight rows, so each activation load feeds 4 weight rows. Many rows (batched decoding, short
+// prefills): one weight row against up to kMaxRowTile activation rows, so that each weight load
+// and unpacking feeds them all, over quads of 4 blocks whose integer sums share one vector (two
+// lanes a block), which halves the float work per row and block against the pair layout.
 //
 // Needs from the includer: kBlock, kTile, Acts, Int4Weights, Int8Weights, chunk_start.
 
@@ -165,7 +167,7 @@ MEMLM_SIMD void int4_tile_wide(const Int4Weights& w, int64_t o, const Acts& a, f
   const int64_t groups = w.groups, pairs_per_group = w.group / 64;
   for (int64_t r = 0; r < a.rows; ++r) {
     const int8_t* q = a.q.data() + r * a.in;
-    const float* d_pairs = a.d_pairs.data() + r * a.d_pairs_stride;
+    const float* d_pairs = a.d_lanes.data() + r * a.lanes_stride;  // no quads: all pairs
     __m256 acc[kTile], s8[NR], scale[NR], fac[NR];
     for (int i = 0; i < kTile; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t g0 = 0; g0 < groups; g0 += 8) {
@@ -242,4 +244,255 @@ inline void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, fl
   static constexpr Tile per_row[] = {int8_tile_simd<1, false>, int8_tile_simd<2, false>, int8_tile_simd<3, false>,
                                      int8_tile_simd<4, false>};
   (w.groups ? grouped : per_row)[nr - 1](w, o, a, y);
+}
+
+// ------------------------------------------------------------------ many rows
+
+// 4 weight scales of blocks b..b+3 (b a multiple of 4), in block order, from a row's scales with
+// per_group blocks to a group (a quad may straddle two groups when per_group is not 1, 2 or 4k).
+MEMLM_SIMD inline float to_float(c10::Half h) { return half_to_float(h); }
+MEMLM_SIMD inline float to_float(float f) { return f; }
+
+MEMLM_SIMD inline __m128 quad_scales(const c10::Half* s, int64_t b, int64_t per_group) {
+  if (per_group == 1) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + b)));
+  if (per_group == 2) {
+    int32_t two;
+    std::memcpy(&two, s + b / 2, sizeof(two));
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+    return _mm_unpacklo_ps(v, v);
+  }
+  if (per_group % 4 == 0) return _mm_set1_ps(to_float(s[b / per_group]));
+  return _mm_setr_ps(to_float(s[b / per_group]), to_float(s[(b + 1) / per_group]), to_float(s[(b + 2) / per_group]),
+                     to_float(s[(b + 3) / per_group]));
+}
+
+MEMLM_SIMD inline __m128 quad_scales(const float* s, int64_t b, int64_t per_group) {
+  if (per_group == 1) return _mm_loadu_ps(s + b);
+  if (per_group == 2) {
+    const __m128 v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + b / 2)));
+    return _mm_unpacklo_ps(v, v);
+  }
+  if (per_group % 4 == 0) return _mm_set1_ps(s[b / per_group]);
+  return _mm_setr_ps(s[b / per_group], s[(b + 1) / per_group], s[(b + 2) / per_group], s[(b + 3) / per_group]);
+}
+
+// The 4 scales spread over the 8 lanes of a quad's sums; lane_blocks: the block of each lane.
+MEMLM_SIMD inline __m256 quad_lanes(__m128 four, __m256i lane_blocks) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(four), lane_blocks);
+}
+
+// The lane sum of v.
+MEMLM_SIMD inline float hsum1(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// y[r * out + o] for the MR rows from r0: the lane sums of acc, 4 rows at a time.
+template <int MR>
+MEMLM_SIMD inline void store_rows(const __m256* acc, int64_t r0, int64_t o, int64_t out, float* y) {
+  int i = 0;
+  for (; i + 4 <= MR; i += 4) {
+    alignas(16) float t[4];
+    _mm_store_ps(t, hsum4(acc + i));
+    for (int j = 0; j < 4; ++j) y[(r0 + i + j) * out + o] = t[j];
+  }
+  for (; i < MR; ++i) y[(r0 + i) * out + o] = hsum1(acc[i]);
+}
+
+// int4: the 4 operands of quad k of a weight row, 8 bytes of each of its blocks per operand
+// (slots 0 2 1 3, the activation layout of int4_position): the low nibbles of its 64 bytes
+// (even columns) and high nibbles (odd columns), unpacked 8 bytes at a time.
+MEMLM_SIMD inline void int4_quad_operands(const uint8_t* row, int64_t k, __m256i* op) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k * 64));
+  const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k * 64 + 32));
+  const __m256i lo0 = _mm256_and_si256(c0, low4), lo1 = _mm256_and_si256(c1, low4);
+  const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), low4);
+  const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), low4);
+  op[0] = _mm256_unpacklo_epi64(lo0, lo1);
+  op[1] = _mm256_unpackhi_epi64(lo0, lo1);
+  op[2] = _mm256_unpacklo_epi64(hi0, hi1);
+  op[3] = _mm256_unpackhi_epi64(hi0, hi1);
+}
+
+// acc + the integer sums of a quad of int4 codes (op) with 128 bytes of activation codes x.
+MEMLM_SIMD inline __m256i int4_quad_sums(const __m256i* op, const int8_t* x) {
+  const __m256i* xv = reinterpret_cast<const __m256i*>(x);
+#if MEMLM_VNNI
+  __m256i acc = _mm256_setzero_si256();
+  for (int c = 0; c < 4; ++c) acc = _mm256_dpbusd_avx_epi32(acc, op[c], _mm256_loadu_si256(xv + c));
+  return acc;
+#else
+  // 16-bit sums of 8 products: at most 8 * 15 * 127, no saturation.
+  __m256i p16 = _mm256_maddubs_epi16(op[0], _mm256_loadu_si256(xv));
+  for (int c = 1; c < 4; ++c) p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(op[c], _mm256_loadu_si256(xv + c)));
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+#endif
+}
+
+// Weight rows [o0, o1), one at a time, against the MR activation rows from r0.
+template <int MR>
+MEMLM_SIMD void int4_rows_tile(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, int64_t r0, float* y) {
+  for (int64_t o = o0; o < o1; ++o) {
+  const uint8_t* wr = w.packed + o * (w.in / 2);
+  const c10::Half* s = w.scales + o * w.groups;
+  const c10::Half* m = w.mins + o * w.groups;
+  const int64_t per_group = w.group / kBlock;
+  const int8_t* q0 = a.q.data() + r0 * a.in;
+  const float* lanes0 = a.d_lanes.data() + r0 * a.lanes_stride;
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i lane_blocks = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+  for (int64_t k = 0; k < a.quads; ++k) {
+    __m256i op[4];
+    int4_quad_operands(wr, k, op);
+    const __m256 sv = quad_lanes(quad_scales(s, 4 * k, per_group), lane_blocks);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i isum = int4_quad_sums(op, q0 + i * a.in + k * 128);
+      const __m256 fac = _mm256_mul_ps(sv, _mm256_loadu_ps(lanes0 + i * a.lanes_stride + 8 * k));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), fac, acc[i]);
+    }
+  }
+  // The blocks after the quads: pairs (32 weight bytes, 64 activation bytes), then a single one.
+  int64_t b = 4 * a.quads;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (; b + 1 < a.blocks; b += 2) {
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 16));
+    const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+    const __m256 sv = _mm256_set_m128(_mm_set1_ps(half_to_float(s[(b + 1) / per_group])),
+                                      _mm_set1_ps(half_to_float(s[b / per_group])));
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* x = q0 + i * a.in + b * kBlock;
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+#if MEMLM_VNNI
+      const __m256i isum = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+#else
+      const __m256i isum = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
+                                             _mm256_set1_epi16(1));
+#endif
+      const __m256 fac = _mm256_mul_ps(sv, _mm256_loadu_ps(lanes0 + i * a.lanes_stride + 8 * a.quads + (b - 4 * a.quads) * 4));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), fac, acc[i]);
+    }
+  }
+  if (b < a.blocks) {  // an odd block count: [16 even | 16 odd], group 32
+    const uint8_t* const one_row[1] = {wr};
+    for (int i = 0; i < MR; ++i) {
+      const float fac = half_to_float(s[b]) * a.d[(r0 + i) * a.d_stride + b];
+      int4_last_block<1>(one_row, b, q0 + i * a.in, &fac, &acc[i]);
+    }
+  }
+  // The min term, 8 groups at a time (see int4_min_term).
+  const int64_t groups = w.groups, full = groups / 8 * 8;
+  const float* sums0 = a.sums.data() + r0 * a.sums_stride;
+  for (int64_t g = 0; g < full; g += 8) {
+    const __m256 mv = load8_halves(m + g);
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sums0 + i * a.sums_stride + g), acc[i]);
+  }
+  if (full < groups) {
+    const int64_t start = chunk_start(full, groups);
+    const __m256 mv = load8_halves(m + start, groups - start);
+    for (int i = 0; i < MR; ++i) {
+      const float* sums = sums0 + i * a.sums_stride;
+      acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(groups >= 8 ? sums + a.sums_stride - 8 : sums), acc[i]);
+    }
+  }
+  store_rows<MR>(acc, r0, o, w.out, y);
+  }
+}
+
+// int8: the 4 operands of quad k of a weight row: 8 bytes of each block per operand, in block
+// order (chunks 0, 2, 1, 3 of the blocks, the activation layout of int8_position).
+MEMLM_SIMD inline void int8_quad_operands(const int8_t* row, int64_t k, __m256i* op) {
+  __m256i blk[4];
+  for (int j = 0; j < 4; ++j) blk[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k * 128 + j * 32));
+  const __m256i lo01 = _mm256_unpacklo_epi64(blk[0], blk[1]), hi01 = _mm256_unpackhi_epi64(blk[0], blk[1]);
+  const __m256i lo23 = _mm256_unpacklo_epi64(blk[2], blk[3]), hi23 = _mm256_unpackhi_epi64(blk[2], blk[3]);
+  op[0] = _mm256_permute2x128_si256(lo01, lo23, 0x20);
+  op[1] = _mm256_permute2x128_si256(lo01, lo23, 0x31);
+  op[2] = _mm256_permute2x128_si256(hi01, hi23, 0x20);
+  op[3] = _mm256_permute2x128_si256(hi01, hi23, 0x31);
+}
+
+// One int8 weight row o against the MR activation rows from r0. The byte dot product wants one
+// unsigned operand: AVX-VNNI adds 128 to the weight codes (once per weight row, shared by all rows)
+// and starts each row's sums from -128 * sum(activation codes) (a.corr); AVX2 moves the weight's
+// sign onto the activations (per row) as the one-row kernel does.
+template <int MR>
+MEMLM_SIMD void int8_rows_tile(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, int64_t r0, float* y) {
+  for (int64_t o = o0; o < o1; ++o) {
+  const int8_t* wr = w.codes + o * w.in;
+  const bool grouped = w.groups > 0;
+  const float* s = grouped ? w.scales + o * w.groups : w.scales + o;
+  const int64_t per_group = grouped ? w.group / kBlock : a.blocks;
+  const int8_t* q0 = a.q.data() + r0 * a.in;
+  const float* lanes0 = a.d_lanes.data() + r0 * a.lanes_stride;
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i lane_blocks = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t k = 0; k < a.quads; ++k) {
+    __m256i op[4];
+    int8_quad_operands(wr, k, op);
+#if MEMLM_VNNI
+    for (int c = 0; c < 4; ++c) op[c] = _mm256_xor_si256(op[c], _mm256_set1_epi8(static_cast<char>(0x80)));
+    const int32_t* corr0 = a.corr.data() + r0 * a.quads * 8 + k * 8;
+#else
+    __m256i mag[4];
+    for (int c = 0; c < 4; ++c) mag[c] = _mm256_abs_epi8(op[c]);
+#endif
+    const __m256 sv = grouped ? quad_lanes(quad_scales(s, 4 * k, per_group), lane_blocks) : _mm256_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      const __m256i* x = reinterpret_cast<const __m256i*>(q0 + i * a.in + k * 128);
+#if MEMLM_VNNI
+      __m256i isum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr0 + i * a.quads * 8));
+      for (int c = 0; c < 4; ++c) isum = _mm256_dpbusd_avx_epi32(isum, op[c], _mm256_loadu_si256(x + c));
+#else
+      __m256i isum = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c)
+        isum = dot_u8s8(isum, mag[c], _mm256_sign_epi8(_mm256_loadu_si256(x + c), op[c]));
+#endif
+      const __m256 dv = _mm256_loadu_ps(lanes0 + i * a.lanes_stride + 8 * k);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), grouped ? _mm256_mul_ps(sv, dv) : dv, acc[i]);
+    }
+  }
+  for (int64_t b = 4 * a.quads; b < a.blocks; ++b) {  // the blocks after the quads, one at a time
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * kBlock));
+    const __m256i mag = _mm256_abs_epi8(codes);
+    const float sb = grouped ? s[b / per_group] : 1.f;
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + i * a.in + b * kBlock));
+      const __m256i isum = dot_u8s8(_mm256_setzero_si256(), mag, _mm256_sign_epi8(x, codes));
+      const __m256 fac = _mm256_set1_ps(sb * a.d[(r0 + i) * a.d_stride + b]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), fac, acc[i]);
+    }
+  }
+  if (!grouped)
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_mul_ps(acc[i], _mm256_set1_ps(s[0]));
+  store_rows<MR>(acc, r0, o, w.out, y);
+  }
+}
+
+// Weight rows [o0, o1) against all activation rows, kMaxRowTile at a time (a second pass over
+// the weights of a task finds them in L2).
+template <typename W, typename Tile>
+MEMLM_SIMD inline void rows_loop(const W& w, int64_t o0, int64_t o1, const Acts& a, float* y, const Tile* tiles) {
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowTile)
+    tiles[std::min<int64_t>(kMaxRowTile, a.rows - r0) - 1](w, o0, o1, a, r0, y);
+}
+
+inline void int4_rows(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y) {
+  using Tile = void (*)(const Int4Weights&, int64_t, int64_t, const Acts&, int64_t, float*);
+  static constexpr Tile tiles[] = {int4_rows_tile<1>, int4_rows_tile<2>, int4_rows_tile<3>, int4_rows_tile<4>,
+                                   int4_rows_tile<5>, int4_rows_tile<6>, int4_rows_tile<7>, int4_rows_tile<8>};
+  static_assert(sizeof(tiles) / sizeof(tiles[0]) == kMaxRowTile);
+  rows_loop(w, o0, o1, a, y, tiles);
+}
+
+inline void int8_rows(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y) {
+  using Tile = void (*)(const Int8Weights&, int64_t, int64_t, const Acts&, int64_t, float*);
+  static constexpr Tile tiles[] = {int8_rows_tile<1>, int8_rows_tile<2>, int8_rows_tile<3>, int8_rows_tile<4>,
+                                   int8_rows_tile<5>, int8_rows_tile<6>, int8_rows_tile<7>, int8_rows_tile<8>};
+  static_assert(sizeof(tiles) / sizeof(tiles[0]) == kMaxRowTile);
+  rows_loop(w, o0, o1, a, y, tiles);
 }
