@@ -4,6 +4,7 @@ embedded corpus for the same wall-clock time, each through the real CLI in a fre
 
     python -m bench.architectures                     # 120 s of training per model
     python -m bench.architectures --train-s 60 --only tiny,tiny-conv
+    python -m bench.architectures --decode-only       # the decode columns again, on the runs trained last
     python -m bench.architectures --worker decode tiny-rnn 4096 RUN   # one decode row, prints JSON
 
 Per model: `memlm train --preset P --set train.max_time_s=S` (a schedule of 100k steps, so every
@@ -12,7 +13,9 @@ training tokens/s (the run's metrics, eval excluded) and whole-process peak (VmH
 prediction it printed; `memlm eval --window 256 --json` on the eval split (perplexity, same
 tokenizer for all, so comparable); then, per context C in 128 / 1024 / 4096, a fresh process
 loads the run (memlm.load), prefills C - 32 tokens of the eval split and decodes 32 greedy
-tokens: decode tokens/s and the process's peak, against memlm.memory.estimate's prediction.
+tokens (after a warm-up generation of the same shapes), on one thread (two threads on a machine
+other jobs keep busy wait on each other at every op): decode tokens/s and the process's peak,
+against memlm.memory.estimate's prediction.
 The transformer is built for 4096 positions to decode that far (RoPE has no table to learn:
 the weights are the same; its text past its 256 training positions is not the point).
 """
@@ -31,12 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import load_average, write_results  # noqa: E402
+from bench.common import RESULTS, load_average, write_results  # noqa: E402
 
 WORK = ROOT / "bench" / ".work" / "architectures"
 MODELS = {"tiny": "transformer", "tiny-rnn": "GRU", "tiny-lstm": "LSTM", "tiny-conv": "convolution"}
 CONTEXTS = (128, 1024, 4096)
-NEW_TOKENS = 32
+NEW_TOKENS = 64
 MIB = 2**20
 
 
@@ -106,7 +109,7 @@ def decode_worker(preset: str, context: int, run: str) -> dict:
     from memlm.memory.estimate import estimate_inference
     from memlm.model import build_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     lm = load(run)
     model, config = lm.model, lm.config
     if config.room_after(context - 1) is not None and context > config.block_size:
@@ -116,6 +119,8 @@ def decode_worker(preset: str, context: int, run: str) -> dict:
         model = wide
     prompt = lm.tokenizer.encode(read_corpus("default", "eval")[0], add_bos=False)[: context - NEW_TOKENS]
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    for _ in generate_ids(model, prompt, dataclasses.replace(settings, max_new_tokens=4)):
+        pass  # warm-up: the kernels of these shapes chosen and their memory touched once
     t0 = time.perf_counter()
     first = None
     for i, _ in enumerate(generate_ids(model, prompt, settings)):
@@ -131,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-s", type=float, default=120.0, help="Training seconds per model.")
     parser.add_argument("--only", default=",".join(MODELS), help="Comma-separated presets.")
+    parser.add_argument("--decode-only", action="store_true", help="Keep today's training columns, measure decode again.")
     parser.add_argument("--worker", nargs=4, metavar=("WHAT", "PRESET", "CONTEXT", "RUN"))
     args = parser.parse_args()
     if args.worker:
@@ -139,10 +145,20 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
     rows, tokenizer = [], None
+    earlier = {}
+    if args.decode_only:
+        import datetime as dt
+
+        saved = json.loads((RESULTS / f"architectures-{dt.date.today().isoformat()}.json").read_text())
+        earlier = {r["preset"]: r for r in saved["rows"]}
+        args.train_s, loads_trained = saved["train_s"], saved["load_average"]
     for preset in args.only.split(","):
-        print(f"training {preset} for {args.train_s:.0f} s (load average {load_average()})", file=sys.stderr)
-        row = train_row(preset, args.train_s, tokenizer)
-        tokenizer = tokenizer or WORK / preset / "tokenizer.json"
+        if args.decode_only:
+            row = {k: v for k, v in earlier[preset].items() if not k.startswith("decode")}
+        else:
+            print(f"training {preset} for {args.train_s:.0f} s (load average {load_average()})", file=sys.stderr)
+            row = train_row(preset, args.train_s, tokenizer)
+            tokenizer = tokenizer or WORK / preset / "tokenizer.json"
         for context in CONTEXTS:
             proc = subprocess.run([sys.executable, "-m", "bench.architectures", "--worker", "decode", preset,
                                    str(context), str(WORK / preset)], capture_output=True, text=True, cwd=ROOT)
@@ -155,10 +171,13 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     loads = f"load average before {load_before}, after {load_average()} (1/5/15 min) on this 2-core machine"
+    if args.decode_only:
+        loads = f"training: {loads_trained}; decode: {loads}"
     notes = (f"{args.train_s:.0f} s of `memlm train` per model on the embedded corpus (default split), one "
              f"process at a time, torch's default threads; {loads}. Perplexity: `memlm eval --window 256` on "
              f"the eval split (one tokenizer for all). Decode: {NEW_TOKENS} greedy tokens after a prompt of "
-             "context - 32 eval tokens, fresh process each, 2 threads; MiB = whole-process peak (VmHWM).")
+             f"context - {NEW_TOKENS} eval tokens, after a warm-up, fresh process each, 1 thread; MiB = whole-process "
+             "peak (VmHWM).")
     write_results("architectures", rows, {"train_s": args.train_s, "load_average": loads}, notes=notes)
 
 
