@@ -235,6 +235,8 @@ std::string set_isa(const std::string& name) {
   return kIsaNames[g_isa.load()];
 }
 
+std::string current_isa() { return kIsaNames[g_isa.load()]; }
+
 }  // namespace
 }  // namespace memlm
 
@@ -246,6 +248,7 @@ TORCH_LIBRARY_FRAGMENT(memlm, m) {
         "int amx_rows=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_int8, Tensor scales, int dequant_rows=0, int amx_rows=0) -> Tensor");
   m.def("set_isa(str isa) -> str", &memlm::set_isa);  // no tensors: one kernel for all
+  m.def("isa() -> str", &memlm::current_isa);
 }
 
 TORCH_LIBRARY_IMPL(memlm, CPU, m) {
