@@ -137,7 +137,10 @@ def test_empty_input():
 # ------------------------------------------------------------------------------ int8
 
 
-@pytest.mark.parametrize("group,inp", [(g, i) for g in (None, 32, 64) for i in (64, 576, 1536)] + [(96, 576)])
+# 96: three blocks, an odd count (AMX pairs blocks up to 8 rows); 576 in groups of 96: quads
+# that straddle two groups.
+@pytest.mark.parametrize("group,inp", [(g, i) for g in (None, 32, 64) for i in (64, 576, 1536)]
+                         + [(None, 96), (32, 96), (96, 576)])
 def test_int8_matches_reference(isa, group, inp):
     q, scales, _ = int8_weight(37, inp, group)
     for rows in ROWS:
