@@ -358,37 +358,32 @@ namespace avx_vnni {
 }  // namespace avx_vnni
 #endif
 
-void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
+// Calls the kernel of the path in use (kAmx's one-row and many-row kernels are AVX-VNNI's).
 #ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int4_tile(w, o, nr, a, y);
-  if (isa == kAvx2) return avx2::int4_tile(w, o, nr, a, y);
+#define MEMLM_BY_ISA(kernel, portable, ...)                                   \
+  if (isa >= kAvxVnni) return avx_vnni::kernel(__VA_ARGS__);                 \
+  if (isa == kAvx2) return avx2::kernel(__VA_ARGS__);                        \
+  portable
+#else
+#define MEMLM_BY_ISA(kernel, portable, ...) portable
 #endif
-  int4_scalar(w, o, o + nr, a, y);
+
+void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
+  MEMLM_BY_ISA(int4_tile, int4_scalar(w, o, o + nr, a, y), w, o, nr, a, y);
 }
 
 void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
-#ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int8_tile(w, o, nr, a, y);
-  if (isa == kAvx2) return avx2::int8_tile(w, o, nr, a, y);
-#endif
-  int8_scalar(w, o, o + nr, a, y);
+  MEMLM_BY_ISA(int8_tile, int8_scalar(w, o, o + nr, a, y), w, o, nr, a, y);
 }
 
 void int4_rows(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa) {
-#ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int4_rows(w, o0, o1, a, y);
-  if (isa == kAvx2) return avx2::int4_rows(w, o0, o1, a, y);
-#endif
-  int4_scalar(w, o0, o1, a, y);
+  MEMLM_BY_ISA(int4_rows, int4_scalar(w, o0, o1, a, y), w, o0, o1, a, y);
 }
 
 void int8_rows(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa) {
-#ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int8_rows(w, o0, o1, a, y);
-  if (isa == kAvx2) return avx2::int8_rows(w, o0, o1, a, y);
-#endif
-  int8_scalar(w, o0, o1, a, y);
+  MEMLM_BY_ISA(int8_rows, int8_scalar(w, o0, o1, a, y), w, o0, o1, a, y);
 }
+#undef MEMLM_BY_ISA
 
 // ------------------------------------------------------------------ dequantization (long prefills)
 
