@@ -231,7 +231,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Shapes of inference, followed by the engine (memlm.infer.engine) and the planner alike.
 PREFILL_CHUNK = 256  # prompt tokens per forward: bounds activations and attention (chunk x cache length)
 CACHE_ROUND = 128  # KV cache lengths are rounded up to a multiple of this: a compiled step meets few shapes
-KERNEL_MAX_ROWS = 16  # rows up to which memlm.kernels beat dequantize-then-matmul (bench/kernels.py)
+# Rows up to which the memory estimate counts a quantized layer's call as memlm's kernels' (int8
+# codes + output) rather than a dequantized slice, which is more. Which path runs is measured per
+# machine (memlm.kernels.choose); by default (and measured on the dev box) the kernels take these.
+KERNEL_MAX_ROWS = 16
 
 
 def cache_length(needed: int, block_size: int) -> int:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Quantized layers take memlm.kernels.choose's fixed rule instead of timing the kernels at first
+# use: no measuring during tests, the same paths on every machine (tests that want a measurement
+# or another path say so). Subprocesses (the CLI) inherit it.
+os.environ.setdefault("MEMLM_KERNEL_CHOICE", "default")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ bound that rounding implies) with the plain float product of the dequantized wei
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,10 +21,12 @@ from memlm import kernels
 from memlm.compress.quantize import (
     dequantize_groups,
     dequantize_int8,
+    module_from_codes,
     pack_int4,
     quantize_groups,
     quantize_int8,
 )
+from memlm.kernels import choose
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels unavailable: {kernels._failure}")
 
@@ -134,7 +137,10 @@ def test_empty_input():
 # ------------------------------------------------------------------------------ int8
 
 
-@pytest.mark.parametrize("group,inp", [(g, i) for g in (None, 32, 64) for i in (64, 576, 1536)] + [(96, 576)])
+# 96: three blocks, an odd count (AMX pairs blocks up to 8 rows); 576 in groups of 96: quads
+# that straddle two groups.
+@pytest.mark.parametrize("group,inp", [(g, i) for g in (None, 32, 64) for i in (64, 576, 1536)]
+                         + [(None, 96), (32, 96), (96, 576)])
 def test_int8_matches_reference(isa, group, inp):
     q, scales, _ = int8_weight(37, inp, group)
     for rows in ROWS:
@@ -167,7 +173,7 @@ def test_int8_codes_at_minus_128(isa):
 def test_prefill_switches_to_float_matmul_at_the_threshold(isa):
     packed, scales, mins, w4 = int4_weight(40, 576, 64)
     q, s8, w8 = int8_weight(40, 576, None)
-    for rows, threshold in ((kernels.INT4_DEQUANT_ROWS, kernels.INT4_DEQUANT_ROWS), (kernels.INT8_DEQUANT_ROWS,) * 2):
+    for rows, threshold in ((48, 48), (32, 32)):
         x = activations(rows, 576)
         below, at = x[:-1], x
         # one row short: the integer kernel (its reference quantizes x); at the threshold: x @ W^T
@@ -252,6 +258,115 @@ def test_bad_inputs_raise_clear_errors():
             call()
     with pytest.raises(RuntimeError, match="unknown path"):
         kernels.set_isa("sse9")
+
+
+# ------------------------------------------------------------------------------ the choice of path
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """Sets MEMLM_KERNEL_CHOICE for one test; the tables made under it are dropped after."""
+    def pick(value: str) -> None:
+        monkeypatch.setenv("MEMLM_KERNEL_CHOICE", value)
+        choose.forget()
+
+    yield pick
+    monkeypatch.undo()
+    choose.forget()
+
+
+def test_choice_is_measured_once_cached_and_logged(choice, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MEMLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(choose, "SHAPES", ((128, 256), (256, 128)))  # small: a test, not a benchmark
+    monkeypatch.setattr(choose.os, "getloadavg", lambda: (0.5, 0.5, 0.5))  # a quiet machine
+    choice("measure")
+    with caplog.at_level("INFO", logger="memlm"):
+        table = choose.table(1)
+    for fmt in choose.FORMATS:
+        assert set(table[fmt]) == set(choose.BUCKETS)
+        for b, path in table[fmt].items():
+            assert path != "torch-int8" or fmt == "int8-row"
+            assert path != "torch-int4" or fmt.startswith("int4")
+            timed = choose.record(1)["choices"][fmt][b]["us"]
+            # the fastest, or the fixed rule's path when nothing beats it by the margin
+            assert timed[path] == min(timed.values()) or path == choose.default_table()[fmt][b]
+            assert timed[path] * min(choose.DEFAULT_MARGIN, *choose.MARGIN.values()) <= min(timed.values())
+    [line] = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
+    assert "cached in" in line and "\n" not in line
+    [cached] = (tmp_path / "kernels").glob("choice-*.json")
+    assert json.loads(cached.read_text())["key"] == choose.cache_key(1)
+    # A second process (here: the tables forgotten) reads the file instead of measuring.
+    choose.forget()
+    monkeypatch.setattr(choose, "_measure", lambda threads: pytest.fail("measured again"))
+    assert choose.table(1) == table
+    assert choose.cache_path(2) != cached  # another thread count, another measurement
+
+
+def test_choice_on_a_busy_machine_is_not_kept(choice, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MEMLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(choose, "SHAPES", ((64, 64),))
+    monkeypatch.setattr(choose, "FORMATS", ("int8-row",))
+    monkeypatch.setattr(choose.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    choice("measure")
+    with caplog.at_level("INFO", logger="memlm"):
+        assert set(choose.table(1)) == {"int8-row"}
+    assert not list(tmp_path.glob("kernels/choice-*.json"))
+    assert any("not cached, the machine was busy (load 9.0)" in r.getMessage() for r in caplog.records)
+
+
+def test_choice_modes(choice):
+    choice("default")
+    assert choose.path("int4", 32, 1) == "memlm" and choose.path("int8", None, 17) == "dequantize"
+    choice("dequantize")
+    assert choose.path("int4", 64, 1) == "dequantize" and choose.path("int8", 32, 3) == "dequantize"
+    choice("torch-int8")  # only where it runs: int8 with a scale per row
+    assert choose.path("int8", None, 2) == "torch-int8" and choose.path("int4", 32, 2) == "memlm"
+    choice("fastest")
+    with pytest.raises(ValueError, match="MEMLM_KERNEL_CHOICE='fastest'"):
+        choose.path("int4", 32, 1)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_layers_follow_the_chosen_path(choice, scheme):
+    """Each path through a quantized layer: the integer kernels match their reference tightly,
+    dequantize matches the float product, which the integer kernels do not (they round x)."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 576) * 0.05
+    if scheme == "int4":
+        codes, scales, mins = quantize_groups(w, 4, 32)
+        state, packed = {"codes": codes, "scales": scales, "mins": mins}, pack_int4(codes)
+        reference = lambda x: kernels.int4_linear_reference(x, packed, scales, mins, 32)  # noqa: E731
+        dense = dequantize_groups(codes, scales, mins)
+    else:
+        q, scales = quantize_int8(w)
+        state = {"weight_int8": q, "scales": scales}
+        reference = lambda x: kernels.int8_linear_reference(x, q, scales)  # noqa: E731
+        dense = dequantize_int8(q, scales)
+    layer = module_from_codes(scheme, state)
+    paths = ["memlm", "dequantize"] + (["memlm-amx"] if kernels.isa() == "amx" else [])
+    for rows in (1, 5, 20):
+        x = activations(rows, 576)
+        for path in paths:
+            choice(path)
+            with torch.no_grad():
+                y = layer(x)
+            if path == "dequantize":
+                torch.testing.assert_close(y, x @ dense.t(), rtol=1e-4, atol=1e-4)
+                assert not torch.allclose(y, reference(x), rtol=1e-5, atol=1e-5)
+            else:
+                assert_tight(y, reference(x))
+
+
+def test_compiled_layer_follows_the_choice(choice):
+    """Under torch.compile(fullgraph=True) the choice is a constant: no graph break, no timing."""
+    codes, scales, mins = quantize_groups(torch.randn(64, 576) * 0.05, 4, 32)
+    layer = module_from_codes("int4", {"codes": codes, "scales": scales, "mins": mins})
+    choice("default")
+    x = activations(3, 576)
+    with torch.no_grad():
+        eager = layer(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), eager)
 
 
 # ------------------------------------------------------------------------------ building and loading

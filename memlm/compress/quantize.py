@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.config import KERNEL_MAX_ROWS
 from memlm.errors import MemlmError
 
 Scheme = Literal["int8", "int4", "int3"]
@@ -191,14 +190,14 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
 
 
 def memlm_kernels_fit(x: torch.Tensor, in_features: int, group_size: int | None) -> bool:
-    """Whether memlm's own CPU kernels (memlm.kernels) take this call: a CPU float input of at
-    most KERNEL_MAX_ROWS rows (decoding; a long prefill is faster as one float matmul), widths
-    in blocks of 32, and the kernels built on this machine."""
+    """Whether memlm's own CPU ops (memlm.kernels) take this call: a CPU float input, widths in
+    blocks of 32, no gradients, and the kernels built on this machine. Which of their paths runs
+    for the call's row count (the integer kernels, AMX, dequantize + matmul) is measured per
+    machine (memlm.kernels.choose)."""
     from memlm import kernels
 
     return (
-        x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-        and x.numel() // max(1, in_features) <= KERNEL_MAX_ROWS and in_features % 32 == 0
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and in_features % 32 == 0
         and (group_size is None or group_size % 32 == 0) and not torch.is_grad_enabled()
         and kernels.available()
     )
@@ -210,9 +209,9 @@ def _int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, me
     rows = x.numel() // x.shape[-1]
     grouped = scales.dim() == 2
     if memlm_kernel and memlm_kernels_fit(x, w_int8.shape[1], int8_group_size(w_int8, scales)):
-        from memlm import kernels
+        from memlm.kernels import choose
 
-        return kernels.int8_linear(x, w_int8, scales)
+        return choose.int8_linear(x, w_int8, scales)
     if (
         not grouped and x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS
         and w_int8.shape[1] % 32 == 0  # the CPU kernel crashes on other widths (torch 2.13)
@@ -511,9 +510,10 @@ class GroupQuantLinear(_KeepsScaleDtype):
 
     def _memlm_kernel_wanted(self, use_kernel: bool | None) -> bool:
         from memlm import kernels
+        from memlm.kernels import choose
 
         return (use_kernel is None and self.bits == 4 and self.in_features % 32 == 0 and self.group_size % 32 == 0
-                and kernels.available())
+                and kernels.available() and not choose.torch_int4_wins(self.group_size))
 
     def set_kernel(self, use_kernel: bool | None) -> None:
         """Switch the compute path: None = the fastest kernel there is (memlm's own, else
@@ -601,9 +601,9 @@ class GroupQuantLinear(_KeepsScaleDtype):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.memlm_kernel and not self.kernel_layout and memlm_kernels_fit(x, self.in_features, self.group_size):
-            from memlm import kernels
+            from memlm.kernels import choose
 
-            y = kernels.int4_linear(x, self.weight_packed, self.scales, self.mins, self.group_size)
+            y = choose.int4_linear(x, self.weight_packed, self.scales, self.mins, self.group_size)
         elif self.kernel_layout and x.device.type == "cpu":
             if self._scale_zeros is None:
                 # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.

@@ -7,18 +7,24 @@ The weights are memlm's portable layouts as saved (memlm/compress/quantize.py), 
 are; x is float32 or bfloat16 (..., in), y comes back (..., out) in x's dtype. As in llama.cpp's
 q4_1 / q8_0 paths, each activation row is first quantized to int8 in blocks of 32 (scale
 max|x| / 127) and the dot products are done in integers, so the result differs from the float
-product by that rounding (bounded by `activation_error_bound`). From INT4_DEQUANT_ROWS /
-INT8_DEQUANT_ROWS rows on (a long prefill) the ops dequantize a slice of weights at a time and
-use torch's float matmul instead. `int4_linear_reference` / `int8_linear_reference` compute the
-same as the ops in plain PyTorch, for tests.
+product by that rounding (bounded by `activation_error_bound`). Asked to (`dequant_rows`), the
+ops instead dequantize a slice of weights at a time and use torch's float matmul.
+`int4_linear_reference` / `int8_linear_reference` compute the same as the ops in plain PyTorch,
+for tests.
 
-The code path is picked from the CPU at run time: AVX2 + AVX-VNNI, AVX2 (+FMA, F16C), or plain
-C++ (`set_isa` chooses one for tests). The extension is compiled on first use (g++ and ninja,
-about 20 s on 2 cores) into $MEMLM_CACHE/kernels/<torch>-<hash> (MEMLM_CACHE defaults to
-$XDG_CACHE_HOME/memlm, or ~/.cache/memlm) and loaded from there afterwards. `available()` says
-whether that worked; MEMLM_KERNELS=0 turns the kernels off. The ops are registered as
-torch.ops.memlm.*, each with a fake (shape) function, so torch.compile(fullgraph=True) keeps each
-call as one opaque op. They have no autograd formula: inference only.
+Kernels: one activation row (a decode step) in tiles of 4 weight rows; more rows one weight row
+at a time against up to 8 activation rows; from `amx_rows` rows on, AMX's int8 tiles (16 weight
+rows x up to 16 activation rows per instruction) where the CPU has them. The code path is picked
+from the CPU at run time: AMX, AVX2 + AVX-VNNI, AVX2 (+FMA, F16C), or plain C++ (`set_isa`
+chooses one for tests). Which of these (or dequantize + matmul, or PyTorch's int4/int8 kernels)
+a layer uses for a given row count is measured once per machine (memlm.kernels.choose).
+
+The extension is compiled on first use (g++ and ninja, about 40 s on 2 cores) into
+$MEMLM_CACHE/kernels/<torch>-<hash> (MEMLM_CACHE defaults to $XDG_CACHE_HOME/memlm, or
+~/.cache/memlm) and loaded from there afterwards. `available()` says whether that worked;
+MEMLM_KERNELS=0 turns the kernels off. The ops are registered as torch.ops.memlm.*, each with a
+fake (shape) function, so torch.compile(fullgraph=True) keeps each call as one opaque op. They
+have no autograd formula: inference only.
 """
 
 from __future__ import annotations
@@ -37,14 +43,6 @@ from memlm.errors import MemlmError
 log = logging.getLogger("memlm")
 
 BLOCK = 32  # activation quantization block (inputs per int8 scale)
-# From this many activation rows on (a prefill), the ops dequantize the weights (4 MB at a time)
-# and use torch's float matmul instead: the integer kernel does not reuse a weight across rows
-# the way MKL's blocked matmul does. Measured on the 2-core dev box (1 thread, AVX-VNNI path,
-# 576x1536 and 1536x576, ms kernel vs dequantize + matmul):
-#   int4  R=32: 0.72 / 0.62 vs 0.85 / 0.81   R=48: 1.6(noisy) / 0.95 vs 1.25 / 1.01   R=64: 1.37 / 1.30 vs 1.16 / 1.22
-#   int8  R=24: 0.68 / 0.65 vs 0.75 / 0.74   R=32: 0.90 / 0.83 vs 0.85 / 0.83
-INT4_DEQUANT_ROWS = 48
-INT8_DEQUANT_ROWS = 32
 _NAME = "memlm_quant_linear"
 _CSRC = Path(__file__).parent / "csrc"
 # Translation units that ninja compiles in parallel: the torch ops, the compute, its AMX part.
@@ -158,14 +156,24 @@ def set_isa(name: str = "best") -> str:
     """Choose the code path: "amx", "avx_vnni", "avx2", "portable" (plain C++) or "best", capped at
     what the CPU has (for tests and benchmarks; the best one is used by default). Returns the one in use."""
     _require()
-    return torch.ops.memlm.set_isa(name)
+    from memlm.kernels import choose
+
+    active = torch.ops.memlm.set_isa(name)
+    choose.forget()  # its timings were of the path before
+    return active
+
+
+def isa() -> str:
+    """The code path in use ("amx", "avx_vnni", "avx2" or "portable")."""
+    _require()
+    return torch.ops.memlm.isa()
 
 
 # ------------------------------------------------------------------------------ the ops
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                group_size: int, dequant_rows: int = INT4_DEQUANT_ROWS, amx_rows: int = 1) -> torch.Tensor:
+                group_size: int, dequant_rows: int = 0, amx_rows: int = 1) -> torch.Tensor:
     """x (..., in) @ W^T for W = q * scale + min: packed (out, in/2) uint8 (low nibble = even
     column), scales/mins (out, in/group_size) float16, group_size 32 or a multiple of 64.
 
@@ -178,7 +186,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
-                dequant_rows: int = INT8_DEQUANT_ROWS, amx_rows: int = 1) -> torch.Tensor:
+                dequant_rows: int = 0, amx_rows: int = 1) -> torch.Tensor:
     """x (..., in) @ W^T for W = q * scale: w_int8 (out, in) int8, scales float32 (out,) per row
     or (out, in/g) per group of g inputs (g a multiple of 32). `dequant_rows`, `amx_rows` as for
     int4_linear."""
@@ -216,7 +224,7 @@ def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                          group_size: int, dequant_rows: int = INT4_DEQUANT_ROWS) -> torch.Tensor:
+                          group_size: int, dequant_rows: int = 0) -> torch.Tensor:
     """int4_linear in PyTorch: the same activation codes, integer sums and products; only the
     order of the float additions differs. From `dequant_rows` rows on, the float product."""
     out, inp = packed.shape[0], packed.shape[1] * 2
@@ -236,7 +244,7 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
 
 
 def int8_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
-                          dequant_rows: int = INT8_DEQUANT_ROWS) -> torch.Tensor:
+                          dequant_rows: int = 0) -> torch.Tensor:
     """int8_linear in PyTorch (per-row scales multiply the row's sum; group scales each block)."""
     out, inp = w_int8.shape
     xf = x.float().reshape(-1, inp)

@@ -9,7 +9,10 @@
 // are quantized per call anyway, are written straight into the B operand's layout (kTiles, see
 // quant_kernels.cpp). The product of a block is stored (16 weight rows x np activation rows, np the
 // row count rounded up to a power of 2) and scaled as np vectors of 16 (weight row, activation
-// row) pairs, so the float work shrinks with the row count.
+// row) pairs, so the float work shrinks with the row count. With 8 rows or fewer, two blocks
+// share a dot product of depth 64, side by side in the B operand (its columns np.. hold the
+// second block, zeros elsewhere): half the dot products, each about as costly as one of depth
+// 32, and with few rows the tile unit's latency, not the float work, is what limits.
 //
 // Linux hands the tile registers to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM),
 // asked once by amx_usable(); each thread loads the tile configuration when its work begins and
@@ -58,18 +61,27 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Two slots, so that one block's product is computed while the previous one's is scaled: tiles
-// 0, 1 the weights of a block (16 rows x 32 codes); 2, 3 its activations (8 rows of np x 4
-// codes); 4, 5 the product (16 x np int32).
-MEMLM_AMX void configure(int64_t np) {
+// Two slots, so that one unit's product is computed while the previous one's is scaled: tiles
+// 0, 1 the weights of a unit (16 rows x 32 codes, or 64 for a pair of blocks); 2, 3 its
+// activations (8 rows, or 16, of cols x 4 codes); 4, 5 the product (16 x cols int32). Pairs: 6, 7
+// the weights and activations of a last, odd block (depth 32, into 4).
+MEMLM_AMX void configure(const Acts& a) {
   TileConfig c;
+  const int64_t depth = a.paired() ? 64 : 32;
+  const auto cols = static_cast<uint16_t>(a.tile_cols * 4);
   for (int t = 0; t < 2; ++t) {
     c.rows[t] = 16;
-    c.colsb[t] = 32;
-    c.rows[2 + t] = 8;
-    c.colsb[2 + t] = static_cast<uint16_t>(np * 4);
+    c.colsb[t] = static_cast<uint16_t>(depth);
+    c.rows[2 + t] = static_cast<uint8_t>(depth / 4);
+    c.colsb[2 + t] = cols;
     c.rows[4 + t] = 16;
-    c.colsb[4 + t] = static_cast<uint16_t>(np * 4);
+    c.colsb[4 + t] = cols;
+  }
+  if (a.paired()) {
+    c.rows[6] = 16;
+    c.colsb[6] = 32;
+    c.rows[7] = 8;
+    c.colsb[7] = cols;
   }
   _tile_loadconfig(&c);
 }
@@ -163,19 +175,32 @@ MEMLM_AMX void as_float(const c10::Half* src, int64_t m, int64_t cols, float* ds
     }
 }
 
-// acc[v] element e stands for weight row v * (16 / NP) + e / NP of the tile and activation row
-// e % NP of the row group. spread: 16 values, one per weight row (row i at per_weight_row[i *
-// stride]; NP < 16: stride 1), as they line up with acc[v].
-template <int NP>
+// acc[v] element e stands for weight row v * (16 / COLS) + e / COLS of the tile and tile column
+// e % COLS. spread: 16 values, one per weight row (row i at per_weight_row[i * stride]; COLS < 16:
+// stride 1), as they line up with acc[v]; spread2 takes the first's for columns < NP (the first
+// block of a pair) and the second's for the others.
+template <int COLS>
+MEMLM_AMX inline __m512i weight_rows(int v) {
+  constexpr int shift = COLS == 1 ? 0 : COLS == 2 ? 1 : COLS == 4 ? 2 : COLS == 8 ? 3 : 4;
+  const __m512i e = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_add_epi32(_mm512_set1_epi32(v * (16 / COLS)), _mm512_srli_epi32(e, shift));
+}
+
+template <int COLS>
 MEMLM_AMX inline __m512 spread(const float* per_weight_row, int v, int64_t stride) {
-  if constexpr (NP == 16) {
+  if constexpr (COLS == 16) {
     return _mm512_set1_ps(per_weight_row[v * stride]);
   } else {
-    constexpr int shift = NP == 1 ? 0 : NP == 2 ? 1 : NP == 4 ? 2 : 3;
-    const __m512i e = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i rows = _mm512_add_epi32(_mm512_set1_epi32(v * (16 / NP)), _mm512_srli_epi32(e, shift));
-    return _mm512_permutexvar_ps(rows, _mm512_loadu_ps(per_weight_row));
+    return _mm512_permutexvar_ps(weight_rows<COLS>(v), _mm512_loadu_ps(per_weight_row));
   }
+}
+
+template <int COLS, int NP>
+MEMLM_AMX inline __m512 spread2(const float* first, const float* second, int v) {
+  const __m512i e = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __mmask16 later = _mm512_cmpge_epi32_mask(_mm512_and_si512(e, _mm512_set1_epi32(COLS - 1)), _mm512_set1_epi32(NP));
+  const __m512i idx = _mm512_mask_add_epi32(weight_rows<COLS>(v), later, weight_rows<COLS>(v), _mm512_set1_epi32(16));
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(first), idx, _mm512_loadu_ps(second));
 }
 
 // What a tile needs besides the activations: A (the weight codes, 16 rows at stride lda) and the
@@ -191,20 +216,24 @@ struct WeightTile {
   int64_t row_stride, group_stride;
 };
 
-// acc += block b's product (16 x NP int32) times its scales: the activations' d (16 floats, see
-// Acts::tile_d) and, GROUPED, the weights' (16 floats, one per weight row) of the block's group.
-template <int NP, bool GROUPED>
-MEMLM_AMX inline void scale_block(const int32_t* product, const float* d16, const float* s, int64_t stride,
-                                  __m512* acc) {
+// acc += a unit's product (16 x COLS int32) times its scales: the activations' d (16 floats, see
+// Acts::tile_d) and, GROUPED, the weights' (16 floats, one per weight row) of each block's group.
+template <int COLS, int NP, bool GROUPED>
+MEMLM_AMX inline void scale_unit(const int32_t* product, const float* d16, const float* s, const float* s2,
+                                 int64_t stride, __m512* acc) {
   const __m512 d = _mm512_loadu_ps(d16);
-  for (int v = 0; v < NP; ++v) {
+  for (int v = 0; v < COLS; ++v) {
     const __m512 p = _mm512_cvtepi32_ps(_mm512_load_si512(product + 16 * v));
-    acc[v] = GROUPED ? _mm512_fmadd_ps(_mm512_mul_ps(p, d), spread<NP>(s, v, stride), acc[v])
-                     : _mm512_fmadd_ps(p, d, acc[v]);
+    if constexpr (!GROUPED) {
+      acc[v] = _mm512_fmadd_ps(p, d, acc[v]);
+    } else {
+      const __m512 sv = COLS > NP ? spread2<COLS, NP>(s, s2, v) : spread<COLS>(s, v, stride);
+      acc[v] = _mm512_fmadd_ps(_mm512_mul_ps(p, d), sv, acc[v]);
+    }
   }
 }
 
-// A slot (tiles A, B, C) computes the product of a block. GCC's tile intrinsics paste the tile
+// A slot (tiles A, B, C) computes the product of a unit. GCC's tile intrinsics paste the tile
 // number into assembly text, so it must be a literal: one function per slot. Their tile loads do
 // not tell the compiler that they read memory: tile_rows puts a barrier before them.
 #define MEMLM_SLOT(NAME, A, B, C)                                                              \
@@ -220,52 +249,76 @@ MEMLM_AMX inline void scale_block(const int32_t* product, const float* d16, cons
   }
 MEMLM_SLOT(issue0, 0, 2, 4)
 MEMLM_SLOT(issue1, 1, 3, 5)
+MEMLM_SLOT(issue_last0, 6, 7, 4)  // a last, odd block where units are pairs: depth 32
+MEMLM_SLOT(issue_last1, 6, 7, 5)
 #undef MEMLM_SLOT
+
+// Unit u of A (weights, lda) and B (activations of the row group, unit_b bytes a unit, ldb) into
+// slot `slot`'s product; `last_odd`: u is the odd block after the last pair.
+template <bool INT4>
+MEMLM_AMX inline void issue(int slot, bool last_odd, const uint8_t* a, int64_t lda, const int8_t* b, int64_t ldb) {
+  if (last_odd)
+    slot == 0 ? issue_last0<INT4>(a, lda, b, ldb) : issue_last1<INT4>(a, lda, b, ldb);
+  else
+    slot == 0 ? issue0<INT4>(a, lda, b, ldb) : issue1<INT4>(a, lda, b, ldb);
+}
 
 // y for the tile's m weight rows from o0 and the activation rows of row group rg.
 template <int NP, bool INT4, bool GROUPED>
 MEMLM_AMX void tile_rows(const WeightTile& t, int64_t o0, int64_t m, int64_t out, const Acts& a, int64_t rg,
                          float* y) {
-  const int64_t blocks = a.blocks;
-  const int8_t* bq = a.q.data() + rg * blocks * kBlock * NP;  // block b's tile at bq + b * 32 * NP
-  const float* dv = a.tile_d.data() + rg * blocks * 16;
-  alignas(64) int32_t c[2][16 * NP];
-  __m512 acc[NP];
-  for (int v = 0; v < NP; ++v) acc[v] = _mm512_setzero_ps();
-  const int64_t ldb = NP * 4;
+  constexpr bool PAIRED = NP <= 8;
+  constexpr int COLS = PAIRED ? 2 * NP : NP;
+  const int64_t blocks = a.blocks, units = a.tile_units(), depth = PAIRED ? 64 : 32, ldb = COLS * 4;
+  const int8_t* bq = a.q.data() + rg * units * depth * COLS;  // unit u's B operand at bq + u * depth * COLS
+  const float* dv = a.tile_d.data() + rg * units * 16;
+  alignas(64) int32_t c[2][16 * COLS];
+  __m512 acc[COLS];
+  for (int v = 0; v < COLS; ++v) acc[v] = _mm512_setzero_ps();
+  const int64_t last_odd = PAIRED && blocks % 2 == 1 ? units - 1 : -1;
+  // The weight scales of the first and the second block of unit u (a single block: twice its own).
+  const int64_t per_unit = PAIRED ? 2 : 1;
+  auto first = [&](int64_t u) { return t.scales + (per_unit * u / t.per_group) * t.group_stride; };
+  auto second = [&](int64_t u) {
+    return t.scales + (std::min(per_unit * u + per_unit - 1, blocks - 1) / t.per_group) * t.group_stride;
+  };
   asm volatile("" ::: "memory");  // the weight and activation buffers are written
-  // Block b + 1's product is computed while block b's is scaled.
-  issue0<INT4>(t.codes, t.lda, bq, ldb);
-  for (int64_t b = 0; b < blocks; b += 2) {
-    if (b + 1 < blocks) issue1<INT4>(t.codes + (b + 1) * kBlock, t.lda, bq + (b + 1) * kBlock * NP, ldb);
+  // Unit u + 1's product is computed while unit u's is scaled.
+  issue<INT4>(0, last_odd == 0, t.codes, t.lda, bq, ldb);
+  for (int64_t u = 0; u < units; u += 2) {
+    if (u + 1 < units)
+      issue<INT4>(1, last_odd == u + 1, t.codes + (u + 1) * depth, t.lda, bq + (u + 1) * depth * COLS, ldb);
     _tile_stored(4, c[0], ldb);
-    scale_block<NP, GROUPED>(c[0], dv + b * 16, t.scales + (b / t.per_group) * t.group_stride, t.row_stride, acc);
-    if (b + 1 >= blocks) break;
-    if (b + 2 < blocks) issue0<INT4>(t.codes + (b + 2) * kBlock, t.lda, bq + (b + 2) * kBlock * NP, ldb);
+    scale_unit<COLS, NP, GROUPED>(c[0], dv + u * 16, first(u), second(u), t.row_stride, acc);
+    if (u + 1 >= units) break;
+    if (u + 2 < units)
+      issue<INT4>(0, last_odd == u + 2, t.codes + (u + 2) * depth, t.lda, bq + (u + 2) * depth * COLS, ldb);
     _tile_stored(5, c[1], ldb);
-    scale_block<NP, GROUPED>(c[1], dv + (b + 1) * 16, t.scales + ((b + 1) / t.per_group) * t.group_stride,
-                             t.row_stride, acc);
+    scale_unit<COLS, NP, GROUPED>(c[1], dv + (u + 1) * 16, first(u + 1), second(u + 1), t.row_stride, acc);
   }
   if constexpr (INT4) {  // the min term: sum over groups of min * (sum of d * sum(q) of its blocks)
     const float* sums = a.tile_sums.data() + rg * t.groups * 16;
     for (int64_t g = 0; g < t.groups; ++g) {
       const __m512 sv = _mm512_loadu_ps(sums + g * 16);
-      for (int v = 0; v < NP; ++v)
-        acc[v] = _mm512_fmadd_ps(spread<NP>(t.mins + g * t.group_stride, v, t.row_stride), sv, acc[v]);
+      for (int v = 0; v < COLS; ++v)
+        acc[v] = _mm512_fmadd_ps(spread<COLS>(t.mins + g * t.group_stride, v, t.row_stride), sv, acc[v]);
     }
   }
   if constexpr (!INT4 && !GROUPED)
-    for (int v = 0; v < NP; ++v) acc[v] = _mm512_mul_ps(acc[v], spread<NP>(t.scales, v, t.row_stride));
+    for (int v = 0; v < COLS; ++v) acc[v] = _mm512_mul_ps(acc[v], spread<COLS>(t.scales, v, t.row_stride));
   const int64_t r0 = rg * kTileRows, valid_rows = std::min<int64_t>(NP, a.rows - r0);
-  if constexpr (NP == 16) {  // transposed, acc[e] holds activation row e over the 16 weight rows
+  if constexpr (!PAIRED) {  // NP = 16, transposed: acc[e] holds activation row e over the 16 weight rows
     transpose16(acc);
     const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
     for (int64_t e = 0; e < valid_rows; ++e) _mm512_mask_storeu_ps(y + (r0 + e) * out + o0, mask, acc[e]);
-  } else {
-    alignas(64) float flat[16 * NP];
-    for (int v = 0; v < NP; ++v) _mm512_store_ps(flat + 16 * v, acc[v]);
+  } else {  // a row's two blocks are NP columns apart: add them
+    alignas(64) float flat[16 * COLS];
+    const __m512i e = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i partner = _mm512_add_epi32(e, _mm512_set1_epi32(NP));
+    for (int v = 0; v < COLS; ++v)
+      _mm512_store_ps(flat + 16 * v, _mm512_add_ps(acc[v], _mm512_permutexvar_ps(partner, acc[v])));
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t e = 0; e < valid_rows; ++e) y[(r0 + e) * out + o0 + i] = flat[i * NP + e];
+      for (int64_t r = 0; r < valid_rows; ++r) y[(r0 + r) * out + o0 + i] = flat[i * COLS + r];
   }
 }
 
@@ -282,7 +335,7 @@ MEMLM_AMX void tile_all_rows(const WeightTile& t, int64_t o0, int64_t m, int64_t
 }  // namespace
 
 MEMLM_AMX void int4_tiles(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y) {
-  configure(a.np);
+  configure(a);
   std::vector<uint8_t> codes(16 * w.in);
   std::vector<float> scales(w.groups * 16), mins(w.groups * 16);
   const bool row_major = a.np == kTileRows;
@@ -304,7 +357,7 @@ MEMLM_AMX void int4_tiles(const Int4Weights& w, int64_t o0, int64_t o1, const Ac
 }
 
 MEMLM_AMX void int8_tiles(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y) {
-  configure(a.np);
+  configure(a);
   std::vector<uint8_t> partial;  // a last tile of fewer than 16 rows, zero-padded
   const int64_t groups = w.groups ? w.groups : 1;
   std::vector<float> scales(groups * 16);

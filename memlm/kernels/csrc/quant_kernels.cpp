@@ -41,10 +41,16 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // order. After the quads, int4 goes on in pairs (64 columns: [even of block 0, even of block 1,
 // odd of 0, odd of 1]) and a trailing single block [16 even | 16 odd]; int8 in natural order.
 // kTiles: the 32 codes of a block in the order of the weight tile's columns (int4: the 16 low
-// nibbles, even columns, then the 16 high ones; int8: natural), 4 at a time: k-th code at
-// (k / 4) * np * 4 + (row in its group) * 4 + k % 4, the tile layout AMX's dot products read.
+// nibbles, even columns, then the 16 high ones; int8: natural), 4 at a time, in the B operand of
+// AMX's dot products: rows of tile_cols x 4 bytes, row (k / 4) holding code k of every column
+// at column * 4 + k % 4, a row's column its row in the group (+ 4 x the row offset of row_start).
+// Two blocks to a tile (few rows): the pair's 64 codes, block 2u + 1 in rows 8..15 and columns
+// np.., zeros elsewhere, so that one dot product of depth 64 keeps the two blocks' sums apart.
 inline int64_t tile_position(int64_t b, int64_t k, const Acts& a) {
-  return b * kBlock * a.np + (k / 4) * a.np * 4 + k % 4;
+  const int64_t row_bytes = a.tile_cols * 4;
+  if (!a.paired()) return b * kBlock * a.tile_cols + (k / 4) * row_bytes + k % 4;
+  const int64_t half = b % 2;
+  return (b / 2) * 16 * row_bytes + (8 * half + k / 4) * row_bytes + half * a.np * 4 + k % 4;
 }
 
 inline int64_t int4_position(int64_t b, int64_t j, const Acts& a) {
@@ -69,7 +75,7 @@ inline int64_t int8_position(int64_t b, int64_t j, const Acts& a) {
 // Where row r's codes start: the positions above are relative to it.
 inline int64_t row_start(int64_t r, const Acts& a) {
   if (a.layout != Layout::kTiles) return r * a.in;
-  return (r / kTileRows) * a.blocks * kBlock * a.np + (r % kTileRows) * 4;
+  return (r / kTileRows) * a.tile_units() * (a.paired() ? 64 : 32) * a.tile_cols + (r % kTileRows) * 4;
 }
 
 // The first of the two d_lanes lanes of block b (int4 quads: slots 0 2 1 3; int8: in order);
@@ -234,9 +240,10 @@ void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, L
   if (layout == Layout::kTiles) {
     a.np = 1;
     while (a.np < std::min(rows, kTileRows)) a.np *= 2;
+    a.tile_cols = a.np <= kTileRows / 2 ? 2 * a.np : a.np;
     a.row_groups = (rows + kTileRows - 1) / kTileRows;
-    a.q.assign(a.row_groups * a.blocks * kBlock * a.np, 0);
-    a.tile_d.assign(a.row_groups * a.blocks * 16, 0.f);
+    a.q.assign(a.row_groups * row_start(kTileRows, a), 0);
+    a.tile_d.assign(a.row_groups * a.tile_units() * 16, 0.f);
     if (int4) a.tile_sums.assign(a.row_groups * (in / group) * 16, 0.f);
   } else {
     a.q.assign(rows * in, 0);
@@ -254,14 +261,19 @@ void prepare_acts(Acts& a, int64_t rows, int64_t in, bool int4, int64_t group, L
   }
 }
 
+// A unit's product, stored, is 16 x tile_cols int32: element e of 16 holds column e % tile_cols,
+// that is row (e % tile_cols) % np of the group and, paired, block 2u + (e % tile_cols) / np.
 void finish_tiles(Acts& a, bool int4, int64_t group) {
-  const int64_t groups = a.in / group;
+  const int64_t groups = a.in / group, units = a.tile_units();
   for (int64_t rg = 0; rg < a.row_groups; ++rg)
     for (int64_t e = 0; e < 16; ++e) {
-      const int64_t r = rg * kTileRows + e % a.np;
+      const int64_t col = e % a.tile_cols, r = rg * kTileRows + col % a.np, second = col / a.np;
       if (r >= a.rows) continue;
-      for (int64_t b = 0; b < a.blocks; ++b) a.tile_d[(rg * a.blocks + b) * 16 + e] = a.d[r * a.d_stride + b];
-      if (int4)
+      for (int64_t u = 0; u < units; ++u) {
+        const int64_t b = a.paired() ? 2 * u + second : u;
+        if (b < a.blocks) a.tile_d[(rg * units + u) * 16 + e] = a.d[r * a.d_stride + b];
+      }
+      if (int4 && second == 0)  // the min term once per row, in the first block's columns
         for (int64_t g = 0; g < groups; ++g) a.tile_sums[(rg * groups + g) * 16 + e] = a.sums[r * a.sums_stride + g];
     }
 }
@@ -346,37 +358,32 @@ namespace avx_vnni {
 }  // namespace avx_vnni
 #endif
 
-void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
+// Calls the kernel of the path in use (kAmx's one-row and many-row kernels are AVX-VNNI's).
 #ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int4_tile(w, o, nr, a, y);
-  if (isa == kAvx2) return avx2::int4_tile(w, o, nr, a, y);
+#define MEMLM_BY_ISA(kernel, portable, ...)                                   \
+  if (isa >= kAvxVnni) return avx_vnni::kernel(__VA_ARGS__);                 \
+  if (isa == kAvx2) return avx2::kernel(__VA_ARGS__);                        \
+  portable
+#else
+#define MEMLM_BY_ISA(kernel, portable, ...) portable
 #endif
-  int4_scalar(w, o, o + nr, a, y);
+
+void int4_tile(const Int4Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
+  MEMLM_BY_ISA(int4_tile, int4_scalar(w, o, o + nr, a, y), w, o, nr, a, y);
 }
 
 void int8_tile(const Int8Weights& w, int64_t o, int nr, const Acts& a, float* y, Isa isa) {
-#ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int8_tile(w, o, nr, a, y);
-  if (isa == kAvx2) return avx2::int8_tile(w, o, nr, a, y);
-#endif
-  int8_scalar(w, o, o + nr, a, y);
+  MEMLM_BY_ISA(int8_tile, int8_scalar(w, o, o + nr, a, y), w, o, nr, a, y);
 }
 
 void int4_rows(const Int4Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa) {
-#ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int4_rows(w, o0, o1, a, y);
-  if (isa == kAvx2) return avx2::int4_rows(w, o0, o1, a, y);
-#endif
-  int4_scalar(w, o0, o1, a, y);
+  MEMLM_BY_ISA(int4_rows, int4_scalar(w, o0, o1, a, y), w, o0, o1, a, y);
 }
 
 void int8_rows(const Int8Weights& w, int64_t o0, int64_t o1, const Acts& a, float* y, Isa isa) {
-#ifdef MEMLM_X86
-  if (isa >= kAvxVnni) return avx_vnni::int8_rows(w, o0, o1, a, y);
-  if (isa == kAvx2) return avx2::int8_rows(w, o0, o1, a, y);
-#endif
-  int8_scalar(w, o0, o1, a, y);
+  MEMLM_BY_ISA(int8_rows, int8_scalar(w, o0, o1, a, y), w, o0, o1, a, y);
 }
+#undef MEMLM_BY_ISA
 
 // ------------------------------------------------------------------ dequantization (long prefills)
 

@@ -29,7 +29,8 @@ constexpr int64_t kTileRows = 16;  // AMX: weight rows and activation rows per t
 //         blocks, int8 in natural order. kQuads (many rows): the same, but the first `quads`
 //         groups of 4 blocks interleaved so that one weight load feeds the 4 blocks. kTiles
 //         (AMX): per group of 16 rows (of `np` rows when there are fewer, np a power of 2) and
-//         block, the 8 x np*4 byte tile of the dot product (see int4_position)
+//         block, the 8 x np*4 byte tile of the dot product; for np <= 8, per pair of blocks,
+//         the 16 x 2np*4 byte tile of both, side by side (see tile_position)
 //   d:    rows x d_stride floats, one per block, zero-padded to a multiple of 8
 //   d_lanes: rows x lanes_stride floats, 8 per quad in the lane layout of its integer sums
 //         (int4 [d0 d0 d2 d2 d1 d1 d3 d3], int8 [d0 d0 d1 d1 d2 d2 d3 d3]), then, int4 only, 8
@@ -39,12 +40,17 @@ constexpr int64_t kTileRows = 16;  // AMX: weight rows and activation rows per t
 //         last 8 groups' sums with those already in a full chunk of 8 zeroed (see quantize_rows)
 //   corr: int8 quads only, rows x quads x 8 int32: -128 * sum(q) of each block of a quad in the
 //         first of its two lanes (the AVX-VNNI kernel adds 128 to the signed weights, see there)
-//   tile_d, tile_sums: kTiles only, per group of rows and block (weight group for the sums, int4),
-//         16 floats: element e the d (the sum) of row e % np of the group, 0 past the last row
+//   tile_d, tile_sums: kTiles only, per group of rows and tile unit (block, or pair of blocks
+//         when np <= 8; weight group for the sums, int4), 16 floats in the lanes of the unit's
+//         product (see Acts::tile_cols): element e the d (the sum) of its row and block, else 0
 struct Acts {
   Layout layout = Layout::kRow;
   int64_t rows = 0, in = 0, blocks = 0, quads = 0, d_stride = 0, lanes_stride = 0, sums_stride = 0;
-  int64_t np = 0, row_groups = 0;  // kTiles
+  // kTiles: rows per group np, the group count, and the tile's columns: np, or 2 np when two
+  // blocks share a tile (np <= 8: tile column c holds row c % np of block 2u + c / np)
+  int64_t np = 0, row_groups = 0, tile_cols = 0;
+  bool paired() const { return tile_cols > np; }
+  int64_t tile_units() const { return paired() ? (blocks + 1) / 2 : blocks; }
   std::vector<int8_t> q;
   std::vector<float> d, d_lanes, sums, tile_d, tile_sums;
   std::vector<int32_t> corr;

@@ -14,18 +14,24 @@
 // packed codes meets the activations without shuffles, the activations of every two blocks
 // (64 columns) are stored in the order [even columns of block 0, even of block 1, odd of block 0,
 // odd of block 1]: a 32-byte weight load gives the low nibbles (the even columns of both blocks)
-// and, shifted by 4, the high nibbles (the odd columns).
+// and, shifted by 4, the high nibbles (the odd columns). The many-row and AMX kernels read their
+// own layouts of the same codes (Layout, see quant_kernels.cpp), written as x is quantized.
 //
-// Three code paths compute exactly the same integer sums, chosen at run time from the CPU:
-// AVX2 (+FMA, F16C), the same with AVX-VNNI's byte dot product (simd_kernels.h, compiled once
-// for each), and plain C++. The SIMD functions carry target attributes instead of the file being
-// compiled with -mavx2, so the compiler cannot slip AVX2 instructions into the portable path.
+// The kernels, by row count: one row, tiles of 4 weight rows; more, one weight row against up to
+// 8 activation rows (simd_kernels.h); or, from amx_rows rows on where the CPU has AMX, tiles of 16
+// x 16 (amx_kernels.cpp). They compute exactly the same integer sums, on paths chosen at run time
+// from the CPU: AMX, AVX2 (+FMA, F16C), the same with AVX-VNNI's byte dot product (simd_kernels.h
+// is compiled once for each), and plain C++. The SIMD functions carry target attributes instead
+// of the file being compiled with -mavx2, so the compiler cannot slip AVX2 instructions into the
+// portable path.
 //
-// Long prefills (many activation rows) instead dequantize the weights a slice at a time and use
-// torch's float matmul, which reuses each weight across rows far better (see dequant_matmul).
+// Asked to (dequant_rows), the ops instead dequantize the weights a slice at a time and use
+// torch's float matmul (see dequant_matmul). Which is fastest for how many rows is measured per
+// machine, in Python (memlm/kernels/choose.py).
 //
 // Files: this one is the torch side (argument checks, threads, the ops' registration);
-// quant_kernels.cpp/.h the compute, without torch headers; simd_kernels.h its SIMD tiles.
+// quant_kernels.cpp/.h the compute, without torch headers; simd_kernels.h its SIMD kernels,
+// amx_kernels.cpp the AMX ones.
 
 // Nothing here is hot (the loops are in quant_kernels.cpp): -O2 instead of the build's -O3
 // saves a third of this file's compile time, which torch's headers and templates dominate.
@@ -108,8 +114,7 @@ at::Tensor run_kernels(const at::Tensor& x, const Acts& a, int64_t out, int64_t 
   return y;
 }
 
-// Many rows (a long prefill): the float weights and torch's matmul (MKL / oneDNN, which the
-// integer kernel cannot match once the weights are reused enough) give y = x @ W^T. The weights
+// Dequantize + matmul: the float weights and torch's matmul (MKL / oneDNN) give y = x @ W^T. The weights
 // are converted kDequantChunk at a time, so no float copy of a whole large layer (a vocabulary
 // head) exists. dequant(o, n, dst) writes rows o..o+n-1 of W as float32 into dst.
 constexpr int64_t kDequantChunk = 1 << 20;  // 4 MB of float weights
@@ -235,6 +240,8 @@ std::string set_isa(const std::string& name) {
   return kIsaNames[g_isa.load()];
 }
 
+std::string current_isa() { return kIsaNames[g_isa.load()]; }
+
 }  // namespace
 }  // namespace memlm
 
@@ -246,6 +253,7 @@ TORCH_LIBRARY_FRAGMENT(memlm, m) {
         "int amx_rows=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_int8, Tensor scales, int dequant_rows=0, int amx_rows=0) -> Tensor");
   m.def("set_isa(str isa) -> str", &memlm::set_isa);  // no tensors: one kernel for all
+  m.def("isa() -> str", &memlm::current_isa);
 }
 
 TORCH_LIBRARY_IMPL(memlm, CPU, m) {
