@@ -169,6 +169,7 @@ def plot_sweep(rungs: list[Rung], best: Rung, path: Path) -> Path:
             ax.annotate(r.name, (x, r.eval_loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.plot([getattr(best, key)], [best.eval_loss], "r*", markersize=14, label=f"best: {best.name}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
         ax.set_xlabel(label)
         ax.set_ylabel("held-out loss (nats/token)")
         ax.grid(alpha=0.3)
