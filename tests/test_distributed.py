@@ -67,11 +67,11 @@ def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def _launch(tmp: Path, cfg: TrainConfig, resume: bool = False, nproc: int = 2) -> dict:
-    """`train(cfg)` on `nproc` processes through torchrun; rank 0's TrainResult as a dict."""
+def _launch(tmp: Path, cfg: TrainConfig, resume: bool = False, nproc: int = 2, model: ModelConfig = MODEL) -> dict:
+    """`train(cfg, model)` on `nproc` processes through torchrun; rank 0's TrainResult as a dict."""
     spec = tmp / f"spec-{time.monotonic_ns()}.json"
     result = spec.with_suffix(".result.json")
-    spec.write_text(json.dumps({"model": MODEL.to_dict(), "train": cfg.to_dict(), "resume": resume,
+    spec.write_text(json.dumps({"model": model.to_dict(), "train": cfg.to_dict(), "resume": resume,
                                 "result": str(result)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(HERE), str(spec)]
@@ -141,6 +141,28 @@ def test_two_processes_match_one_process(strategy, single, request):
                                                                                             "__1_0.distcp"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["strategy"] == strategy and state["step"] == STEPS
+
+
+OTHER_KINDS = {
+    "encdec": ModelConfig(kind="encdec", n_layer=2, n_encoder_layer=2, n_embd=32, n_head=4, block_size=32,
+                          vocab_size=320, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    "gru": ModelConfig(kind="rnn", rnn_cell="gru", n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=320),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, strategy", [("encdec", "fsdp"), ("gru", "ddp")])
+def test_other_kinds_on_two_processes_match_one_process(name, strategy, tmp_path, data):
+    """The factory's kinds through the same distributed loop: the encoder-decoder sharded (FSDP
+    wraps its encoder and decoder layers), the GRU replicated (DDP): losses equal one process's."""
+    model = OTHER_KINDS[name]
+    task = dict(task="seq2seq", corpus="default") if name == "encdec" else {}
+    one = tmp_path / "one"
+    train(_cfg(one, data, **task), model)
+    two = tmp_path / "two"
+    result = _launch(tmp_path, _cfg(two, data, strategy=strategy, **task), model=model)
+    _assert_close(_losses(two), _losses(one), range(1, STEPS + 1), rel=1e-4)
+    assert result["final_step"] == STEPS and is_sharded(latest_checkpoint(two))
 
 
 def test_fsdp_with_the_chunked_loss_matches_one_process(tmp_path, data, single):

@@ -5,7 +5,9 @@ resume, loading and generating through memlm.load, and its planner terms against
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -98,6 +100,27 @@ def test_light_kinds_train_resume_exactly_load_and_generate(tmp_path, corpus, to
     tokens = lm.tokenizer.encode("The ")
     ids = generate_batch(lm.model, [tokens], SamplingSettings(max_new_tokens=40, temperature=0, ignore_eos=True))[0]
     assert text == lm.tokenizer.decode(ids) and len(ids) == 40
+
+
+ENCDEC = dict(kind="encdec", n_encoder_layer=2, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+@pytest.mark.parametrize("saver", [dict(precision="bf16"), dict(precision="bf16-autocast"),
+                                   dict(optimizer="adamw8bit"), dict(optimizer="adafactor"),
+                                   dict(activation_checkpointing=1, loss_chunk=7)])
+@pytest.mark.parametrize("name", ["gru", "lstm", "conv", "encdec"])
+def test_every_kind_trains_under_each_memory_saver(tmp_path, corpus, tokenizer_dir, name, saver):
+    """The same loop's savers on every kind: the loss is finite and falls."""
+    if name == "encdec":
+        config = ModelConfig(vocab_size=320, block_size=24, n_layer=2, n_head=2, n_embd=16, ffn_hidden=32, **ENCDEC)
+        cfg = _train_cfg(tmp_path, "default", tokenizer_dir, task="seq2seq", seq_len=24, steps=12, **saver)
+    else:
+        config = small(name, vocab_size=320)
+        cfg = _train_cfg(tmp_path, corpus, tokenizer_dir, steps=12, **saver)
+    result = train(dataclasses.replace(cfg, eval_every=6, save_every=12, lr=1e-2), config)
+    losses = _losses(tmp_path)
+    assert all(map(math.isfinite, losses.values())) and len(losses) == 12
+    assert result.eval_losses[-1][1] < result.eval_losses[0][1]
 
 
 @pytest.mark.parametrize("name", sorted(LIGHT))

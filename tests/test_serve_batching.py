@@ -89,6 +89,37 @@ def test_sequences_joining_and_leaving_a_batch_each_generate_what_they_would_alo
     assert scheduler.running == 0 and scheduler.waiting == 0
 
 
+def test_prompts_prefilled_in_pieces_between_decode_steps_generate_what_they_would_alone(tiny_lm, one_thread,
+                                                                                         monkeypatch):
+    """Chunked prefill: with tiny piece budgets every longer prompt enters the cache over several
+    steps, in batches with other prompts at other offsets, while other sequences decode; each
+    output still equals the prompt run alone."""
+    import memlm.serve.scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "PREFILL_TOKENS", 9)
+    monkeypatch.setattr(scheduling, "PREFILL_WHILE_DECODING", 4)
+    prompts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(10)]
+    settings = [SamplingSettings(max_new_tokens=5 + 2 * i, temperature=0 if i % 2 else 0.8, top_k=0 if i % 2 else 30,
+                                 seed=None if i % 2 else 7 + i, ignore_eos=True) for i in range(10)]
+    ids = [tiny_lm.tokenizer.encode(p) for p in prompts]
+    assert max(map(len, ids)) > 3 * 4  # some prompts need several pieces
+    expected = [alone(tiny_lm, i, s) for i, s in zip(ids, settings)]
+    s = Scheduler(tiny_lm, slots=4, context=128, queue_size=16)
+    s.start()
+    try:
+        first = [submit(s, tiny_lm, p, st)[1] for p, st in zip(prompts[:5], settings[:5])]
+        first[0].done.wait(60)  # the rest arrive while sequences decode
+        later = [submit(s, tiny_lm, p, st)[1] for p, st in zip(prompts[5:], settings[5:])]
+        for c in first + later:
+            assert c.done.wait(60)
+    finally:
+        s.stop()
+    assert [c.result for c in first + later] == expected
+    assert s.stats.prompt_tokens == sum(map(len, ids))
+    assert s.stats.prefill_steps >= sum(map(len, ids)) / 9  # no forward ran more than its budget
+    assert s.running == 0 and s.waiting == 0
+
+
 def test_a_cancelled_sequence_leaves_its_slot_before_the_next_step(scheduler, tiny_lm):
     long = SamplingSettings(max_new_tokens=100, temperature=0, ignore_eos=True)
     seq, c = submit(scheduler, tiny_lm, "The for statement", long)

@@ -27,19 +27,22 @@ log = logging.getLogger("memlm")
 
 @torch.no_grad()
 def prefill(model: Decoder, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
-            slots: torch.Tensor | None = None, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run prompts through the model, filling the cache from position 0; the logits after each
-    row's last prompt token (B, V).
+            slots: torch.Tensor | None = None, chunk: int = PREFILL_CHUNK,
+            starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Run prompts through the model, filling the cache from position 0 (or each row's `starts`:
+    the rest of a prompt whose beginning an earlier call wrote); the logits after each row's last
+    token in `ids` (B, V).
 
     ids (B, T): right-padded prompts, lengths (B,) their real lengths. Padding sits at positions
     after a row's prompt, where its own first new tokens will overwrite it, and no query ever sees
     a key ahead of its own position: a padded row computes what it would alone."""
     B, T = ids.shape
     last = lengths - 1
+    offset = torch.zeros(B, 1, dtype=torch.long, device=ids.device) if starts is None else starts[:, None]
     final = None
     for start in range(0, T, chunk):
         piece = ids[:, start:start + chunk]
-        positions = torch.arange(start, start + piece.shape[1], device=ids.device).expand(B, -1)
+        positions = offset + torch.arange(start, start + piece.shape[1], device=ids.device)
         h = model.hidden_states(piece, cache, positions, slots)  # (B, t, d)
         if final is None:
             final = h.new_empty(B, h.shape[-1])
@@ -169,8 +172,8 @@ class Engine:
         return torch.float32
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
-        return prefill(self.model, ids, lengths, cache, slots)
+                slots: torch.Tensor | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
+        return prefill(self.model, ids, lengths, cache, slots, starts=starts)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                slots: torch.Tensor | None = None) -> torch.Tensor:

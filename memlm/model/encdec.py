@@ -106,10 +106,15 @@ class DecoderLayer(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.sublayer = _post_norm if config.norm_placement == "post" else _pre_norm
 
-    def forward(self, x, rope, memory_kv, memory_mask, kv=None, positions=None, mask=None):
+    def forward(self, x, rope, memory, memory_mask, kv=None, positions=None, mask=None):
+        """memory: the encoder's output (B, S, d), projected to keys and values here, inside the
+        layer, so that FSDP has gathered this layer's weights and activation checkpointing
+        recomputes them; or those keys and values already (a generation computes them once)."""
+        if isinstance(memory, torch.Tensor):
+            memory = self.cross_attn.memory_kv(memory)
         x = self.sublayer(x, self.attn_norm, lambda h: self.attn(h, rope, kv, positions, None, mask),
                           self.resid_dropout)
-        x = self.sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, memory_kv, memory_mask),
+        x = self.sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, memory, memory_mask),
                           self.resid_dropout)
         return self.sublayer(x, self.mlp_norm, self.mlp, self.resid_dropout)
 
@@ -211,7 +216,7 @@ class EncoderDecoder(nn.Module):
         memory, mask = self.encode(batch.source, batch.source_lengths)
         T = batch.target_in.shape[1]
         x, rope = self._embed(batch.target_in, slice(0, T), "dec_pos_emb", self.dec_emb_norm)
-        x = self._run(self.decoder, x, lambda i: (rope, self.decoder[i].cross_attn.memory_kv(memory), mask))
+        x = self._run(self.decoder, x, lambda i: (rope, memory, mask))
         return self.dec_norm(x)
 
     def forward(self, batch: Seq2SeqBatch) -> torch.Tensor:

@@ -6,10 +6,14 @@ the request's asyncio handler reads them. The scheduler's loop, one iteration pe
 shape of vLLM's engine step, kept small):
 
 1. retire: sequences whose handler cancelled them (a disconnect, a timeout) leave their slot;
-2. admit: waiting sequences take free slots of the KV pool and are prefilled together
-   (right-padded, each at its own positions: memlm.infer.engine.prefill), their first token
-   sampled from the prefill's logits;
-3. decode: ONE batched forward for every running sequence (engine.decode_step: each row its
+2. admit: waiting sequences take free slots of the KV pool;
+3. prefill: admitted prompts run through the model together (right-padded, each at its own
+   positions: memlm.infer.engine.prefill), PREFILL_TOKENS padded tokens a step when nothing
+   else runs, only PREFILL_WHILE_DECODING while other sequences decode: a long prompt is
+   prefilled a piece per step, so it delays the running sequences' next token by one piece's
+   time, not by its whole prompt's (chunked prefill, as vLLM and Sarathi interleave it). A
+   sequence whose prompt is in samples its first token from the last piece's logits;
+4. decode: ONE batched forward for every running sequence (engine.decode_step: each row its
    own slot and position), then each row samples with its own settings, emits its text, and
    leaves at once when it ends (EOS, a stop string, max_tokens).
 
@@ -41,7 +45,11 @@ from memlm.model.kv_cache import CacheWindow
 
 log = logging.getLogger("memlm.serve")
 
-PREFILL_TOKENS = PREFILL_CHUNK  # padded prompt tokens admitted per step (at least one sequence): bounds the stall
+PREFILL_TOKENS = PREFILL_CHUNK  # padded prompt tokens a prefill step runs while nothing decodes
+# ... and while sequences decode: each of their tokens waits for one such piece. 32 tokens of
+# SmolLM2 int4 take about as long as a 16-row decode step on this 2-core CPU, so the pause stays
+# a small multiple of a step; fewer would pay each forward's fixed cost more often.
+PREFILL_WHILE_DECODING = 32
 
 
 @dataclass
@@ -106,7 +114,7 @@ class _Row:
     slot: int
     text: TextStream
     generator: torch.Generator | None
-    position: int = 0
+    position: int = 0  # where the next token goes (prefilling: the prompt's next token)
     token: int = 0
     generated: list[int] = field(default_factory=list)
     last_emit: float = 0.0
@@ -120,6 +128,7 @@ class Stats:
     steps: int = 0
     tokens: int = 0  # generated
     prompt_tokens: int = 0  # prefilled
+    prefill_steps: int = 0  # prefill forwards (a prompt may take several: PREFILL_WHILE_DECODING)
     sequences: int = 0  # finished or cancelled
     peak_rows: int = 0  # the most rows one decode step has run
     on_first_token: Callable[[float], None] | None = None  # seconds from submit to the first token
@@ -140,7 +149,8 @@ class Scheduler:
         self.eos_id = lm.tokenizer.eos_id
         self.stats = Stats()
         self._free = list(range(slots - 1, -1, -1))  # pop() takes the lowest
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # decoding
+        self._prefilling: list[_Row] = []  # holding a slot, prompt not yet all in the cache
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -204,74 +214,88 @@ class Scheduler:
         while True:
             with self._cond:
                 self._retire_cancelled()
-                while not self._waiting and not self._rows and not self._stopping:
+                while not self._waiting and not self._rows and not self._prefilling and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                admitted = self._admit()
+                self._admit()
             try:
-                if admitted:
-                    self._prefill(admitted)
+                if self._prefilling:
+                    self._prefill()
                 if self._rows:
                     self._decode()
             except Exception as e:  # noqa: BLE001 - a failed step must not stop the server
                 log.exception("a generation step failed")
-                for row in self._rows:
+                for row in self._prefilling + self._rows:
                     self._finish(row, "error", f"generation failed: {e}")
-                self._rows = []
+                self._rows, self._prefilling = [], []
 
     def _retire_cancelled(self) -> None:
-        for row in self._rows:
+        for row in self._prefilling + self._rows:
             if row.seq.cancelled:
                 self._release(row)
         self._rows = [r for r in self._rows if not r.done]
+        self._prefilling = [r for r in self._prefilling if not r.done]
 
-    def _admit(self) -> list[_Row]:
-        """Waiting sequences into free slots, first come first served, while the padded
-        prefill stays within PREFILL_TOKENS (always at least one)."""
-        admitted: list[_Row] = []
-        longest = 0
+    def _admit(self) -> None:
+        """Waiting sequences into free slots, first come first served."""
         while self._waiting and self._free:
-            seq = self._waiting[0]
-            longest_after = max(longest, len(seq.prompt))
-            if admitted and longest_after * (len(admitted) + 1) > PREFILL_TOKENS:
-                break
-            self._waiting.popleft()
-            longest = longest_after
+            seq = self._waiting.popleft()
             s = seq.settings
             generator = torch.Generator(device=self.engine.device).manual_seed(s.seed) if s.seed is not None else None
-            admitted.append(_Row(seq, self._free.pop(), TextStream(self.lm.tokenizer, s.stop), generator,
-                                 position=len(seq.prompt)))
-        return admitted
+            self._prefilling.append(_Row(seq, self._free.pop(), TextStream(self.lm.tokenizer, s.stop), generator))
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self) -> None:
+        """The next piece of the prefilling prompts, oldest first, as many rows as fit the step's
+        padded-token budget (always at least one). A row whose prompt is then all in the cache
+        samples its first token and joins the decoding rows."""
+        budget = PREFILL_WHILE_DECODING if self._rows else PREFILL_TOKENS
+        rows: list[_Row] = []
+        width, room = 0, self.pool.max_len
+        for row in self._prefilling:
+            piece = min(len(row.seq.prompt) - row.position, budget)
+            w, r = max(width, piece), min(room, self.pool.max_len - row.position)
+            if rows and (w * (len(rows) + 1) > budget or w > r):
+                break
+            rows.append(row)
+            width, room = w, r
         device = self.engine.device
-        prompts = [r.seq.prompt for r in rows]
-        longest = max(map(len, prompts))
-        # Padding repeats the row's first token: never seen, and no new token for a penalty.
-        ids = torch.tensor([p + [p[0]] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        pieces = [r.seq.prompt[r.position:r.position + width] for r in rows]
+        # Padding repeats the piece's first token at positions after it: a row's own later
+        # tokens overwrite them, and no query sees a key ahead of its own position.
+        ids = torch.tensor([p + [p[0]] * (width - len(p)) for p in pieces], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(p) for p in pieces], device=device)
+        starts = torch.tensor([r.position for r in rows], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
-        self._rows.extend(rows)
-        logits = self.engine.prefill(ids, lengths, self._window(longest), slots)
+        logits = self.engine.prefill(ids, lengths, self._window(int(starts.max()) + width), slots, starts)
         self.stats.prompt_tokens += int(lengths.sum())
-        for i, row in enumerate(rows):
-            self._advance(row, logits[i:i + 1])
+        self.stats.prefill_steps += 1
+        for i, (row, piece) in enumerate(zip(rows, pieces)):
+            row.position += len(piece)
+            if row.position == len(row.seq.prompt):
+                self._rows.append(row)
+                self._advance(row, logits[i:i + 1])
+        self._prefilling = [r for r in self._prefilling if not r.done and r.position < len(r.seq.prompt)]
         self._rows = [r for r in self._rows if not r.done]
 
     def _decode(self) -> None:
         """One forward for every running row. The batch is the pool's first `top` slots, the
         lowest slots being taken first: a slot between two running ones that is free feeds a
         dummy token into itself (its content is garbage anyway, and the next prefill there
-        starts at position 0). So the step attends over a view of the pool, never a copy of
+        starts at position 0); a slot whose prompt is half prefilled takes it at the position
+        its next piece overwrites. So the step attends over a view of the pool, never a copy of
         the rows' keys and values."""
         device = self.engine.device
         rows = self._rows
         if self.engine.compiled:  # one static shape for the compiled step: the whole pool
             top, length = self.pool.slots, self.pool.max_len
         else:
-            top, length = max(r.slot for r in rows) + 1, max(r.position for r in rows) + 1
+            top = max(r.slot for r in rows) + 1
+            length = max(r.position for r in rows + [r for r in self._prefilling if r.slot < top]) + 1
         tokens, positions = [0] * top, [0] * top
+        for r in self._prefilling:
+            if r.slot < top:
+                positions[r.slot] = r.position
         for r in rows:
             tokens[r.slot], positions[r.slot] = r.token, r.position
         logits = self.engine.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),

@@ -202,6 +202,17 @@ class Distributed:
             return value
         return self._reduce(value, dist.ReduceOp.SUM) / self.world_size
 
+    def token_share(self, count: int) -> float:
+        """This rank's share of the counted targets, times the world size: count * W / total.
+        A rank's loss is a mean over its own targets, and DDP/FSDP average the ranks' gradients;
+        scaled by this, the average is the mean over every target of the micro-batch, as one
+        process computes it, even when the ranks count different numbers (padded pairs, prompt
+        tokens left out of the loss). 1.0 on one process, and wherever the counts are equal."""
+        if not self.active:
+            return 1.0
+        total = self._reduce(float(count), dist.ReduceOp.SUM)
+        return count * self.world_size / total if total else 1.0
+
     def max(self, value: int) -> int:
         """The maximum of `value` over the ranks (every rank gets it)."""
         if not self.active:

@@ -49,7 +49,7 @@ from memlm.train.checkpoint import (
 )
 from memlm.train.distributed import local_state_bytes
 from memlm.train.distributed import setup as setup_distributed
-from memlm.train.loss import chunked_cross_entropy, linear_cross_entropy
+from memlm.train.loss import IGNORE_INDEX, chunked_cross_entropy, linear_cross_entropy
 from memlm.train.optim import build_optimizer, clipped_step, lr_at, set_lr
 from memlm.train.progressive import step_shape
 
@@ -516,7 +516,10 @@ def train(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 tokens_per_step += x.numel() * ctx.world_size  # every rank's share has this shape
                 ctx.sync_gradients(net, now=k == cfg.grad_accum - 1)
-                loss = compute_loss(net, x, y, cfg, objective) / cfg.grad_accum
+                loss = compute_loss(net, x, y, cfg, objective)
+                if ctx.active:  # each rank's mean weighted by its share of the counted targets
+                    loss = loss * ctx.token_share(int((y != IGNORE_INDEX).sum()))
+                loss = loss / cfg.grad_accum
                 loss.backward()  # with fused_backward, this also steps the optimizer
                 loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             # clipped to the global norm: DDP's gradients are all-reduced, FSDP's are DTensors
