@@ -69,12 +69,24 @@ def user_env() -> dict[str, str]:
 _SIZE = r"(\d+(?:\.\d+)? (?:B|KiB|MiB|GiB))"
 
 
-def parse_report(text: str) -> int | None:
-    """The command's own prediction from its last line: `peak memory: predicted X, measured Y`."""
+def parse_report(text: str, measured: int | None = None) -> int | None:
+    """The command's own prediction from its last line: `peak memory: predicted X, measured Y (Z%)`.
+
+    X is printed to 0.1 of its unit, and 0.1 GiB is 102 MiB: above 1 GiB the prediction is taken
+    from the exact ratio the command printed, Z = (its VmHWM - prediction) / prediction, with
+    `measured` (this process's wait4 figure of the same command) as that VmHWM."""
     from memlm.memory.measure import parse_size
 
-    found = re.findall(rf"peak memory: predicted {_SIZE}, measured", text)
-    return parse_size(found[-1].replace(" ", "")) if found else None
+    found = re.findall(rf"peak memory: predicted {_SIZE}, measured {_SIZE} \(([+-]\d+(?:\.\d+)?)%\)", text)
+    if not found:
+        return None
+    shown, _, ratio = found[-1]
+    printed = parse_size(shown.replace(" ", ""))
+    if measured and shown.endswith("GiB"):
+        exact = measured / (1 + float(ratio) / 100)
+        if abs(exact - printed) <= 0.06 * 2**30:  # the same figure, to the printed precision
+            return int(exact)
+    return printed
 
 
 def run_command(args: list[str], stdin: str | None = None, timeout: float = 1800) -> dict[str, Any]:
@@ -266,7 +278,7 @@ def measure_row(row: dict[str, Any]) -> dict[str, Any]:
         r = run_server(row["args"], row["serve"])
     else:
         r = run_command(row["args"], row.get("stdin"))
-    predicted = parse_report(r["stderr"])
+    predicted = parse_report(r["stderr"], r["measured"])
     out = {"name": row["name"], "command": " ".join(["memlm"] + (["serve"] if row.get("serve") else []) + row["args"]),
            "exit": r["code"], "predicted_mib": predicted / MIB if predicted else None,
            "measured_mib": r["measured"] / MIB if r["measured"] else None, "seconds": round(r["seconds"], 1)}
@@ -337,7 +349,7 @@ def run_sweep(s: dict[str, Any], index: int) -> list[dict[str, Any]]:
         r = run_server(args, s["serve"]) if s.get("serve") else run_command(args)
         measured = r["measured"] or 0
         row = {"sweep": s["name"], "budget_mib": budget / MIB, "exit": r["code"],
-               "measured_mib": measured / MIB, "predicted_mib": (parse_report(r["stderr"]) or 0) / MIB or None,
+               "measured_mib": measured / MIB, "predicted_mib": (parse_report(r["stderr"], measured) or 0) / MIB or None,
                "used": measured / budget, "kept": measured <= budget,
                "outcome": {0: "ran", 1: "refused (does not fit)", 3: "stopped by the watchdog"}.get(r["code"],
                                                                                                  f"exit {r['code']}")}

@@ -202,3 +202,33 @@ def test_the_commands_of_decoders_refuse_other_kinds_with_a_hint(gru_run, tmp_pa
     save_safetensors(model, tokenizer, tmp_path / "exported")
     again = load(tmp_path / "exported")
     assert torch.equal(again.model.tok_emb.weight, model.tok_emb.weight) and again.config == model.config
+
+
+@pytest.mark.slow  # fresh processes: what a user types, for a convolution and an encoder-decoder
+@pytest.mark.parametrize("kind", ["conv", "encdec"])
+def test_each_kind_trains_resumes_evaluates_generates_and_is_planned_from_the_cli(kind, tmp_path, tokenizer_dir):
+    from tests.test_cli import memlm
+
+    run = tmp_path / "run"
+    seq = 32 if kind == "encdec" else 7  # a conv of 2 layers of kernel 3 sees 7 tokens
+    sets = {"model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "model.ffn_hidden": 64,
+            "model.block_size": seq, "train.seq_len": seq, "train.micro_batch": 2, "train.eval_every": 2,
+            "train.eval_batches": 1, "train.save_every": 2, "train.threads": 1, "train.tokenizer": tokenizer_dir}
+    task = ["--task", "seq2seq"] if kind == "encdec" else ["--corpus", "default"]
+    common = ["--kind", kind, *task, "--out", str(run), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    first = memlm("train", *common, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "predicted peak memory" in first.stdout + first.stderr
+    again = memlm("train", "--out", str(run), "--resume", "--steps", "4")
+    assert again.returncode == 0 and "resuming" in again.stdout + again.stderr, again.stderr[-3000:]
+    assert json.loads(run.joinpath(METRICS_FILE).read_text().splitlines()[-1])["step"] == 4
+
+    ev = memlm("eval", "--model", str(run), "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scores = json.loads(ev.stdout)
+    assert math.isfinite(scores["loss"] if kind == "encdec" else scores["ppl"])
+    out = memlm("generate", "def add(a, b):\n    return a + b", "--model", str(run), "--max-new-tokens", "5",
+                "--temperature", "0")
+    assert out.returncode == 0 and "peak memory: predicted" in out.stderr, out.stderr[-3000:]
+    plan = memlm("plan", "--model", str(run), "--task", "infer", "--budget", "2GiB")
+    assert plan.returncode == 0 and "total" in plan.stdout, plan.stdout + plan.stderr
