@@ -52,20 +52,16 @@ GiB = 2**30
 #               tokenized)
 #   train-ddp, train-fsdp: "train" + what one rank of a 2-process job adds (gloo's threads and
 #               buffers, FSDP's code), +2.3 / +5.7 MiB measured on 2026-11-23
-# Re-measured 2026-12-01 (20:50, quiet, three runs each, identical): every command came out ~80
-# MiB below the earlier calibration (train 437 -> 355, infer 339 -> 260, score 355 -> 273);
-# the same command at the commit of the earlier figures also measured 68 MiB less than it did
-# then, so most of the drop is the machine's, not memlm's; cause not found. serve = infer + the
-# 45 MiB the web stack measured over infer before; import: `import memlm.cli, torch`.
-# CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
-# CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
-# leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
+# A long-lived development venv measured ~80 MiB less on 2026-12-01 evening (train 355, infer
+# 260) while a fresh one, as `make install` builds it, measured the figures below (the calibrate
+# train command: 443 MiB fresh, 354 in the old venv, same code and packages; cause not found).
+# The fresh venv is what a user has, so these stay.
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
-    "cpu": {"import": 238 * MiB, "train": 355 * MiB, "train-bf16": 369 * MiB, "infer": 260 * MiB, "score": 273 * MiB,
-            "train-ddp": 357 * MiB, "train-fsdp": 361 * MiB,
+    "cpu": {"import": 286 * MiB, "train": 437 * MiB, "train-bf16": 452 * MiB, "infer": 339 * MiB, "score": 355 * MiB,
+            "train-ddp": 439 * MiB, "train-fsdp": 443 * MiB,
             # memlm serve: infer + the web stack (FastAPI, uvicorn, pydantic, prometheus_client) and the
             # heaps of its threads (scheduler, event loop, tokenizing workers); bench/serve_load.py
-            "serve": 305 * MiB},
+            "serve": 384 * MiB},
     "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0,
              "serve": 0},
 }
