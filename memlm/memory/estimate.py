@@ -56,6 +56,9 @@ GiB = 2**30
 # 260) while a fresh one, as `make install` builds it, measured the figures below (the calibrate
 # train command: 443 MiB fresh, 354 in the old venv, same code and packages; cause not found).
 # The fresh venv is what a user has, so these stay.
+# CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
+# CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
+# leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
     "cpu": {"import": 286 * MiB, "train": 437 * MiB, "train-bf16": 452 * MiB, "infer": 339 * MiB, "score": 355 * MiB,
             "train-ddp": 439 * MiB, "train-fsdp": 443 * MiB,

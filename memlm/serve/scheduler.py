@@ -287,15 +287,13 @@ class Scheduler:
         the rows' keys and values."""
         device = self.engine.device
         rows = self._rows
-        if self.engine.compiled:  # one static shape for the compiled step: the whole pool
-            top, length = self.pool.slots, self.pool.max_len
-        else:
-            top = max(r.slot for r in rows) + 1
-            length = max(r.position for r in rows + [r for r in self._prefilling if r.slot < top]) + 1
+        whole = self.engine.compiled  # one static shape for the compiled step: the whole pool
+        top = self.pool.slots if whole else max(r.slot for r in rows) + 1
+        parked = [r for r in self._prefilling if r.slot < top]  # fed a dummy token, see above
+        length = self.pool.max_len if whole else max(r.position for r in rows + parked) + 1
         tokens, positions = [0] * top, [0] * top
-        for r in self._prefilling:
-            if r.slot < top:
-                positions[r.slot] = r.position
+        for r in parked:
+            positions[r.slot] = r.position
         for r in rows:
             tokens[r.slot], positions[r.slot] = r.token, r.position
         logits = self.engine.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
