@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,30 @@ def write_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] |
     md_path.write_text(header + (notes + "\n\n" if notes else "") + markdown_table(rows, columns) + "\n")
     print(markdown_table(rows, columns))
     return json_path, md_path
+
+
+LAUNCHER = Path(__file__).resolve().parent / "launch.py"
+
+
+class PeakPopen(subprocess.Popen):
+    """Popen whose `peak_bytes` (after it has been waited for) is the command's own peak resident
+    memory from start to exit, its waited-for children included: started through bench/launch.py,
+    so the figure does not carry this process's peak (see there why a plain wait4 would)."""
+
+    def __init__(self, args: list[str], **kwargs: Any):
+        fd, self._peak_file = tempfile.mkstemp(prefix="memlm-peak-")
+        os.close(fd)
+        self._peak: int | None = None
+        super().__init__([sys.executable, str(LAUNCHER), self._peak_file, *args], **kwargs)
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """Bytes, read once the command has exited (None before, or if the launcher failed)."""
+        if self._peak is None and self.returncode is not None:
+            path = Path(self._peak_file)
+            try:
+                self._peak = int(path.read_text()) * 1024
+            except (OSError, ValueError):
+                return None
+            path.unlink(missing_ok=True)
+        return self._peak

@@ -8,7 +8,8 @@
 A row is one `memlm ...` command as a user runs it: a fresh process, the default environment
 (no MALLOC_* variables, torch's default thread count), from start to exit (imports, tokenizer
 training, data preparation, loading, every step, evaluation, checkpoint writes, generation).
-`measured` is the peak resident memory of the process and its children (ru_maxrss from wait4:
+`measured` is the peak resident memory of the process and its children (ru_maxrss from wait4,
+started through bench/launch.py so that it is the command's own and not this script's:
 the VmHWM of the command, or of its largest torchrun rank); `predicted` is the one figure the
 command printed itself (`peak memory: predicted X, measured Y`), so the bench judges exactly what
 a user is told. A serve row starts the server, sends concurrent completions from threads on
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, load_average, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, PeakPopen, load_average, markdown_table, write_results  # noqa: E402
 
 MIB = 2**20
 ERROR_TARGET = 0.10
@@ -90,35 +91,17 @@ def parse_report(text: str, measured: int | None = None) -> int | None:
 
 
 def run_command(args: list[str], stdin: str | None = None, timeout: float = 1800) -> dict[str, Any]:
-    """Run `memlm ARGS` in a fresh process under WORK; its peak RSS (KiB -> bytes) from wait4."""
+    """Run `memlm ARGS` in a fresh process under WORK; its own peak RSS (bench.common.PeakPopen)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(memlm_cmd() + args, cwd=WORK, env=user_env(), stdin=subprocess.PIPE,
+    proc = PeakPopen(memlm_cmd() + args, cwd=WORK, env=user_env(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(stdin, timeout=timeout)
     return _finish(proc, out, err, t0)
 
 
-def _finish(proc: subprocess.Popen, out: str, err: str, t0: float) -> dict[str, Any]:
-    usage = proc.rusage if hasattr(proc, "rusage") else None
-    return {"code": proc.returncode, "measured": usage, "stdout": out, "stderr": err,
+def _finish(proc: PeakPopen, out: str, err: str, t0: float) -> dict[str, Any]:
+    return {"code": proc.returncode, "measured": proc.peak_bytes, "stdout": out, "stderr": err,
             "seconds": time.perf_counter() - t0}
-
-
-class _Popen(subprocess.Popen):
-    """Popen that keeps the child's rusage (wait4), for ru_maxrss: the process's VmHWM at exit,
-    and the largest of its waited-for descendants (torchrun's ranks)."""
-
-    def _try_wait(self, wait_flags):
-        try:
-            pid, status, usage = os.wait4(self.pid, wait_flags)
-        except ChildProcessError:
-            return self.pid, 0
-        if pid == self.pid:
-            self.rusage = usage.ru_maxrss * 1024
-        return pid, status
-
-
-subprocess.Popen = _Popen  # type: ignore[misc]  # this script's own subprocesses only
 
 
 def free_port() -> int:
@@ -131,7 +114,7 @@ def run_server(args: list[str], requests: int, max_tokens: int = 32) -> dict[str
     """`memlm serve ARGS`: wait for /health, send `requests` concurrent completions, SIGINT."""
     port = free_port()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(memlm_cmd() + ["serve", *args, "--port", str(port)], cwd=WORK, env=user_env(),
+    proc = PeakPopen(memlm_cmd() + ["serve", *args, "--port", str(port)], cwd=WORK, env=user_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -480,7 +463,7 @@ def main() -> None:
            "load_average_before": load_before, "load_average_after": load_average()}
     columns = ["name", "predicted_mib", "measured_mib", "error", "exit", "seconds"]
     notes = (f"Each row: the real `memlm` command, a fresh process, default environment ({env['allocator']}, "
-             f"{env['threads']}); measured = ru_maxrss of the command (largest rank for torchrun); predicted = "
+             f"{env['threads']}); measured = ru_maxrss of the command started through bench/launch.py (its own, not the bench's; largest rank for torchrun); predicted = "
              f"the figure the command printed. Load average {load_before} before, {load_average()} after.\n\n"
              f"Summary: {json.dumps(summary)}"
              + (f"\n\nMerged: the rows and sweeps of this run replaced those of the same name in {merged_from}."

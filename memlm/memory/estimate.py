@@ -42,7 +42,11 @@ GiB = 2**30
 # once a step has run, the pages of the kernels it touched, OpenMP/oneDNN thread state,
 # autograd's engine and torch._dynamo (torch's optimizers import it on construction: ~70 MiB).
 # Measured with `python bench/memory_accuracy.py --calibrate`: the real CLI in a fresh process,
-# glibc's default allocator, torch's default thread count (2 here), VmHWM from start to exit:
+# glibc's default allocator, torch's default thread count (2 here), the command's own VmHWM from
+# start to exit (started through bench/launch.py: see there why a plain wait4 from a large parent
+# reports the parent's peak; the figures of 2026-11-23..12-01 carried the bench's own ~440 MiB,
+# which is what made "a long-lived venv" seem ~80 MiB lighter than a fresh one), on the AMD EPYC
+# (Zen 3, 2 cores) of shared/BENCHMARKS.md, 2026-12-01:
 #   train       `memlm train` of a ~10k-parameter model on the default corpus (its BPE
 #               tokenizer trained in the run): every cost of the command except the model's
 #   train-bf16  the same under bf16 autocast: the bf16 kernels bring their own code and scratch
@@ -52,20 +56,19 @@ GiB = 2**30
 #               tokenized)
 #   train-ddp, train-fsdp: "train" + what one rank of a 2-process job adds (gloo's threads and
 #               buffers, FSDP's code), +2.3 / +5.7 MiB measured on 2026-11-23
-# A long-lived development venv measured ~80 MiB less on 2026-12-01 evening (train 355, infer
-# 260) while a fresh one, as `make install` builds it, measured the figures below (the calibrate
-# train command: 443 MiB fresh, 354 in the old venv, same code and packages; cause not found).
-# The fresh venv is what a user has, so these stay.
+#   serve       `memlm serve` of the ~4M-parameter tiny run under 8 concurrent completions, minus
+#               what its prediction held beyond the runtime (bench/memory_accuracy.py, 2026-12-01)
+# Another CPU's kernels touch other code pages: re-run --calibrate on a new kind of machine.
 # CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
 # CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
 # leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
-    "cpu": {"import": 286 * MiB, "train": 437 * MiB, "train-bf16": 452 * MiB, "infer": 339 * MiB, "score": 355 * MiB,
-            "train-ddp": 439 * MiB, "train-fsdp": 443 * MiB,
+    "cpu": {"train": 379 * MiB, "train-bf16": 392 * MiB, "infer": 283 * MiB, "score": 298 * MiB,
+            "train-ddp": 381 * MiB, "train-fsdp": 385 * MiB,
             # memlm serve: infer + the web stack (FastAPI, uvicorn, pydantic, prometheus_client) and the
-            # heaps of its threads (scheduler, event loop, tokenizing workers); bench/serve_load.py
-            "serve": 384 * MiB},
-    "cuda": {"import": 0, "train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0,
+            # heaps of its threads (scheduler, event loop, tokenizing workers); see "serve" above
+            "serve": 293 * MiB},
+    "cuda": {"train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0,
              "serve": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
@@ -82,9 +85,14 @@ COMPILE_BYTES = {"cpu": 165 * MiB, "cuda": 0}
 # fresh block; bench/memory_accuracy.py --allocator measures it), so memlm keeps glibc's defaults
 # and models the slack: bytes = a * (a phase's transients) + b * (weights + optimizer states)
 # (+ c * one block's activations under activation checkpointing: the recomputed forward's
-# blocks come and go between the saved ones), fitted (min-max error) to the 16 single-process
-# training rows of bench/memory_accuracy.py (2026-12-01: max |error| 4.4%); for inference
-# a * (the forward's workspace) + b * (the KV cache): ALLOCATOR_SLACK and CHECKPOINT_SLACK below.
+# blocks come and go between the saved ones), fitted (min-max error, `bench/fit_slack.py`) to the
+# 15 single-process training rows of bench/memory_accuracy.py, each the command's own peak
+# (2026-12-01 night, AMD EPYC: max |error| 9.7%; bench/results/memory_accuracy-own-peak-*). Adapters
+# on a frozen base ("finetune") keep the earlier fit (0.46, 0.36, 1.3): the training fit
+# under-predicts them, and no (a, b, c) fits them all (QLoRA without checkpointing holds ~600 MiB
+# of freed 1-4 MiB blocks, LoRA on a float base ~330: measured against MALLOC_MMAP_THRESHOLD_=1MiB).
+# For inference a * (the forward's workspace) + b * (the KV cache). ALLOCATOR_SLACK and
+# CHECKPOINT_SLACK below.
 # A model's tokenizer in memory (the tokenizers library's vocabulary and merges maps; SmolLM2's
 # 49,152 entries: ~17 MiB more than the calibration run's 4,096), and the first-use pages of a
 # weight format's kernels (the int4 CPU kernel, int8's dequantizing matmul, bf16 matmuls) beyond
@@ -96,8 +104,9 @@ COMPILE_BYTES = {"cpu": 165 * MiB, "cuda": 0}
 TOKENIZER_BYTES_PER_ID = 400
 FORMAT_KERNEL_BYTES = {"int4": 16 * MiB, "int8": 0, "bf16": 8 * MiB, "fp32": 0}
 
-ALLOCATOR_SLACK = {"train": (0.46, 0.36), "infer": (0.40, 0.0)}
-CHECKPOINT_SLACK = 1.3
+MMAP_THRESHOLD_MAX = 32 * MiB  # glibc, 64-bit: the dynamic mmap threshold never rises above this
+ALLOCATOR_SLACK = {"train": (0.26, 0.16), "finetune": (0.46, 0.36), "infer": (0.40, 0.0)}
+CHECKPOINT_SLACK = {"train": 0.6, "finetune": 1.3}
 ALLOCATOR_NOTE = "glibc heap slack, calibrated: bench/memory_accuracy.py --calibrate"
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
@@ -949,15 +958,21 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
             workspace=(opt_ws, opt_ws_formula + (f"/{shard}" if shard > 1 else "")),
         )
     if device == "cpu":  # glibc's heap holds more than the live tensors: see ALLOCATOR_SLACK
-        a_unit, a_state = ALLOCATOR_SLACK["train"]
-        recomputing = CHECKPOINT_SLACK * per_block if n_ckpt else 0
+        kind = "train" if frozen is None else "finetune"  # adapters on a frozen base: fitted apart
+        a_unit, a_state = ALLOCATOR_SLACK[kind]
+        recomputing = CHECKPOINT_SLACK[kind] * per_block if n_ckpt else 0
+        # the unchunked loss's (N, V) fp32 tensors above glibc's largest mmap threshold are mmapped
+        # and unmapped when freed: no holes left in the heap (measured: tiny at micro-batch 16,
+        # N*V*4 = 64 MiB, keeps ~80 MiB of slack where 0.46*(its transients) said ~250)
+        mmapped = ("logits_loss",) if cfg.loss_chunk <= 0 and N * V * 4 > MMAP_THRESHOLD_MAX else ()
         for terms in phases.values():
-            unit = sum(v[0] for k, v in terms.items() if k not in ("runtime", "weights", "optimizer_states", "teacher"))
+            unit = sum(v[0] for k, v in terms.items()
+                       if k not in ("runtime", "weights", "optimizer_states", "teacher", *mmapped))
             # a frozen base is allocated once, when loaded: no freed gradients or updates around it
             state = weights + states - (frozen.base_bytes if frozen is not None else 0)
             terms["allocator"] = (int(a_unit * unit + a_state * state + recomputing),
                                   f"{a_unit}*(this phase's transients) + {a_state}*(weights + states)"
-                                  + (f" + {CHECKPOINT_SLACK}*A_block (recomputation)" if n_ckpt else "")
+                                  + (f" + {CHECKPOINT_SLACK[kind]}*A_block (recomputation)" if n_ckpt else "")
                                   + f" ({ALLOCATOR_NOTE})")
     totals = {name: sum(v[0] for v in terms.values()) for name, terms in phases.items()}
     peak_phase = max(totals, key=lambda k: totals[k])
