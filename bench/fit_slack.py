@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--at", help="a,b,c: the errors under these coefficients instead of a fit")
     parser.add_argument("--adapters", action="store_true",
                         help="fit the fine-tuning rows with adapters (ALLOCATOR_SLACK['finetune']) instead of training")
+    parser.add_argument("--floor", type=float, default=-1.0,
+                        help="fit only among coefficients whose every error is at least this (-0.05: no row under-predicted by more than 5%%)")
     parser.add_argument("--printed-with", help="a,b,c the rows' commands predicted with (default: the code's now)")
     args = parser.parse_args()
     kind = "finetune" if args.adapters else "train"
@@ -140,7 +142,7 @@ def main() -> None:
     grid = itertools.product([i / 50 for i in range(0, 101)], [i / 50 for i in range(0, 31)],
                              [i / 10 for i in range(0, 41)])
     best = (tuple(float(v) for v in args.at.split(",")) if args.at
-            else min(grid, key=lambda abc: max(abs(e) for e in errors(*abc))))
+            else min(grid, key=lambda abc: (min(es := errors(*abc)) < args.floor, max(map(abs, es)))))
     now, fitted = errors(*current), errors(*best)
     print(f"{'row':50s} {'measured MiB':>12s} {'printed':>8s} {'fitted':>8s}  shift MiB")
     for r, e0, e1 in zip(rows, now, fitted):

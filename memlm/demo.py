@@ -66,7 +66,6 @@ def run_demo(out_dir: str, steps: int, console: Console, out: Console, memory_bu
     from memlm.infer.sampling import SamplingSettings
     from memlm.infer.generate import generate_text
     from memlm.loading import load_run
-    from memlm.memory.measure import format_bytes
     from memlm.tokenizer import unigram_baseline_nll
     from memlm.train.checkpoint import latest_checkpoint
     from memlm.train.loop import train
