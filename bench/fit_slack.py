@@ -20,6 +20,7 @@ import itertools
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import memlm.memory.estimate as est  # noqa: E402
-from memlm.cli import _parse_set  # noqa: E402
+from memlm.cli import _parse_set, resolve_configs  # noqa: E402
 from memlm.errors import MemlmError  # noqa: E402
+from memlm.loading import model_config_of  # noqa: E402
 from memlm.memory.plan import predict_for_cli  # noqa: E402
 
 MIB = 2**20
@@ -55,9 +57,8 @@ def settings(command: str) -> dict[str, Any] | None:
     sections = _parse_set(opts["set"])
     keys = dict(sections["train"])
     for flag, key, cast in (("--micro-batch", "micro_batch", int), ("--seq-len", "seq_len", int),
-                            ("--optimizer", "optimizer", str), ("--precision", "precision", str),
-                            ("--lr", None, None)):
-        if opts.get(flag) is not None and key:
+                            ("--optimizer", "optimizer", str), ("--precision", "precision", str)):
+        if opts.get(flag) is not None:
             keys[key] = cast(opts[flag])
     keys.pop("tokenizer", None)
     task = words[0]
@@ -76,26 +77,20 @@ def settings(command: str) -> dict[str, Any] | None:
                         "base_format": base,
                         "layout": lambda f, p=path: {} if f == "fp32" else layout_of(p, f)}
             model = path
-    else:
-        model = opts.get("--preset") or "tiny"
-    return {"task": task, "model": model, "model_keys": sections["model"], "train_keys": keys, "finetune": finetune}
+        cfg = model_config_of(model)
+    else:  # as `memlm train` builds it: the preset, the flags, its own tokenizer's vocabulary
+        cfg, tc = resolve_configs(None, opts.get("--preset") or "tiny", {"model": sections["model"], "train": {}})
+        cfg = replace(cfg, vocab_size=tc.vocab_size)
+    return {"task": task, "model_config": cfg, "train_keys": keys, "finetune": finetune}
 
 
 def phases(row: dict[str, Any], a: float, b: float, c: float) -> dict[str, int]:
-    from dataclasses import replace
-
-    from memlm.cli import resolve_configs
-    from memlm.loading import model_config_of
-
+    """Each phase's predicted total of the row with slack coefficients (a, b, c)."""
     kind = "finetune" if row["finetune"] else "train"
     est.ALLOCATOR_SLACK[kind] = (a, b)
     est.CHECKPOINT_SLACK[kind] = c
-    if row["task"] == "train":  # as `memlm train` builds it: the preset, the flags, its own tokenizer's vocabulary
-        cfg, tc = resolve_configs(None, row["model"], {"model": row["model_keys"], "train": {}})
-        cfg = replace(cfg, vocab_size=tc.vocab_size)
-    else:
-        cfg = model_config_of(row["model"])
-    breakdown = predict_for_cli(cfg, row["task"], None, dict(row["train_keys"]), finetune=row["finetune"])
+    breakdown = predict_for_cli(row["model_config"], row["task"], None, dict(row["train_keys"]),
+                                finetune=row["finetune"])
     return dict(breakdown.phases)
 
 
@@ -118,11 +113,12 @@ def main() -> None:
     for path in args.results:
         measured.update({r["name"]: r for r in json.loads(path.read_text())["rows"]})
     for r in measured.values():
-        wanted = r.get("exit") == 0 and r.get("predicted_mib") and args.only in r["name"]
-        s = settings(r["command"]) if wanted else None
-        if s is None or bool(s["finetune"]) != args.adapters:
+        if not (r.get("exit") == 0 and r.get("predicted_mib") and args.only in r["name"]):
             continue
         try:
+            s = settings(r["command"])
+            if s is None or bool(s["finetune"]) != args.adapters:
+                continue
             base = phases(s, 0, 0, 0)
         except MemlmError as e:  # a command stored with its spaces unquoted ("[64, 128]")
             print(f"skipped {r['name']}: {e}")

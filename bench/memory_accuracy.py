@@ -94,7 +94,7 @@ def run_command(args: list[str], stdin: str | None = None, timeout: float = 1800
     """Run `memlm ARGS` in a fresh process under WORK; its own peak RSS (bench.common.PeakPopen)."""
     t0 = time.perf_counter()
     proc = PeakPopen(memlm_cmd() + args, cwd=WORK, env=user_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(stdin, timeout=timeout)
     return _finish(proc, out, err, t0)
 
@@ -115,7 +115,7 @@ def run_server(args: list[str], requests: int, max_tokens: int = 32) -> dict[str
     port = free_port()
     t0 = time.perf_counter()
     proc = PeakPopen(memlm_cmd() + ["serve", *args, "--port", str(port)], cwd=WORK, env=user_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

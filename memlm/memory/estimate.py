@@ -61,7 +61,9 @@ GiB = 2**30
 #   train-ddp, train-fsdp: "train" + what one rank of a 2-process job adds (gloo's threads and
 #               buffers, FSDP's code), +2.3 / +5.7 MiB measured on 2026-11-23
 #   serve       `memlm serve` of the ~4M-parameter tiny run under 8 concurrent completions, minus
-#               what its prediction held beyond the runtime (bench/memory_accuracy.py, 2026-12-01)
+#               what its prediction holds beyond the runtime: 293 MiB in the older venv + the 55
+#               a fresh one adds; in a fresh venv that row then measured 381.7 MiB against 377.9
+#               predicted (bench/memory_accuracy.py, 2026-12-02)
 # Another CPU's kernels touch other code pages: re-run --calibrate on a new kind of machine.
 # CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
 # CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
