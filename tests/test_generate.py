@@ -11,7 +11,7 @@ from memlm.config import ModelConfig
 from memlm.errors import MemlmError
 from memlm.eval.perplexity import perplexity, window_plan
 from memlm.infer.generate import generate_ids, generate_text, stream_text
-from memlm.infer.sampling import SamplingSettings, apply_repetition_penalty, filter_top_k_top_p, sample_next
+from memlm.infer.sampling import SamplingSettings, apply_repetition_penalty, draw, filter_top_k_top_p, sample_next
 from memlm.model import Decoder
 
 transformers = pytest.importorskip("transformers")
@@ -60,6 +60,21 @@ def test_repetition_penalty_matches_transformers():
     context = torch.randint(0, 50, (2, 12))
     expected = RepetitionPenaltyLogitsProcessor(1.3)(context, logits.clone())
     torch.testing.assert_close(apply_repetition_penalty(logits, context, 1.3), expected)
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_token_without_mass():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    n = 200_000
+    ids = draw(probs.expand(n, -1).contiguous(), torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() <= 5 * sigma + 1e-9).all(), counts / n
+    # Rows of any positive total (unnormalized weights), and the last token with mass at the edge.
+    assert draw(torch.tensor([[0.0, 3.0, 0.0]] * 50)).eq(1).all()
+    assert draw(torch.tensor([[1e-30, 0.0]] * 50)).eq(0).all()
+    again = draw(probs.expand(n, -1).contiguous(), torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
 
 
 def test_sampling_is_seeded_and_greedy_is_argmax():

@@ -72,13 +72,33 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of probs (B, V) (rows summing to 1, or to any positive total): the inverse of
+    the row's cumulative distribution at one uniform number from `generator` (None: torch's).
+
+    torch.multinomial draws one exponential number per token instead (1.2 ms a row at SmolLM2's
+    49,152 ids on this CPU, against 0.06 ms here), which made sampling a fifth of a 16-row server
+    step (2026-12-02, AMD EPYC, 2 threads). The sums are float64: each token's share of [0, 1)
+    is its probability to ~1e-16, and a token without mass has none."""
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    cum = probs.double().cumsum(-1)
+    total = cum[:, -1:]
+    # Strictly below the total: the first sum above it then ends on a token with mass.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, x, right=True).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, context: torch.Tensor, s: SamplingSettings,
                 generator: torch.Generator | None = None, generated: int = 0) -> torch.Tensor:
-    """logits (B, V) and the ids so far (B, T), the last `generated` of them new -> next ids (B,)."""
+    """logits (B, V) and the ids so far (B, T), the last `generated` of them new -> next ids (B,).
+
+    A server samples its batch row by row (each row its own settings and generator): on this CPU
+    that is also faster than one pass over a (16, V) batch, whose fresh 3-6 MB temporaries cost
+    page faults every step while a row's stay in cache."""
     logits = apply_repetition_penalty(logits.float(), context, s.repetition_penalty)
     logits = apply_presence_frequency_penalty(logits, context[:, context.shape[1] - generated:], s.presence_penalty,
                                               s.frequency_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / s.temperature, s.top_k, s.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = filter_top_k_top_p(logits / s.temperature, s.top_k, s.top_p).softmax(-1)
+    return draw(probs, generator)
