@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memlm.config import ModelConfig, cache_length
-from memlm.infer.engine import Engine, decode_step, fuse_projections, prefill
+from memlm.infer.engine import Engine, PackedLinear, can_pack, decode_step, fuse_projections, pack_linears, prefill
 from memlm.infer.generate import generate_batch, generate_ids
 from memlm.infer.sampling import SamplingSettings
 from memlm.model import Decoder, KVCache
@@ -95,6 +95,25 @@ def test_fused_projections_compute_what_the_separate_ones_did(flavour, fmt):
     if model.config.mlp == "swiglu":
         assert all(b.mlp.gate_up_proj is not None for b in model.blocks)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN packed linear")
+@pytest.mark.parametrize("flavour", ["llama-gqa-rope", "gpt2-learned"])
+def test_packed_linears_compute_what_the_float_ones_did(flavour):
+    model = flavour_model(flavour, n_embd=64)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: packed too
+    model.blocks[1].mlp = _quantized(flavour_model(flavour, n_embd=64), "int8").blocks[0].mlp  # stays as it is
+    with torch.no_grad():
+        before = [model(torch.tensor([PROMPTS[1][:n]])) for n in (1, 9)]  # a decode row, a prefill
+        pack_linears(fuse_projections(model))
+        after = [model(torch.tensor([PROMPTS[1][:n]])) for n in (1, 9)]
+    assert isinstance(model.blocks[0].attn.qkv_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+    assert not any(isinstance(m, PackedLinear) for m in model.blocks[1].mlp.modules())
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    tied = flavour_model(flavour)
+    pack_linears(tied)
+    assert type(tied.lm_head) is torch.nn.Linear and tied.lm_head.weight is tied.tok_emb.weight
 
 
 def test_engine_greedy_ids_equal_the_bare_model_and_reuse_the_pool():
