@@ -103,10 +103,12 @@ def test_packed_linears_compute_what_the_float_ones_did(flavour):
     model = flavour_model(flavour, n_embd=64)
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: packed too
     model.blocks[1].mlp = _quantized(flavour_model(flavour, n_embd=64), "int8").blocks[0].mlp  # stays as it is
+    # A decode row, a prefill padded to a bucket of PACKED_ROWS, 72 rows: one call of 64 and one padded.
+    inputs = [torch.tensor([PROMPTS[1][:1]]), torch.tensor([PROMPTS[1]]), torch.tensor([PROMPTS[1]] * 8)]
     with torch.no_grad():
-        before = [model(torch.tensor([PROMPTS[1][:n]])) for n in (1, 9)]  # a decode row, a prefill
+        before = [model(x) for x in inputs]
         pack_linears(fuse_projections(model))
-        after = [model(torch.tensor([PROMPTS[1][:n]])) for n in (1, 9)]
+        after = [model(x) for x in inputs]
     assert isinstance(model.blocks[0].attn.qkv_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
     assert not any(isinstance(m, PackedLinear) for m in model.blocks[1].mlp.modules())
     for a, b in zip(after, before):

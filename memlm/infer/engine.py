@@ -92,10 +92,18 @@ def fuse_projections(model: Decoder) -> Decoder:
     return model
 
 
+# Row counts a packed matmul is called with: longer inputs go 64 rows at a time, shorter ones are
+# padded up to the next. oneDNN keeps a compiled primitive, with its own scratch memory, for every
+# shape it is called with (0.6-1.4 MiB each, 1536x576 and 576x1536: 600 row counts grew a process by
+# 390 MiB), so a server whose batches take any size would grow without bound; 5 shapes per layer
+# bound it. At 64 rows per call the packed matmul is as fast per row as at 256.
+PACKED_ROWS = (1, 4, 16, 32, 64)
+
+
 class PackedLinear(nn.Module):
     """A float32 nn.Linear for inference on a CPU, its weight reordered once into oneDNN's blocked
     layout (what inductor's freezing does to a compiled graph's linears), computed by oneDNN's
-    matmul for any number of rows.
+    matmul for any number of rows (in the PACKED_ROWS shapes).
 
     MKL's sgemm, behind F.linear, reads the plain row-major weight on every call: on the 2-core
     AMD EPYC of bench/results (2026-12-02, 2 threads, 30 layers' weights streamed from memory)
@@ -110,7 +118,19 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        flat = x.reshape(-1, self.in_features)
+        pieces = [self._rows(flat[i:i + PACKED_ROWS[-1]]) for i in range(0, flat.shape[0], PACKED_ROWS[-1])]
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """At most PACKED_ROWS[-1] rows, padded with zeros to a bucket."""
+        n = x.shape[0]
+        rows = next(b for b in PACKED_ROWS if b >= n)
+        if rows > n:
+            x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return y if rows == n else y[:n]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
