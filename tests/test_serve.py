@@ -367,14 +367,14 @@ def test_the_budget_sizes_the_kv_pool(tiny_chat):
     need = estimate_inference(config, batch=2000, context=128, weight_format="fp32", prompt_len=1,
                               runtime="serve").total
     budget = int(need / (1 - SAFETY_MARGIN))
-    s = Server(tiny_chat, "--memory-budget", str(budget), "--slots", "4096", "--context", "128")
+    s = Server(tiny_chat, "--memory-budget", str(budget), "--slots", "16384", "--context", "128")
     try:
         stats = httpx.get(s.base + "/stats").json()
     finally:
         s.stop()
     slots = stats["slots"]
     weights, kv = re.search(r"(\w+) weights, (\w+) KV cache for (\d+) x 128 tokens", stats["plan"]).groups()[:2]
-    assert 2000 <= slots < 4096 and stats["context"] == 128 and f"for {slots} x 128" in stats["plan"]
+    assert 2000 <= slots < 16384 and stats["context"] == 128 and f"for {slots} x 128" in stats["plan"]
     assert stats["memory"]["kv_pool_bytes"] == kv_cache_bytes(config, slots, 128, kv)
     predicted = estimate_inference(config, batch=slots, context=128, weight_format=weights, prompt_len=1,
                                    runtime="serve").total
