@@ -75,6 +75,22 @@ def test_draw_follows_the_distribution_and_never_picks_a_token_without_mass():
     assert draw(torch.tensor([[1e-30, 0.0]] * 50)).eq(0).all()
     again = draw(probs.expand(n, -1).contiguous(), torch.Generator().manual_seed(0))
     assert torch.equal(ids, again)
+    with pytest.raises(ValueError, match="not finite"):
+        draw(torch.tensor([[float("nan"), 1.0]]))
+
+
+def test_extreme_sampling_settings_stay_well_defined():
+    """A temperature near 0 is greedy in the limit (not NaN probabilities, as logits / 1e-116 gave),
+    a huge one near uniform, a tiny top_p keeps the likeliest token (a fuzzed request's settings)."""
+    logits = torch.randn(3, 40) * 5
+    none = torch.zeros(3, 0, dtype=torch.long)
+    for s in (SamplingSettings(temperature=1e-116), SamplingSettings(temperature=1e-30),
+              SamplingSettings(temperature=1.0, top_p=8e-129),
+              SamplingSettings(temperature=1e-116, top_p=8e-129, repetition_penalty=8.6)):
+        assert torch.equal(sample_next(logits, none, s, torch.Generator().manual_seed(1)), logits.argmax(-1))
+    hot = sample_next(logits[:1].expand(4000, -1), torch.zeros(4000, 0, dtype=torch.long),
+                      SamplingSettings(temperature=3e16), torch.Generator().manual_seed(2))
+    assert len(set(hot.tolist())) > 35
 
 
 def test_sampling_is_seeded_and_greedy_is_argmax():

@@ -83,6 +83,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     cum = probs.double().cumsum(-1)
     total = cum[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("sampling: a row's probabilities are not finite or sum to 0 (NaN or infinite logits)")
     # Strictly below the total: the first sum above it then ends on a token with mass.
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cum, x, right=True).squeeze(-1)
@@ -100,5 +102,11 @@ def sample_next(logits: torch.Tensor, context: torch.Tensor, s: SamplingSettings
                                               s.frequency_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
-    probs = filter_top_k_top_p(logits / s.temperature, s.top_k, s.top_p).softmax(-1)
-    return draw(probs, generator)
+    # The largest logit moved to 0 before scaling: a tiny temperature then sends the others to
+    # -inf (greedy, its limit) instead of every logit to +-inf (NaN probabilities); one too small
+    # for float32 to scale by at all (1/t overflows) is greedy outright.
+    inv = 1.0 / s.temperature
+    if inv >= torch.finfo(torch.float32).max:
+        return logits.argmax(-1)
+    scaled = (logits - logits.amax(-1, keepdim=True)) * inv
+    return draw(filter_top_k_top_p(scaled, s.top_k, s.top_p).softmax(-1), generator)

@@ -111,11 +111,14 @@ COMPILE_BYTES = {"cpu": 165 * MiB, "cuda": 0}
 # The int4 figure is PyTorch's int4 kernel (its layout is held only where memlm's kernels were not
 # built); with memlm's kernels `memlm generate` of SmolLM2 int4 under a 530MiB budget measured
 # 468-473 MiB against 496 predicted with the term (2026-12-01), 480 without it.
-# fp32's is oneDNN's packed matmul (memlm.infer.engine.PackedLinear): its primitives and their
-# scratch memory for SmolLM2's four layer shapes, `memlm generate` of SmolLM2 fp32 +10..+17 MiB
-# against the same command with the plain weights (2026-12-02; every row shape a server uses: +7).
 TOKENIZER_BYTES_PER_ID = 400
-FORMAT_KERNEL_BYTES = {"int4": 16 * MiB, "int8": 0, "bf16": 8 * MiB, "fp32": 12 * MiB}
+FORMAT_KERNEL_BYTES = {"int4": 16 * MiB, "int8": 0, "bf16": 8 * MiB, "fp32": 0}
+# A decoder's float32 layers in an eager inference engine on a CPU are packed for oneDNN
+# (memlm.infer.engine.PackedLinear): its primitives and their scratch memory for SmolLM2's four
+# layer shapes, `memlm generate` of SmolLM2 fp32 +10..+17 MiB against the same command with the
+# plain weights (2026-12-02; every row shape a server uses: +7). Not in training, scoring or
+# compression, which run the plain layers.
+PACKED_MATMUL_BYTES = 12 * MiB
 
 MMAP_THRESHOLD_MAX = 32 * MiB  # glibc, 64-bit: the dynamic mmap threshold never rises above this
 ALLOCATOR_SLACK = {"train": (0.34, 0.24), "finetune": (0.46, 0.36), "infer": (0.40, 0.0)}
@@ -1371,6 +1374,8 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
         Term("kv_cache" if not light else "decode_state", kv, kv_formula),
         *_inference_extras(model_cfg, weight_format, device),
+        *([Term("packed_matmul", PACKED_MATMUL_BYTES, "oneDNN's packed fp32 matmul (measured)")]
+          if device == "cpu" and weight_format == "fp32" and not compile and model_cfg.kind == "decoder" else []),
         *([Term("compiler", COMPILE_BYTES[device], "torch.compile in the process (measured)")] if compile else []),
     ]
     phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}
