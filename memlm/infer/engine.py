@@ -192,8 +192,9 @@ def compile_blocks(model: Decoder) -> list:
 
 
 class Engine:
-    """A model ready to generate: fused projections (when asked), a reusable cache pool, and the
-    decode step eager or compiled.
+    """A model ready to generate: fused projections (when asked; an eager engine on a CPU then also
+    packs the float32 layers for oneDNN, `pack_linears`), a reusable cache pool, and the decode
+    step eager or compiled.
 
     compile: compile the decode step (the first call of each shape pays the compile time, kept in
     `compile_seconds`); if compiling fails the engine says so in one line and stays eager."""
