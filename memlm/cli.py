@@ -694,6 +694,7 @@ DEMO_BUDGET = "2GiB"  # ... and the memory budget it runs in (QLoRA int4 on Smol
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="The base: a known model name or a path.")] = "smollm2-135m-instruct",
     data: Annotated[str, typer.Option(help="JSONL with 'text' or chat 'messages' (--task classify: 'text' and "
                                            "'label'); 'default': the embedded set.")] = "default",
@@ -714,12 +715,16 @@ def finetune(
     memory_budget: Annotated[Optional[str], typer.Option(
         help="Fit the run in e.g. 2GiB: the planner picks rank, checkpointing, base format and micro-batch.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (started through torchrun; DDP: each "
+                                            "holds the base and takes its share of the micro-batch).")] = 1,
+    strategy: Annotated[str, typer.Option(help="With several processes: ddp | fsdp (fsdp: --full only).")] = "ddp",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder's last checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any train key: train.eval_every=50.")] = None,
 ):
     """Fine-tune a pretrained model with LoRA / QLoRA adapters (or fully) on instruction or classification data."""
     from memlm.config import TrainConfig
     from memlm.finetune import FinetuneConfig, answers, finetune as run_finetune
+    from memlm.train import distributed
 
     bare = len(sys.argv) <= 2 and not set_  # `memlm finetune` alone: the demo of the family
     if bare and memory_budget is None:
@@ -730,11 +735,16 @@ def finetune(
     keys = {"out_dir": out_dir, "steps": steps, "micro_batch": micro_batch, "grad_accum": grad_accum,
             "seq_len": seq_len, "lr": lr if lr is not None else (5e-5 if full else 2e-4), "device": device,
             "memory_budget": memory_budget, "warmup_steps": max(1, steps // 10), "eval_every": steps,
-            "save_every": max(1, steps // 2), "log_every": 5}
+            "save_every": max(1, steps // 2), "log_every": 5, "nproc": nproc, "strategy": strategy}
     keys["min_lr"] = keys["lr"] / 10
     keys.update(_parse_set(set_ or [])["train"])
     train_cfg = TrainConfig.from_dict(keys)
+    if train_cfg.nproc > 1 and not distributed.launched_by_torchrun():
+        _relaunch_finetune(ctx, fcfg, train_cfg, resume)
     result, ft = run_finetune(fcfg, train_cfg, resume=resume, console=console, before=DEMO_QUESTIONS if bare else 0)
+    distributed.shutdown()
+    if not distributed.is_main_process():
+        return  # rank 0 alone reports
     out.print(f"fine-tuned {result.final_step} steps ({fcfg.method}): held-out loss "
               + (f"{ft.eval_before:.4f} -> " if ft.eval_before is not None else "")
               + f"{result.eval_losses[-1][1]:.4f}; {result.tokens_per_s:,.0f} tokens/s; run saved in {result.run_dir}")
@@ -749,6 +759,45 @@ def finetune(
             table.add_row(q, before, a, ref)
         out.print(table)
     _report_peak(result.predicted_peak_bytes)
+
+
+def _relaunch_finetune(ctx: typer.Context, fcfg, train_cfg, resume: bool) -> None:
+    """Replace this process by torchrun running this very `memlm finetune` once per rank (the
+    ranks see that torchrun started them and fine-tune instead of launching again)."""
+    import os
+
+    from memlm.finetune import check_processes
+    from memlm.train import distributed
+    from memlm.train.checkpoint import latest_checkpoint
+
+    check_processes(fcfg, train_cfg)  # the mistakes we can see from here fail now, once
+    if not resume and latest_checkpoint(train_cfg.out_dir) is not None:
+        raise MemlmError(f"run folder {train_cfg.out_dir} already has checkpoints",
+                         "pass --resume to continue it or choose another --out")
+    # (the ranks learn their number from torchrun: WORLD_SIZE)
+    cmd = distributed.torchrun_command(train_cfg.nproc, ["finetune", *_command_line(ctx, leave_out=("nproc",))])
+    console.print(f"starting {train_cfg.nproc} processes: {' '.join(cmd[1:])}", style="dim", markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+
+
+def _command_line(ctx: typer.Context, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The options a command was called with, as arguments that give them again."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or not getattr(param, "opts", None) or param.name in leave_out:
+            continue
+        if getattr(param, "is_flag", False):
+            if value:
+                args.append(param.opts[0])
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+            continue
+        for item in (value if param.multiple else [value]):
+            args += [param.opts[0], str(item)]
+    return args
 
 
 @app.command()

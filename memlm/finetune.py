@@ -244,13 +244,15 @@ class FineTune:
         return self.batches.get(index, rank, world_size, shape.micro_batch)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, cfg: TrainConfig, device: torch.device, rank: int = 0,
-                 world_size: int = 1) -> float:
+    def evaluate(self, model: nn.Module, cfg: TrainConfig, device: torch.device, ctx: Any = None) -> float:
         """Held-out loss: per target token (lm) or per example (classify), over every held-out
-        example (this rank's share of the rows)."""
+        example. Under torchrun (`ctx`, memlm.train.distributed.Distributed) each rank scores
+        every world_size-th row of a batch and the sums are added up: the same figure as one
+        process's, however unevenly the rows' targets fall."""
         from memlm.data_instruct import IGNORE_INDEX, eval_batches
         from memlm.train.loop import compute_loss
 
+        rank, world_size = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -261,6 +263,8 @@ class FineTune:
                 total += compute_loss(model, x.to(device), y.to(device), cfg, self.objective).item() * n
                 count += n
         model.train(was_training)
+        if ctx is not None:
+            total, count = ctx.sum(total), ctx.sum(count)
         return total / max(count, 1)
 
     def estimate(self, cfg: TrainConfig, device: str):
@@ -268,7 +272,7 @@ class FineTune:
         from memlm.memory.estimate import estimate_finetune
 
         return estimate_finetune(self.model_config, dataclasses.replace(cfg, seq_len=self.max_len), device,
-                                 **self.plan_terms())
+                                 world_size=cfg.nproc, **self.plan_terms())
 
     def fit(self, cfg: TrainConfig, device: str):
         from memlm.memory.plan import fit_finetune
@@ -347,7 +351,8 @@ def finetune(fcfg: FinetuneConfig, train_cfg: TrainConfig, resume: bool = False,
     eval_before: score the held-out set with the base first (FineTune.eval_before); before: also
     answer that many held-out questions with it (FineTune.before_answers, .references)."""
     from memlm.train.checkpoint import latest_checkpoint
-    from memlm.train.loop import train
+    from memlm.train.distributed import setup as setup_distributed
+    from memlm.train.loop import resolve_device, train
 
     run_dir = Path(train_cfg.out_dir)
     if latest_checkpoint(run_dir) is not None and not resume:
@@ -355,22 +360,44 @@ def finetune(fcfg: FinetuneConfig, train_cfg: TrainConfig, resume: bool = False,
                          "pass --resume to continue it or choose another --out")
     cfg = dataclasses.replace(train_cfg, seq_len=train_cfg.seq_len or DEFAULT_SEQ_LEN, init_from=fcfg.model,
                               corpus=fcfg.data)
+    # Under torchrun: join the process group now (the loop reuses it), so that the base's held-out
+    # loss is scored once over the ranks and only rank 0 writes and prints.
+    ctx = setup_distributed(cfg, resolve_device(cfg.device))
+    cfg = dataclasses.replace(cfg, nproc=ctx.world_size)  # what the plan and the estimate divide by
+    check_processes(fcfg, cfg)
+    if not ctx.is_main:
+        console = None
     if cfg.memory_budget is not None and not fcfg.full:
         fcfg = choose_rank_and_base(fcfg, cfg)
     if resume:
         _check_resume(run_dir, fcfg)
     task = FineTune(fcfg, cfg, console)
     if eval_before and not resume and fcfg.task == "lm":  # (a classifier's head starts untrained: no "before")
-        task.eval_before = task.evaluate(task.base, cfg, torch.device("cpu"))
-    if before and fcfg.task == "lm":
+        task.eval_before = task.evaluate(task.base, cfg, torch.device("cpu"), ctx)  # (the base is moved later)
+    if before and fcfg.task == "lm" and ctx.is_main:
         held_out = [e for e in task.eval_records if "messages" in e][:before]
         questions = [r["messages"][0]["content"] for r in held_out]
         task.before_answers = list(zip(questions, answers(task.base, task.tokenizer, questions)))
         task.references = [r["messages"][-1]["content"] for r in held_out]
     result = train(cfg, task.model_config, resume=resume, console=console, stop_after=stop_after, tuning=task)
-    if not fcfg.full:
+    if not fcfg.full and ctx.is_main:
         save_adapter(task.model, run_dir / ADAPTER_DIR, base_name=fcfg.model)
     return result, task
+
+
+def check_processes(fcfg: FinetuneConfig, cfg: TrainConfig) -> None:
+    """Refuse what cannot run on cfg.nproc processes, before any starts (the CLI calls it before
+    launching torchrun; each rank again)."""
+    from memlm.train import distributed
+    from memlm.train.loop import resolve_device
+
+    if cfg.nproc <= 1:
+        return
+    distributed.check_config(cfg, cfg.nproc, resolve_device(cfg.device))
+    if cfg.strategy == "fsdp" and not fcfg.full:
+        raise MemlmError("a LoRA fine-tune runs with strategy 'ddp'",
+                         "every process holds the same frozen base, and FSDP would shard only the small "
+                         "adapters: drop --strategy fsdp (it is for --full)")
 
 
 # ------------------------------------------------------------------------------ answers and merging

@@ -232,3 +232,55 @@ def test_read_records_checks_every_line(tmp_path):
     path.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(MemlmError, match="line 2: not valid JSON"):
         read_records(path)
+
+
+# ------------------------------------------------------------------ several processes (torchrun)
+
+def _finetune_cli(base_dir, chat_data, out, *extra: str) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "memlm", "finetune", "--model", str(base_dir), "--data", str(chat_data),
+                           "--out", str(out), "--steps", "4", "--micro-batch", "4", "--seq-len", "64", "--lr", "1e-2",
+                           "--set", "train.seed=3", *extra],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=out.parent)
+
+
+@pytest.mark.parametrize("quantize_base", ["int4", "none"])
+def test_two_processes_fine_tune_as_one_does(base_dir, chat_data, tmp_path, quantize_base):
+    """`memlm finetune --nproc 2` (DDP through torchrun, each rank half of every micro-batch) gives
+    one process's losses, held-out figures and adapter; rank 0 alone writes and reports."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        proc = _finetune_cli(base_dir, chat_data, out, "--quantize-base", quantize_base, "--nproc", str(n))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("fine-tuned 4 steps") == 1  # one report, from rank 0
+        runs[n] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                   load_file(str(out / "adapter" / "adapter_model.safetensors")), proc.stdout)
+    (one, adapter1, out1), (two, adapter2, out2) = runs[1], runs[2]
+    assert "starting 2 processes" in runs[2][2] + proc.stderr
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        key = "loss" if "loss" in a else "eval_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5)
+    held_out = lambda text: text.split("held-out loss ")[1].split(";")[0]  # noqa: E731  "before -> after"
+    before1, before2 = (float(held_out(t).split(" -> ")[0]) for t in (out1, out2))
+    assert before2 == pytest.approx(before1, rel=1e-6)  # the base's loss scored over the two ranks' rows
+    assert one[-1]["eval_loss"] < before1 - 0.1  # and it learned
+    assert adapter1.keys() == adapter2.keys()
+    for k in adapter1:
+        torch.testing.assert_close(adapter2[k], adapter1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_on_several_processes_refuses_fsdp(base_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    proc = _finetune_cli(base_dir, chat_data, out, "--nproc", "2", "--strategy", "fsdp")
+    assert proc.returncode == 2 and "strategy 'ddp'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "starting" not in proc.stderr + proc.stdout and not out.exists()
+    proc = _finetune_cli(base_dir, chat_data, out, "--nproc", "3")
+    assert proc.returncode == 2 and "not divisible by the 3 processes" in proc.stderr and not out.exists()

@@ -115,3 +115,18 @@ def test_memlm_plan_task_finetune_prints_the_lora_terms(monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["task"] == "finetune" and out["settings"]["method"] == "qlora" and out["settings"]["lora_r"] == 8
     assert "frozen base (int4" in next(t["formula"] for t in out["terms"] if t["name"] == "weights")
+
+
+def test_a_process_of_a_two_process_finetune_holds_the_base_and_half_the_batch():
+    cfg = preset("smollm2-135m")
+    kw = dict(lora_r=8, lora_targets=("q_proj", "v_proj"), base_format="int4", group_size=32)
+    half = estimate_finetune(cfg, TrainConfig(micro_batch=4, seq_len=512), **kw)
+    two = estimate_finetune(cfg, TrainConfig(micro_batch=8, seq_len=512, nproc=2), world_size=2, **kw)
+    assert two.term("weights", "optimizer step") == half.term("weights", "optimizer step")  # the whole base, each
+    assert two.term("activations") == half.term("activations")  # its share of the micro-batch
+    assert two.term("runtime") > half.term("runtime")  # and the process group's code
+    # under a budget, the run's global batch is kept (its micro_batch is the global one)
+    tc = TrainConfig(micro_batch=8, seq_len=512, nproc=2)
+    plan = plan_finetune(cfg, tc, "16GiB", lora_r=8, base_format="int4")
+    assert plan.feasible and plan.world_size == 2
+    assert plan.settings["micro_batch"] * plan.settings["grad_accum"] * 512 == plan.settings["global_batch_tokens"] == 8 * 512

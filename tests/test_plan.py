@@ -175,3 +175,14 @@ def test_planner_respects_a_finetune_base():
     base = dataclasses.replace(BASE, lr=3e-5, steps=77)
     p = plan_training(TINY, base, 600 * MiB, global_batch_tokens=GLOBAL)
     assert p.train_config.lr == 3e-5 and p.train_config.steps == 77
+
+
+def test_a_budgeted_run_on_several_processes_keeps_its_global_batch():
+    """A run's micro_batch is the global one (the loop splits it over the processes): fitting a
+    budget must not multiply it by the world size again."""
+    from memlm.memory.plan import fit_training
+
+    for nproc in (1, 2, 4):
+        tc = TrainConfig(micro_batch=4, grad_accum=2, seq_len=64, nproc=nproc, memory_budget="16GiB")
+        fitted, plan = fit_training(preset("tiny"), tc)
+        assert fitted.micro_batch * fitted.grad_accum == 8 and plan.settings["global_batch_tokens"] == 8 * 64

@@ -1125,28 +1125,31 @@ def frozen_base(cfg: ModelConfig, batch: int, seq_len: int, r: int, targets: tup
 
 def estimate_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
                       lora_r: int | None = None, lora_targets: tuple[str, ...] | None = None,
-                      base_format: str = "fp32", group_size: int | None = None) -> Breakdown:
+                      base_format: str = "fp32", group_size: int | None = None, world_size: int = 1) -> Breakdown:
     """Peak memory of a `memlm finetune` step: LoRA / QLoRA (`lora_r`: adapters of rank r on
     `lora_targets`, on a frozen base stored in `base_format`) or, lora_r None, a full fine-tune
     (estimate_training's). Both add what a pretrained model brings to the process beyond its
-    tensors: its tokenizer and the base format's kernels (as in inference)."""
+    tensors: its tokenizer and the base format's kernels (as in inference). With world_size
+    processes (DDP, or FSDP for a full fine-tune) it is one process's peak: each holds the whole
+    frozen base and takes its share of the global micro-batch."""
     device = "cuda" if str(device).startswith("cuda") else "cpu"
+    world = max(1, int(world_size))
+    T = train_cfg.seq_len or model_cfg.block_size
     frozen = None
     if lora_r is not None:
-        T = train_cfg.seq_len or model_cfg.block_size
-        B = train_cfg.micro_batch
+        B = max(1, train_cfg.micro_batch // world)
         frozen = frozen_base(model_cfg, B, T, lora_r, tuple(lora_targets or ("q_proj", "v_proj")), base_format,
                              group_size, train_cfg.loss_chunk)
-    b = estimate_training(model_cfg, train_cfg, device, frozen=frozen)
+    b = estimate_training(model_cfg, train_cfg, device, world_size=world, frozen=frozen)
     extras = _inference_extras(model_cfg, base_format if lora_r is not None else "fp32", device)
     for terms in {id(t): t for t in [b.terms, *b.phase_terms.values()]}.values():  # the peak's list is one of them
         terms[1:1] = extras  # after the runtime
     b.phases = {k: v + sum(t.bytes for t in extras) for k, v in b.phases.items()}
     # The held-out evaluation (memlm.finetune.FineTune.evaluate): a no-grad forward of a
     # micro-batch, the fused head's (N, V) logits buffer at its end, beside the weights and states
-    N = train_cfg.micro_batch * (train_cfg.seq_len or model_cfg.block_size)
-    fwd, fwd_f = forward_transient(model_cfg, train_cfg.micro_batch, train_cfg.seq_len or model_cfg.block_size,
-                                   base_format if lora_r is not None else "fp32")
+    rows = -(-train_cfg.micro_batch // world)  # a rank scores every world-th row of a batch
+    N = rows * T
+    fwd, fwd_f = forward_transient(model_cfg, rows, T, base_format if lora_r is not None else "fp32")
     head = N * model_cfg.n_embd * 4 + N * model_cfg.vocab_size * 4
     work = max(fwd, head)
     kept = [t for t in b.phase_terms["optimizer step"] if t.name in ("runtime", "weights", "optimizer_states")]

@@ -459,7 +459,7 @@ def predict_for_cli(model_cfg: ModelConfig, task: str, seq_len: int | None = Non
             layout = finetune.get("layout")
             group = (layout(finetune["base_format"]) if layout else {}).get("group_size")
             return estimate_finetune(model_cfg, tc, device, finetune["lora_r"], finetune["lora_targets"],
-                                     finetune["base_format"], group)
+                                     finetune["base_format"], group, world)
         return estimate_training(model_cfg, tc, device=device, world_size=world)
     if task == "infer":
         return estimate_inference(model_cfg, batch=int(keys.get("micro_batch", 1)), context=seq_len,
@@ -512,9 +512,17 @@ def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
     configs, so a resumed run re-derives the same settings.
     """
     plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
-                         world_size=max(1, train_cfg.nproc), teacher_bytes=teacher_bytes)
+                         world_size=max(1, train_cfg.nproc), global_batch_tokens=global_batch_tokens(train_cfg, model_cfg),
+                         teacher_bytes=teacher_bytes)
     return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len or pick a smaller model "
                                      "(see: memlm plan)"), plan
+
+
+def global_batch_tokens(train_cfg: TrainConfig, model_cfg: ModelConfig) -> int:
+    """Tokens per optimizer step of a run's config: its micro_batch is the global one (split over
+    the processes by the loop), unlike plan_training's base config, whose micro_batch is per
+    process (as `memlm plan --nproc` reads it)."""
+    return train_cfg.micro_batch * train_cfg.grad_accum * (train_cfg.seq_len or model_cfg.block_size)
 
 
 def _planned(train_cfg: TrainConfig, plan: Plan, hint: str) -> TrainConfig:
@@ -547,9 +555,12 @@ def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: 
     from memlm.memory.estimate import estimate_finetune
 
     budget = parse_size(budget_bytes)
+    world = max(1, train_cfg.nproc)  # the budget is each process's, as for training
+    tokens = global_batch_tokens(train_cfg, model_cfg)  # train_cfg is a run's: its micro_batch is global
     if lora_r is None:
-        plan = plan_training(model_cfg, train_cfg, budget, device, task="finetune",
-                             estimator=lambda tc: estimate_finetune(model_cfg, tc, device))
+        plan = plan_training(model_cfg, train_cfg, budget, device, world_size=world, global_batch_tokens=tokens,
+                             task="finetune", estimator=lambda tc: estimate_finetune(model_cfg, tc, device,
+                                                                                     world_size=world))
         plan.settings.update(lora_r=None, base_format="fp32")
         return plan
     keep = {"optimizer": [train_cfg.optimizer], "precision": [train_cfg.precision], "fused_backward": [False]}
@@ -564,9 +575,10 @@ def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: 
             group = (layout(fmt) if layout else {}).get("group_size")
 
             def estimator(tc: TrainConfig, r=r, fmt=fmt, group=group) -> Breakdown:
-                return estimate_finetune(model_cfg, tc, device, r, lora_targets, fmt, group)
+                return estimate_finetune(model_cfg, tc, device, r, lora_targets, fmt, group, world)
 
-            plan = plan_training(model_cfg, train_cfg, budget, device, allow=keep, task="finetune", estimator=estimator)
+            plan = plan_training(model_cfg, train_cfg, budget, device, world_size=world, global_batch_tokens=tokens,
+                                 allow=keep, task="finetune", estimator=estimator)
             plan.settings.update(lora_r=r, base_format=fmt)
             trade = ([f"{fmt} base weights (frozen)"] if fmt != base_format else []) + (
                 [f"LoRA rank {r} instead of {lora_r}"] if r != lora_r else [])

@@ -152,7 +152,10 @@ class Distributed:
         if self.strategy == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Gradients as views into DDP's all-reduce buckets: no second copy of every gradient.
-            return _DDP(_CallMethod(model), device_ids=ids, gradient_as_bucket_view=True)
+            # Buffers are broadcast once, at the start, not before every forward: memlm's (position
+            # tables, a frozen base's quantized weights) never change, and a QLoRA base's would be
+            # tens of MB sent every micro-batch.
+            return _DDP(_CallMethod(model), device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False)
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -201,6 +204,12 @@ class Distributed:
         if not self.active:
             return value
         return self._reduce(value, dist.ReduceOp.SUM) / self.world_size
+
+    def sum(self, value: float) -> float:
+        """The sum of `value` over the ranks (every rank gets it)."""
+        if not self.active:
+            return value
+        return self._reduce(value, dist.ReduceOp.SUM)
 
     def token_share(self, count: int) -> float:
         """This rank's share of the counted targets, times the world size: count * W / total.

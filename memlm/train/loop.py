@@ -567,8 +567,8 @@ def train(
                 window_tokens, window_time = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end_step:
-                eval_loss = ctx.mean(tuning.evaluate(net, cfg, device, ctx.rank, ctx.world_size) if tuning is not None
-                                     else evaluate(net, data.eval_batches(), cfg, device, ctx.rank, ctx.world_size))
+                eval_loss = (tuning.evaluate(net, cfg, device, ctx) if tuning is not None
+                             else ctx.mean(evaluate(net, data.eval_batches(), cfg, device, ctx.rank, ctx.world_size)))
                 eval_losses.append((step, eval_loss))
                 log({"step": step, "eval_loss": eval_loss})
                 say(f"step {step}: eval loss {eval_loss:.4f}")
