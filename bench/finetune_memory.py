@@ -3,6 +3,7 @@
     python bench/finetune_memory.py                 # the four fine-tuning rows and the classification table
     python bench/finetune_memory.py --only qlora    # rows whose name contains this
     python bench/finetune_memory.py --steps 2       # a quick check of the plumbing (labelled QUICK)
+    python bench/finetune_memory.py --classify-only # the classification table alone
 
 Each row is the real `memlm finetune` command in a fresh process, default environment (glibc's
 allocator defaults, torch's default threads), on the embedded instruction set, CPU, seq 512,
@@ -144,9 +145,11 @@ def main() -> None:
     parser.add_argument("--only", help="rows whose name contains this")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--no-classify", action="store_true")
+    parser.add_argument("--classify-only", action="store_true", help="the classification table alone")
     args = parser.parse_args()
     (WORK / "runs").mkdir(parents=True, exist_ok=True)
-    rows = [finetune_row(n, extra, args.steps) for n, extra in ROWS.items() if not args.only or args.only in n]
+    rows = [finetune_row(n, extra, args.steps) for n, extra in ROWS.items()
+            if not args.classify_only and (not args.only or args.only in n)]
     cls = [] if args.no_classify else classify_rows(args.steps / STEPS)
     quick = args.steps != STEPS
     summary = targets(rows)
@@ -162,7 +165,7 @@ def main() -> None:
                   "scaled like --steps):\n\n" + markdown_table(
                       cls, ["row", "accuracy", "macro_f1", "n", "train_seconds", "measured_mib", "load_before",
                             "load_after"]))
-    name = "finetune_memory" + ("-quick" if quick or args.only else "")
+    name = ("finetune_classify" if args.classify_only else "finetune_memory") + ("-quick" if quick or args.only else "")
     write_results(name, rows, extra={"targets": summary, "classification": cls},
                   columns=["row", "measured_mib", "predicted_mib", "error", "tokens_per_s", "loss_before",
                            "loss_after", "seconds", "load_before", "load_after"], notes=notes)

@@ -380,8 +380,8 @@ def finetune(fcfg: FinetuneConfig, train_cfg: TrainConfig, resume: bool = False,
         task.before_answers = list(zip(questions, answers(task.base, task.tokenizer, questions)))
         task.references = [r["messages"][-1]["content"] for r in held_out]
     result = train(cfg, task.model_config, resume=resume, console=console, stop_after=stop_after, tuning=task)
-    if not fcfg.full and ctx.is_main:
-        save_adapter(task.model, run_dir / ADAPTER_DIR, base_name=fcfg.model)
+    if not fcfg.full and ctx.is_main:  # the base's adapters (a classifier's head is in its checkpoints)
+        save_adapter(task.base, run_dir / ADAPTER_DIR, base_name=fcfg.model)
     return result, task
 
 

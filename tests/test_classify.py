@@ -113,3 +113,32 @@ def test_bad_labels_are_refused(tmp_path, monkeypatch, capsys, content, fragment
                         "--data", str(data), "--out", str(tmp_path / "run"))
     assert code == 2 and "Traceback" not in err and fragment in err and "hint: " in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_classifier_on_a_pretrained_base_trains_saves_and_evaluates(labelled, tmp_path, monkeypatch, capsys,
+                                                                            one_thread):
+    """LoRA under a classification head: the run ends with the base's adapters in the PEFT layout
+    (PEFT's names, no head prefix) and evaluates from its folder."""
+    from safetensors import safe_open
+
+    from memlm.interop.hf import save_hf
+    from memlm.tokenizer import train_bpe
+
+    texts = [json.loads(line)["text"] for line in labelled.read_text().splitlines()]
+    tok = train_bpe(texts, vocab_size=300)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save_hf(Decoder(preset("tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_heads=2,
+                           ffn_hidden=128, block_size=64)), base, tok)
+    run = tmp_path / "run"
+    code, _, err = _cli(monkeypatch, capsys, "finetune", "--task", "classify", "--model", str(base), "--data",
+                        str(labelled), "--out", str(run), "--steps", "30", "--seq-len", "16", "--micro-batch", "8",
+                        "--lr", "1e-2", "--quantize-base", "none", "--lora-targets", "all-linear")
+    assert code == 0, err
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(n.startswith("base_model.model.model.layers.") for n in names), names[:3]
+    code, out, err = _cli(monkeypatch, capsys, "eval", "--task", "classify", "--model", str(run), "--data",
+                          str(labelled), "--json")
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] > 0.9  # the adapters and the head learned what the words say
