@@ -151,18 +151,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="memlm serve --threads (default: torch's)")
-    ap.add_argument("--itl-targets", default=None,
-                    help="memlm serve --itl-target-ms values to compare, e.g. 200,0 (default: the server's default)")
     ap.add_argument("--name", default=None, help="results file name (default: serve_load[-tN])")
     args = ap.parse_args()
     rows = []
     load_before = load_average()
-    targets = [float(t) for t in args.itl_targets.split(",")] if args.itl_targets else [None]
-    for fmt, target in [(f, t) for f in args.formats.split(",") for t in targets]:
+    for fmt in args.formats.split(","):
         budget = budget_for(fmt, args.context, args.slots)
         server = ServerProcess(["--model", MODEL, "--memory-budget", str(budget), "--context", str(args.context),
-                                "--slots", str(args.slots)] + (["--threads", str(args.threads)] if args.threads else [])
-                               + (["--itl-target-ms", str(target)] if target is not None else []))
+                                "--slots", str(args.slots)] + (["--threads", str(args.threads)] if args.threads else []))
         plan = json.loads(urllib.request.urlopen(server.base + "/stats").read())["plan"]
         print(plan, flush=True)
         try:
@@ -171,8 +167,7 @@ def main() -> None:
                 load = load_average()
                 r = asyncio.run(run_level(server.base, n, args.requests, args.max_tokens))
                 peak = vm_hwm(server.proc.pid)
-                rows.append({"format": fmt, "itl_target_ms": "default" if target is None else target,
-                             "clients": n, "requests": n * args.requests,
+                rows.append({"format": fmt, "clients": n, "requests": n * args.requests,
                              "tokens_per_s": r["tokens"] / r["wall"], "tokens": r["tokens"],
                              "ttft_p50_ms": 1000 * (pct(r["ttft"], 0.5) or 0),
                              "ttft_p95_ms": 1000 * (pct(r["ttft"], 0.95) or 0),
@@ -186,12 +181,10 @@ def main() -> None:
             log = server.stop()
         rows[-1]["server_log_tail"] = log[-2000:]
     for fmt in args.formats.split(","):
-        for target in {r["itl_target_ms"] for r in rows}:
-            same = [r for r in rows if r["format"] == fmt and r["itl_target_ms"] == target]
-            one = next((r for r in same if r["clients"] == 1), None)
-            for r in same:
-                if one:
-                    r["speedup_vs_1"] = r["tokens_per_s"] / one["tokens_per_s"]
+        one = next((r for r in rows if r["format"] == fmt and r["clients"] == 1), None)
+        for r in rows:
+            if r["format"] == fmt and one:
+                r["speedup_vs_1"] = r["tokens_per_s"] / one["tokens_per_s"]
     threads = f" --threads {args.threads}" if args.threads else ""
     notes = (f"`memlm serve --model {MODEL} --memory-budget B --context {args.context} --slots {args.slots}{threads}` "
              f"(a fresh process per format, the budget chosen so the planner picks that format), clients in a "
@@ -199,7 +192,7 @@ def main() -> None:
              f"{args.max_tokens} tokens (ignore_eos), temperature 0.7. Inter-token latency: between streamed chunks. "
              f"Load average (1/5/15 min) before: {load_before}; per level in the table: other jobs share this "
              "2-core machine, so figures are taken under that load.")
-    columns = ["format", "itl_target_ms", "clients", "requests", "tokens_per_s", "speedup_vs_1", "ttft_p50_ms", "ttft_p95_ms",
+    columns = ["format", "clients", "requests", "tokens_per_s", "speedup_vs_1", "ttft_p50_ms", "ttft_p95_ms",
                "itl_p50_ms", "itl_p95_ms", "errors", "peak_rss_mib", "budget_mib", "under_budget", "load_avg"]
     write_results(args.name or "serve_load" + (f"-t{args.threads}" if args.threads else ""), rows, {"args": vars(args), "environment": {k: v for k, v in os.environ.items()
                                                                          if k.startswith(("OMP", "MKL", "MEMLM"))}},

@@ -323,9 +323,6 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(
         help="Torch threads for the model (default: torch's, one per core; on a machine busy with other "
              "jobs, 1 is often faster).")] = None,
-    itl_target_ms: Annotated[float, typer.Option(
-        help="Keep each decoding sequence's token gap near this while new prompts are prefilled beside it "
-             "(their pieces are cut to fit; 0: fixed 32-token pieces, more throughput).")] = 200.0,
     compile: Compile = False,
     adapter: AdapterOpt = None,
 ):
@@ -339,7 +336,6 @@ def serve(
     for name, value in (("--slots", slots), ("--queue", queue), ("--request-timeout", request_timeout),
                         ("--threads", threads or 1)):
         check_range("serve", name, value, low=0, low_open=True)
-    check_range("serve", "--itl-target-ms", itl_target_ms, low=0)
     if threads:
         import torch
 
@@ -347,7 +343,7 @@ def serve(
     fitted = load_for_serving(model, memory_budget, context, slots, compile, adapter)
     console.print(fitted.describe(), style="dim")
     run_server(fitted, Path(model).name, host, port, api_key=api_key or None, max_body=parse_size(max_body),
-               queue_size=queue, request_timeout=request_timeout, itl_target=itl_target_ms / 1000 or None)
+               queue_size=queue, request_timeout=request_timeout)
     _report_peak(fitted.predicted_peak)
 
 

@@ -89,25 +89,22 @@ def test_sequences_joining_and_leaving_a_batch_each_generate_what_they_would_alo
     assert scheduler.running == 0 and scheduler.waiting == 0
 
 
-@pytest.mark.parametrize("paced", [False, True])
 def test_prompts_prefilled_in_pieces_between_decode_steps_generate_what_they_would_alone(tiny_lm, one_thread,
-                                                                                         monkeypatch, paced):
+                                                                                         monkeypatch):
     """Chunked prefill: with tiny piece budgets every longer prompt enters the cache over several
     steps, in batches with other prompts at other offsets, while other sequences decode; each
-    output still equals the prompt run alone. Paced: a token-gap target no step can meet cuts
-    every piece beside a decode step to the smallest."""
+    output still equals the prompt run alone."""
     import memlm.serve.scheduler as scheduling
 
     monkeypatch.setattr(scheduling, "PREFILL_TOKENS", 9)
-    monkeypatch.setattr(scheduling, "PREFILL_WHILE_DECODING", 8 if paced else 4)
-    monkeypatch.setattr(scheduling, "MIN_PREFILL_PIECE", 3)
+    monkeypatch.setattr(scheduling, "PREFILL_WHILE_DECODING", 4)
     prompts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(10)]
     settings = [SamplingSettings(max_new_tokens=5 + 2 * i, temperature=0 if i % 2 else 0.8, top_k=0 if i % 2 else 30,
                                  seed=None if i % 2 else 7 + i, ignore_eos=True) for i in range(10)]
     ids = [tiny_lm.tokenizer.encode(p) for p in prompts]
     assert max(map(len, ids)) > 3 * 4  # some prompts need several pieces
     expected = [alone(tiny_lm, i, s) for i, s in zip(ids, settings)]
-    s = Scheduler(tiny_lm, slots=4, context=128, queue_size=16, itl_target=1e-9 if paced else None)
+    s = Scheduler(tiny_lm, slots=4, context=128, queue_size=16)
     s.start()
     try:
         first = [submit(s, tiny_lm, p, st)[1] for p, st in zip(prompts[:5], settings[:5])]
@@ -166,19 +163,3 @@ def test_sixteen_concurrent_http_requests_equal_each_prompt_alone(server, tiny_l
             return await asyncio.gather(*(one(w) for w in WORDS))
 
     assert asyncio.run(main()) == expected
-
-
-def test_prefill_pieces_are_cut_to_fit_the_token_gap_target():
-    from memlm.serve.scheduler import MIN_PREFILL_PIECE, StepTimes
-
-    t = StepTimes()
-    assert t.piece(16, 0.2, 32) == 32  # nothing measured yet: the full piece
-    t.add_decode(16, 0.150)
-    t.add_prefill(32, 0.064)  # 2 ms a token
-    assert t.piece(16, 0.2, 32) == 25  # (200 - 150) / 2
-    assert t.piece(16, 0.5, 32) == 32  # never above the largest piece
-    assert t.piece(16, 0.1, 32) == MIN_PREFILL_PIECE  # a step slower than the target: still progress
-    assert t.piece(8, 0.2, 32) == 32  # 8 rows, not measured: scaled from 16 (75 ms)
-    for _ in range(30):  # the running means follow the machine
-        t.add_decode(16, 0.170)
-    assert t.piece(16, 0.2, 32) == 15

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException  # noqa: E402
 from memlm.loading import LoadedModel  # noqa: E402
 from memlm.serve import protocol as api  # noqa: E402
 from memlm.serve.metrics import CONTENT_TYPE, MemoryFacts, ServerMetrics  # noqa: E402
-from memlm.serve.scheduler import ITL_TARGET_S, Mailbox, QueueFull, Scheduler, Sequence, seeded  # noqa: E402
+from memlm.serve.scheduler import Mailbox, QueueFull, Scheduler, Sequence, seeded  # noqa: E402
 
 MAX_BODY_BYTES = 1 << 20  # default request body limit: a context of 8k tokens is ~40 KB of text
 STATIC = Path(__file__).parent / "static"
@@ -123,7 +123,7 @@ async def _send_error(send, error) -> None:
 def create_app(lm: LoadedModel, model_name: str, *, slots: int = 4, context: int | None = None,
                queue_size: int = 64, default_max_tokens: int = 256, api_key: str | None = None,
                max_body: int = MAX_BODY_BYTES, request_timeout: float = 600.0, guard=None,
-               memory: MemoryFacts | None = None, itl_target: float | None = ITL_TARGET_S):
+               memory: MemoryFacts | None = None):
     """The FastAPI app around one model.
 
     slots, context: the KV pool (slots x context tokens, allocated now): the most completions
@@ -133,10 +133,9 @@ def create_app(lm: LoadedModel, model_name: str, *, slots: int = 4, context: int
     request_timeout: seconds a request may take, waiting included (408 beyond). guard
     (memlm.memory.guard.MemoryGuard): with a memory budget, a request that would take the
     process over it is refused (503). memory: the budget and predicted peak, for /metrics and
-    the page. itl_target: seconds a decoding sequence's token gap should stay within while
-    prompts are prefilled beside it (the prefill pieces are cut to fit; None: fixed pieces)."""
+    the page."""
     context = min(context or lm.config.block_size, lm.config.block_size)
-    scheduler = Scheduler(lm, slots, context, queue_size, itl_target)
+    scheduler = Scheduler(lm, slots, context, queue_size)
     metrics = ServerMetrics(scheduler, memory or MemoryFacts(None, 0), model_name)
 
     @asynccontextmanager

@@ -11,11 +11,8 @@ shape of vLLM's engine step, kept small):
    positions: memlm.infer.engine.prefill), PREFILL_TOKENS padded tokens a step when nothing
    else runs, only PREFILL_WHILE_DECODING while other sequences decode: a long prompt is
    prefilled a piece per step, so it delays the running sequences' next token by one piece's
-   time, not by its whole prompt's (chunked prefill, as vLLM and Sarathi interleave it). With a
-   token-gap target (`itl_target`), the piece is cut to what fits beside the decode step in
-   that time, as measured on the steps so far (at least MIN_PREFILL_PIECE tokens, so prompts
-   keep coming in). A sequence whose prompt is in samples its first token from the last
-   piece's logits;
+   time, not by its whole prompt's (chunked prefill, as vLLM and Sarathi interleave it). A
+   sequence whose prompt is in samples its first token from the last piece's logits;
 4. decode: ONE batched forward for every running sequence (engine.decode_step: each row its
    own slot and position), then each row samples with its own settings, emits its text, and
    leaves at once when it ends (EOS, a stop string, max_tokens).
@@ -53,38 +50,6 @@ PREFILL_TOKENS = PREFILL_CHUNK  # padded prompt tokens a prefill step runs while
 # SmolLM2 int4 take about as long as a 16-row decode step on this 2-core CPU, so the pause stays
 # a small multiple of a step; fewer would pay each forward's fixed cost more often.
 PREFILL_WHILE_DECODING = 32
-MIN_PREFILL_PIECE = 8  # the smallest piece a token-gap target cuts a prefill step to
-ITL_TARGET_S = 0.2  # the default token-gap target: a decode step and a prefill piece within 200 ms
-_EMA = 0.2  # weight of the newest step in the running step times
-
-
-class StepTimes:
-    """Running (exponential) means of the scheduler's step times, for pacing prefill pieces: a
-    decode step's seconds by its row count, and a prefill piece's seconds per padded token."""
-
-    def __init__(self):
-        self.decode_s: dict[int, float] = {}
-        self.prefill_token_s: float | None = None
-
-    def add_decode(self, rows: int, seconds: float) -> None:
-        old = self.decode_s.get(rows)
-        self.decode_s[rows] = seconds if old is None else old + _EMA * (seconds - old)
-
-    def add_prefill(self, tokens: int, seconds: float) -> None:
-        per = seconds / max(tokens, 1)
-        old = self.prefill_token_s
-        self.prefill_token_s = per if old is None else old + _EMA * (per - old)
-
-    def piece(self, rows: int, target_s: float, largest: int) -> int:
-        """Prefill tokens that fit beside a decode step of `rows` rows within target_s."""
-        decode = self.decode_s.get(rows)
-        if decode is None:  # nearest row count measured so far
-            near = min(self.decode_s, key=lambda n: abs(n - rows), default=None)
-            decode = self.decode_s[near] * rows / near if near else None
-        if decode is None or not self.prefill_token_s:
-            return largest
-        fit = int((target_s - decode) / self.prefill_token_s)
-        return min(largest, max(MIN_PREFILL_PIECE, fit))
 
 
 @dataclass
@@ -174,11 +139,8 @@ class Scheduler:
     """Continuous batching over a pool of `slots` sequences of up to `context` tokens; at most
     `queue_size` sequences wait for a slot (see the module docstring)."""
 
-    def __init__(self, lm: LoadedModel, slots: int, context: int, queue_size: int = 64,
-                 itl_target: float | None = ITL_TARGET_S):
+    def __init__(self, lm: LoadedModel, slots: int, context: int, queue_size: int = 64):
         self.lm = lm
-        self.itl_target = itl_target  # seconds; None: prefill pieces of PREFILL_WHILE_DECODING tokens
-        self.times = StepTimes()
         self.engine = as_engine(lm.engine or lm.model, lm.cache_dtype)
         self.pool = self.engine.cache(slots, context)  # allocated now, at its full size
         self.engine.release_cache()  # the pool is the scheduler's alone
@@ -287,11 +249,7 @@ class Scheduler:
         """The next piece of the prefilling prompts, oldest first, as many rows as fit the step's
         padded-token budget (always at least one). A row whose prompt is then all in the cache
         samples its first token and joins the decoding rows."""
-        budget = PREFILL_TOKENS
-        if self._rows:
-            budget = PREFILL_WHILE_DECODING
-            if self.itl_target:
-                budget = self.times.piece(len(self._rows), self.itl_target, PREFILL_WHILE_DECODING)
+        budget = PREFILL_WHILE_DECODING if self._rows else PREFILL_TOKENS
         rows: list[_Row] = []
         width, room = 0, self.pool.max_len
         for row in self._prefilling:
@@ -309,9 +267,7 @@ class Scheduler:
         lengths = torch.tensor([len(p) for p in pieces], device=device)
         starts = torch.tensor([r.position for r in rows], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
-        t0 = time.perf_counter()
         logits = self.engine.prefill(ids, lengths, self._window(int(starts.max()) + width), slots, starts)
-        self.times.add_prefill(ids.numel(), time.perf_counter() - t0)
         self.stats.prompt_tokens += int(lengths.sum())
         self.stats.prefill_steps += 1
         for i, (row, piece) in enumerate(zip(rows, pieces)):
@@ -340,7 +296,6 @@ class Scheduler:
             positions[r.slot] = r.position
         for r in rows:
             tokens[r.slot], positions[r.slot] = r.token, r.position
-        t0 = time.perf_counter()
         logits = self.engine.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
                                     self._window(length, top))
         self.stats.steps += 1
@@ -348,7 +303,6 @@ class Scheduler:
         for row in rows:
             row.position += 1
             self._advance(row, logits[row.slot:row.slot + 1])
-        self.times.add_decode(len(rows), time.perf_counter() - t0)  # the forward and the rows' sampling
         self._rows = [r for r in rows if not r.done]
 
     def _window(self, needed: int, top: int | None = None):
