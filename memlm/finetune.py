@@ -29,6 +29,7 @@ from memlm.adapters.lora import DEFAULT_TARGETS, apply_lora, parse_targets, targ
 from memlm.adapters.peft import save_adapter
 from memlm.config import TrainConfig
 from memlm.errors import MemlmError
+from memlm.integrity import read_json_object
 
 FINETUNE_FILE = "finetune.json"
 ADAPTER_DIR = "adapter"
@@ -310,7 +311,7 @@ def _check_resume(run_dir: Path, fcfg: FinetuneConfig) -> None:
     path = run_dir / FINETUNE_FILE
     if not path.is_file():
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = read_json_object(path, "resume with the run's own folder, or choose another --out")
     keys = [k for k in fcfg.to_dict() if k != "labels"]
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(fcfg, k)!r}" for k in keys if saved.get(k) != getattr(fcfg, k)]
     if changed:
@@ -323,7 +324,9 @@ def read_finetune_config(run_dir: str | Path) -> FinetuneConfig:
     path = Path(run_dir) / FINETUNE_FILE
     if not path.is_file():
         raise MemlmError(f"{run_dir} is not a fine-tuning run (no {FINETUNE_FILE})", "pass the --out of memlm finetune")
-    return FinetuneConfig(**json.loads(path.read_text(encoding="utf-8")))
+    saved = read_json_object(path, "pass the --out of memlm finetune")
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 def choose_rank_and_base(fcfg: FinetuneConfig, cfg: TrainConfig) -> FinetuneConfig:

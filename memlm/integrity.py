@@ -8,6 +8,7 @@ files are read: a flipped bit, a truncated copy or a file swapped for another is
 of loading wrong weights or failing somewhere inside a parser. The JSON itself is sealed: its
 "json_sha256" is the sha256 of the rest of it (`seal`, `sealed_intact`). (sha256 runs at over
 1 GB/s where the CPU has SHA instructions: a fraction of reading the file from disk.)
+`read_json_object` reads a small JSON file of a user's folder, or says in one line why not.
 """
 
 from __future__ import annotations
@@ -18,8 +19,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from memlm.errors import MemlmError, first_line
+
 _CHUNK = 1 << 20
 SEAL = "json_sha256"
+
+
+def read_json_object(path: str | Path, hint: str) -> dict[str, Any]:
+    """The JSON object in `path`; a one-line MemlmError naming the file (with `hint`) when it
+    cannot be read, is not UTF-8 JSON, or holds something other than an object."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise MemlmError(f"cannot read {path}: {first_line(e)}", hint) from None
+    if not isinstance(obj, dict):
+        raise MemlmError(f"{path} must hold a JSON object, got {type(obj).__name__}", hint)
+    return obj
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

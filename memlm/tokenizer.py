@@ -23,7 +23,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from memlm.errors import MemlmError
-from memlm.integrity import write_text_atomic
+from memlm.integrity import read_json_object, write_text_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -158,12 +158,7 @@ class Tokenizer:
         cfg: dict[str, Any] = {}
         sidecar = file.parent / CONFIG_FILE
         if sidecar.is_file():
-            try:
-                cfg = json.loads(sidecar.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise MemlmError(f"cannot read {sidecar}: {e}", "fix or delete the file") from e
-            if not isinstance(cfg, dict):
-                raise MemlmError(f"{sidecar} must hold a JSON object", "fix or delete the file")
+            cfg = read_json_object(sidecar, "fix or delete the file")
         return cls(
             tok,
             bos_id=cfg.get("bos_id"),

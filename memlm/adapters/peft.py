@@ -37,6 +37,7 @@ from memlm.adapters.lora import LoRALinear, lora_layers
 from memlm.compress.quantize import set_module
 from memlm.compress.storage import TensorFile, write_folder
 from memlm.errors import MemlmError
+from memlm.integrity import read_json_object
 from memlm.interop.hf import hf_architecture, hf_module_names
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -145,12 +146,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MemlmError(f"{folder} is not a LoRA adapter folder (no {CONFIG_FILE})",
                          "pass the folder memlm finetune or peft's save_pretrained wrote")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MemlmError(f"cannot read {path}: {e}", "the adapter is damaged; save it again") from None
-    if not isinstance(config, dict):
-        raise MemlmError(f"{path} must hold a JSON object", "the adapter is damaged; save it again")
+    config = read_json_object(path, "the adapter is damaged; save it again")
     if config.get("peft_type") != "LORA":
         raise MemlmError(f"{folder} holds a {config.get('peft_type')!r} adapter; memlm reads LoRA adapters")
     for key, why in (("use_dora", "DoRA"), ("use_rslora", "rank-stabilised scaling")):

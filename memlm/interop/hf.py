@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from memlm.compress.assemble import ModelAssembler
 from memlm.compress.storage import TensorFile
 from memlm.config import ModelConfig, check_range
-from memlm.errors import MemlmError, first_line, io_error
+from memlm.errors import MemlmError, io_error
+from memlm.integrity import read_json_object
 from memlm.model import Decoder, empty_model
 
 SUPPORTED = ("gpt2", "llama")
@@ -270,11 +271,7 @@ def _assemble(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: to
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
     """The JSON of a folder's config.json (a one-line error when it is not JSON)."""
-    path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise MemlmError(f"cannot read {path}: {first_line(e)}", "is this a Hugging Face model folder?") from None
+    return read_json_object(Path(folder) / "config.json", "is this a Hugging Face model folder?")
 
 
 def is_hf_folder(path: str | Path) -> bool:
