@@ -233,6 +233,7 @@ def rows() -> list[dict[str, Any]]:
     add("finetune smollm2 lora", ft + ["--quantize-base", "none"] + out("f1"))
     add("finetune smollm2 qlora int4", ft + ["--quantize-base", "int4"] + out("f2"))
     add("finetune smollm2 qlora int4 checkpointing", ft + ["--quantize-base", "int4"] + ckpt + out("f3"))
+    add("finetune smollm2 lora DDP 2 processes", ft + ["--quantize-base", "none", "--nproc", "2"] + out("f9"))
     add("finetune smollm2 lora all-linear checkpointing", ft + ["--quantize-base", "none", "--lora-targets",
                                                                 "all-linear"] + ckpt + out("f4"))
     add("finetune smollm2 full", ft + ["--full"] + out("f5"))
