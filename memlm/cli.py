@@ -123,17 +123,13 @@ def _launch_torchrun(train_cfg, config: Optional[Path], preset: Optional[str], f
     The ranks get the settings as --config/--preset/--set, so this works however memlm was started;
     they find themselves under torchrun (RANK, WORLD_SIZE) and train instead of launching again.
     """
-    import os
-
     from memlm.train import distributed
-    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.train.checkpoint import refuse_to_overwrite
     from memlm.train.loop import resolve_device
 
     # The mistakes we can see from here fail now, with one message, not once per rank.
     distributed.check_config(train_cfg, train_cfg.nproc, resolve_device(train_cfg.device))
-    if not resume and latest_checkpoint(train_cfg.out_dir) is not None:
-        raise MemlmError(f"run folder {train_cfg.out_dir} already has checkpoints",
-                         "pass --resume to continue it or choose another --out")
+    refuse_to_overwrite(train_cfg.out_dir, resume)
     args = ["train"]
     if config is not None:
         args += ["--config", str(config)]
@@ -146,8 +142,17 @@ def _launch_torchrun(train_cfg, config: Optional[Path], preset: Optional[str], f
             args += ["--set", f"train.{key}={json.dumps(value)}"]  # a JSON string or number is TOML too
     if resume:
         args.append("--resume")
-    cmd = distributed.torchrun_command(train_cfg.nproc, args)
-    console.print(f"starting {train_cfg.nproc} processes: {' '.join(cmd[1:])}", style="dim", markup=False)
+    _exec_torchrun(train_cfg.nproc, args)
+
+
+def _exec_torchrun(nproc: int, args: list[str]) -> None:
+    """Replace this process by torchrun running `memlm ARGS` once per rank."""
+    import os
+
+    from memlm.train import distributed
+
+    cmd = distributed.torchrun_command(nproc, args)
+    console.print(f"starting {nproc} processes: {' '.join(cmd[1:])}", style="dim", markup=False)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)
@@ -764,22 +769,13 @@ def finetune(
 def _relaunch_finetune(ctx: typer.Context, fcfg, train_cfg, resume: bool) -> None:
     """Replace this process by torchrun running this very `memlm finetune` once per rank (the
     ranks see that torchrun started them and fine-tune instead of launching again)."""
-    import os
-
     from memlm.finetune import check_processes
-    from memlm.train import distributed
-    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.train.checkpoint import refuse_to_overwrite
 
     check_processes(fcfg, train_cfg)  # the mistakes we can see from here fail now, once
-    if not resume and latest_checkpoint(train_cfg.out_dir) is not None:
-        raise MemlmError(f"run folder {train_cfg.out_dir} already has checkpoints",
-                         "pass --resume to continue it or choose another --out")
+    refuse_to_overwrite(train_cfg.out_dir, resume)
     # (the ranks learn their number from torchrun: WORLD_SIZE)
-    cmd = distributed.torchrun_command(train_cfg.nproc, ["finetune", *_command_line(ctx, leave_out=("nproc",))])
-    console.print(f"starting {train_cfg.nproc} processes: {' '.join(cmd[1:])}", style="dim", markup=False)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(cmd[0], cmd)
+    _exec_torchrun(train_cfg.nproc, ["finetune", *_command_line(ctx, leave_out=("nproc",))])
 
 
 def _command_line(ctx: typer.Context, leave_out: tuple[str, ...] = ()) -> list[str]:

@@ -353,14 +353,12 @@ def finetune(fcfg: FinetuneConfig, train_cfg: TrainConfig, resume: bool = False,
 
     eval_before: score the held-out set with the base first (FineTune.eval_before); before: also
     answer that many held-out questions with it (FineTune.before_answers, .references)."""
-    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.train.checkpoint import refuse_to_overwrite
     from memlm.train.distributed import setup as setup_distributed
     from memlm.train.loop import resolve_device, train
 
     run_dir = Path(train_cfg.out_dir)
-    if latest_checkpoint(run_dir) is not None and not resume:
-        raise MemlmError(f"run folder {run_dir} already has checkpoints",
-                         "pass --resume to continue it or choose another --out")
+    refuse_to_overwrite(run_dir, resume)
     cfg = dataclasses.replace(train_cfg, seq_len=train_cfg.seq_len or DEFAULT_SEQ_LEN, init_from=fcfg.model,
                               corpus=fcfg.data)
     # Under torchrun: join the process group now (the loop reuses it), so that the base's held-out

@@ -512,13 +512,13 @@ def fit_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "
     configs, so a resumed run re-derives the same settings.
     """
     plan = plan_training(model_cfg, train_cfg, train_cfg.memory_budget, device=device,
-                         world_size=max(1, train_cfg.nproc), global_batch_tokens=global_batch_tokens(train_cfg, model_cfg),
+                         world_size=max(1, train_cfg.nproc), global_batch_tokens=tokens_per_step(train_cfg, model_cfg),
                          teacher_bytes=teacher_bytes)
     return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len or pick a smaller model "
                                      "(see: memlm plan)"), plan
 
 
-def global_batch_tokens(train_cfg: TrainConfig, model_cfg: ModelConfig) -> int:
+def tokens_per_step(train_cfg: TrainConfig, model_cfg: ModelConfig) -> int:
     """Tokens per optimizer step of a run's config: its micro_batch is the global one (split over
     the processes by the loop), unlike plan_training's base config, whose micro_batch is per
     process (as `memlm plan --nproc` reads it)."""
@@ -556,7 +556,7 @@ def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: 
 
     budget = parse_size(budget_bytes)
     world = max(1, train_cfg.nproc)  # the budget is each process's, as for training
-    tokens = global_batch_tokens(train_cfg, model_cfg)  # train_cfg is a run's: its micro_batch is global
+    tokens = tokens_per_step(train_cfg, model_cfg)  # train_cfg is a run's: its micro_batch is global
     if lora_r is None:
         plan = plan_training(model_cfg, train_cfg, budget, device, world_size=world, global_batch_tokens=tokens,
                              task="finetune", estimator=lambda tc: estimate_finetune(model_cfg, tc, device,

@@ -90,6 +90,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def refuse_to_overwrite(run_dir: str | Path, resume: bool, can_resume: bool = True) -> Path | None:
+    """The run folder's newest checkpoint; a new run (not `resume`) into a folder that has one
+    is refused before anything is written (`can_resume`: the command has --resume to offer)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and not resume:
+        raise MemlmError(f"run folder {run_dir} already has checkpoints",
+                         "pass --resume to continue it or choose another --out" if can_resume
+                         else "choose another --out")
+    return ckpt
+
+
 def clean_partial(run_dir: str | Path) -> None:
     """Remove `.step-*.tmp` folders left by a save or prune that was interrupted."""
     folder = Path(run_dir) / CHECKPOINTS

@@ -121,13 +121,12 @@ def distill(teacher_source: str, train_cfg: TrainConfig, model_cfg: ModelConfig,
     tokenizer and distill.json (teacher, temperature, alpha, quantization).
     """
     from memlm.tokenizer import Tokenizer
-    from memlm.train.checkpoint import latest_checkpoint
+    from memlm.train.checkpoint import refuse_to_overwrite
     from memlm.train.loop import train
 
     train_cfg.validate()
     run_dir = Path(train_cfg.out_dir)
-    if latest_checkpoint(run_dir) is not None:  # checked before the teacher is loaded and anything written
-        raise MemlmError(f"run folder {run_dir} already has checkpoints", "choose another --out")
+    refuse_to_overwrite(run_dir, resume=False, can_resume=False)  # before the teacher is loaded and anything written
     teacher_model, tokenizer = load_teacher(teacher_source, teacher_quant)
     teacher = Teacher(teacher_model, temperature, alpha)
     if train_cfg.tokenizer and Tokenizer.load(train_cfg.tokenizer).fingerprint() != tokenizer.fingerprint():

@@ -46,6 +46,7 @@ from memlm.train.checkpoint import (
     intact_checkpoint,
     latest_checkpoint,
     read_trainer_state,
+    refuse_to_overwrite,
 )
 from memlm.train.distributed import local_state_bytes
 from memlm.train.distributed import setup as setup_distributed
@@ -271,12 +272,7 @@ def train(
 
     # ---- everything that can fail on user input is checked before the run folder is written
     # (only the token cache goes into it earlier)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and not resume:
-        raise MemlmError(
-            f"run folder {run_dir} already has checkpoints",
-            "pass --resume to continue it or choose another --out",
-        )
+    ckpt = refuse_to_overwrite(run_dir, resume)
     if resume and ckpt is None:
         say(f"[yellow]nothing to resume in {run_dir}: starting a new run[/]")
     if ckpt is not None:
