@@ -366,6 +366,11 @@ def calibrate() -> None:
                 subprocess.run(["rm", "-rf", str(WORK / args[-1])])
             peaks.append(run_command(args)["measured"] / MIB)
         print(f"{name:12s} {sorted(peaks)[1]:.0f} MiB (runs: {', '.join(f'{p:.0f}' for p in peaks)})")
+    # what a command holds as it starts (memlm.memory.estimate.CALIBRATION_START_BYTES)
+    probe = "import memlm.cli, re; print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1])"
+    starts = [int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+              / 1024 for _ in range(3)]
+    print(f"{'start':12s} {sorted(starts)[1]:.0f} MiB (runs: {', '.join(f'{p:.0f}' for p in starts)})")
 
 
 # ------------------------------------------------------------------------------ main

@@ -833,6 +833,9 @@ def demo(
 
 
 def main() -> None:
+    from memlm.memory.measure import note_start
+
+    note_start()  # torch and memlm imported, no command run yet: see memlm.memory.estimate.runtime_bytes
     try:
         try:
             app()

@@ -288,7 +288,10 @@ class FineTune:
         layout = model_layout(self.base)
         return {"lora_r": None if self.fcfg.full else self.fcfg.lora_r,
                 "lora_targets": None if self.fcfg.full else parse_targets(self.fcfg.lora_targets),
-                "base_format": layout["weight_format"], "group_size": layout["group_size"]}
+                "base_format": layout["weight_format"], "group_size": layout["group_size"],
+                # a classifier's head scores one pooled row per example, not answer tokens
+                "answer_tokens": None if self.objective is not None else tuple(sorted(
+                    (e.n_target for e in self.train_examples + self.eval_examples), reverse=True))}
 
 
 def _run_tokenizer(run_dir: str | Path) -> Any:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from memlm.config import KERNEL_MAX_ROWS, PREFILL_CHUNK, ModelConfig, TrainConfig, cache_length
 from memlm.errors import MemlmError
+from memlm.memory.measure import start_rss_bytes
 
 MiB = 2**20
 GiB = 2**30
@@ -78,6 +79,23 @@ RUNTIME_BYTES: dict[str, dict[str, int]] = {
              "serve": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
+# What the calibration's commands held as they started (memlm.cli.main: torch and memlm imported,
+# nothing run). Another machine or venv maps another share of torch's libraries, at import as
+# later (the same commands measured ~80 MiB more on another machine of the same kind, and as
+# much more at their start): a command's runtime is the measured one moved by its own start's
+# difference from this (`runtime_bytes`).
+CALIBRATION_START_BYTES = 231 * MiB
+
+
+def runtime_bytes(device: str, kind: str) -> int:
+    """RUNTIME_BYTES[device][kind] for this process: on a CPU, moved by how much more (or less)
+    it held at its start than the calibration's commands did (see CALIBRATION_START_BYTES). A
+    process that did not start through memlm.cli.main (a library user's) takes the figure as measured."""
+    measured = RUNTIME_BYTES[device][kind]
+    start = start_rss_bytes()
+    if device != "cpu" or start is None:
+        return measured
+    return max(0, measured + start - CALIBRATION_START_BYTES)
 # A compiled decode step (`--compile`): torch.compile's own memory in the process (dynamo,
 # inductor, sympy, the FX graphs and the compiled block's code), the same whatever the model's
 # size: `memlm generate --compile` minus the same command eager, SmolLM2 fp32 +150 MiB and int8
@@ -676,12 +694,21 @@ def buffer_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
 
 
 def _loss_terms(cfg: ModelConfig, N: int, precision: str, loss_chunk: int, p: int,
-                head_trainable: bool = True) -> dict[str, tuple[int, str]]:
-    """Memory of the head + loss in three moments: 'fwd' (peak inside the loss), 'held'
-    (kept from the end of forward into backward), 'bwd' (peak of the loss's backward).
-    A frozen head (fine-tuning adapters) makes no weight gradient in the chunked loss."""
+                head_trainable: bool = True, one_buffer: bool = False) -> dict[str, tuple[int, str]]:
+    """Memory of the head + loss over N scored tokens in three moments: 'fwd' (peak inside the
+    loss), 'held' (kept from the end of forward into backward), 'bwd' (peak of the loss's
+    backward). A frozen head (fine-tuning adapters) makes no weight gradient in the chunked
+    loss. `one_buffer`: the fp32 full loss of memlm.train.loss.linear_cross_entropy."""
     V, d = cfg.vocab_size, cfg.n_embd
     a, r, _ = _dtypes(precision)
+    if loss_chunk <= 0 and one_buffer:
+        # one (N, V) fp32 buffer: the logits, then exp(logits - max) in place, saved; backward
+        # reads it into the (N, d) sides of the head's matmuls: e @ W, W[targets], h / sums
+        return {
+            "fwd": (N * V * 4, "N*V*4 (one buffer: logits, then their exponentials)"),
+            "held": (N * V * 4, "N*V*4 (the exponentials, saved)"),
+            "bwd": (N * V * 4 + 3 * N * d * 4, "N*V*4 saved + 3*N*d*4 (e@W, W[t], h/sums)"),
+        }
     if loss_chunk <= 0:
         # logits (N, V) in the matmul dtype, an fp32 copy when that is bf16 (.float()),
         # log_softmax's output (fp32, saved); backward: nll's grad, log_softmax's grad, both fp32
@@ -734,7 +761,7 @@ def _train_settings(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
 
 def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
                       world_size: int = 1, strategy: str | None = None, teacher_bytes: int = 0,
-                      frozen: FrozenBase | None = None) -> Breakdown:
+                      frozen: FrozenBase | None = None, scored_tokens: int | None = None) -> Breakdown:
     """Peak memory of one process of a training step (steady state: the optimizer has its state).
 
     `strategy` defaults to train_cfg.strategy; it only matters when world_size > 1.
@@ -742,6 +769,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     `teacher_bytes`: distillation (memlm.train.distill) from a frozen teacher holding that many
     bytes of weights; the loss is then the distillation loss over full logits (no chunking).
     `frozen`: only adapters are trained on a frozen base (LoRA / QLoRA: see `estimate_finetune`).
+    `scored_tokens`: at most that many of a process's N tokens have a target (a fine-tune's
+    answers): the head and the loss run over those rows only (memlm.train.loop.scored_rows).
     """
     cfg, mc = train_cfg, model_cfg
     device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -760,7 +789,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     shard = world if fsdp else 1
 
     # -- persistent: weights (+ the position tables, fp32 buffers), optimizer states, runtime
-    runtime = RUNTIME_BYTES[device]["train" if precision == "fp32" else "train-bf16"]
+    runtime = runtime_bytes(device, "train" if precision == "fp32" else "train-bf16")
     if world > 1:  # the process group (and FSDP's code): measured once, like the rest
         runtime += RUNTIME_BYTES[device][f"train-{strategy}"] - RUNTIME_BYTES[device]["train"]
     weights = P * p // shard + buffer_bytes(mc) + (frozen.base_bytes if frozen is not None else 0)
@@ -779,6 +808,9 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
     per_block = sum(s.bytes for s in block_activations(mc, B, T, precision)) if frozen is None else frozen.per_block
     outside_bytes = (sum(s.bytes for s in outside_activations(mc, B, T, precision, cfg.loss_chunk))
                      if frozen is None else frozen.outside)
+    Ns = N if scored_tokens is None else max(1, min(N, scored_tokens))  # the rows the head and loss run on
+    if frozen is None and cfg.loss_chunk <= 0:  # the head's input: the scored rows' copy, not all N
+        outside_bytes -= (N - Ns) * d * a
     n_ckpt = checkpointed_blocks(L, cfg.activation_checkpointing)
     if frozen is None:
         kept = activation_bytes(mc, B, T, precision, cfg.activation_checkpointing, cfg.loss_chunk) - outside_bytes
@@ -795,7 +827,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         autocast_bwd = (autocast_weight_copy_bytes(mc, cfg.loss_chunk, cfg.activation_checkpointing)
                         + (block_linear_params(mc) * 2 if n_ckpt else 0))
 
-    loss = _loss_terms(mc, N, precision, cfg.loss_chunk, p, head_trainable=frozen is None)
+    loss = _loss_terms(mc, Ns, precision, cfg.loss_chunk, p, head_trainable=frozen is None,
+                       one_buffer=precision == "fp32" and not fsdp)
     if teacher_bytes:
         # memlm.train.distill.distillation_loss over (N, V) fp32: the teacher's logits, the
         # student's, s/T and t/T, both log_softmaxes, the KL's elementwise terms and the
@@ -883,14 +916,14 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         phases["forward: head"] = phase(
             activations=act_all,
             autocast_weight_copies=(autocast_copies, "2*L*P_linear_block + 2*V*d (bf16 cast cache)"),
-            logits_loss=(N * V * a, "logits N*V*a"),
+            logits_loss=(Ns * V * a, "logits N*V*a"),
             sharding_buffers=(gathered_root, f"{root_f} (root params gathered)"),
         )
     if fsdp:
         phases["backward: root all-gather"] = phase(
             activations=act_all,
             autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
-            logits_loss=(N * V * 4, "the logits' gradient N*V*4") if cfg.loss_chunk <= 0 else loss["held"],
+            logits_loss=(Ns * V * 4, "the logits' gradient N*V*4") if cfg.loss_chunk <= 0 else loss["held"],
             sharding_buffers=(2 * gathered_root, f"2*{root_f} (flat all-gather output + the params copied out)"),
         )
     # Gradients during backward. The head's weight gradient comes first (tied: it waits in
@@ -933,8 +966,9 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
                                                "and its all-gather buffer)")}
     last_block_ckpt = n_ckpt > 0 and (L - 1) % max(cfg.activation_checkpointing, 1) == 0
     # freed before the blocks' backward: the head's input (full loss) and the final norm's saved
-    head_input = sum(x.bytes for x in outside_activations(mc, B, T, precision, cfg.loss_chunk)
-                     if x.what.startswith(("final norm", "lm_head input"))) if frozen is None else frozen.head_input
+    head_input = (sum(x.bytes for x in outside_activations(mc, B, T, precision, cfg.loss_chunk)
+                      if x.what.startswith(("final norm", "lm_head input")))
+                  - (N - Ns) * d * a * (cfg.loss_chunk <= 0)) if frozen is None else frozen.head_input
     phases["backward: last block"] = phase(
         activations=(kept + outside_bytes - head_input + (recompute if last_block_ckpt else 0),
                      act_formula + (" + 1 recomputed block" if last_block_ckpt else "")),
@@ -980,7 +1014,7 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         # the unchunked loss's (N, V) fp32 tensors above glibc's largest mmap threshold are mmapped
         # and unmapped when freed: no holes left in the heap (measured: tiny at micro-batch 16,
         # N*V*4 = 64 MiB, keeps ~80 MiB of slack where 0.46*(its transients) said ~250)
-        mmapped = ("logits_loss",) if cfg.loss_chunk <= 0 and N * V * 4 > MMAP_THRESHOLD_MAX else ()
+        mmapped = ("logits_loss",) if cfg.loss_chunk <= 0 and Ns * V * 4 > MMAP_THRESHOLD_MAX else ()
         for terms in phases.values():
             unit = sum(v[0] for k, v in terms.items()
                        if k not in ("runtime", "weights", "optimizer_states", "teacher", *mmapped))
@@ -1107,15 +1141,18 @@ def lora_block_activations(cfg: ModelConfig, batch: int, seq_len: int, r: int, t
 
 
 def frozen_base(cfg: ModelConfig, batch: int, seq_len: int, r: int, targets: tuple[str, ...],
-                base_format: str = "fp32", group_size: int | None = None, loss_chunk: int = 0) -> FrozenBase:
+                base_format: str = "fp32", group_size: int | None = None, loss_chunk: int = 0,
+                scored_tokens: int | None = None) -> FrozenBase:
     """The terms of a LoRA / QLoRA fine-tune: the base's block Linears in `base_format` (its
-    embedding and norms fp32: memlm.finetune keeps a float head), the adapters in fp32."""
+    embedding and norms fp32: memlm.finetune keeps a float head), the adapters in fp32; the
+    head's input is the copy of the `scored_tokens` rows with a target."""
     N, d = batch * seq_len, cfg.n_embd
+    Ns = N if scored_tokens is None else max(1, min(N, scored_tokens))
     per_block = sum(s.bytes for s in lora_block_activations(cfg, batch, seq_len, r, targets))
     first = sum(s.bytes for s in lora_block_activations(cfg, batch, seq_len, r, targets, first=True))
     # the final norm (frozen) keeps its input and rstd; the loss keeps the head's input (full loss)
     final = N * d * 4 + (N * 4 if cfg.norm == "rmsnorm" else 2 * N * 4)
-    head_input = final + (N * d * 4 if loss_chunk <= 0 else 0)
+    head_input = final + (Ns * d * 4 if loss_chunk <= 0 else 0)
     return FrozenBase(
         base_bytes=inference_weight_bytes(cfg, base_format, group_size=group_size) - buffer_bytes(cfg),
         base_formula=f"frozen base ({base_format}" + (f" g{group_size}" if group_size else "") + ")",
@@ -1125,22 +1162,26 @@ def frozen_base(cfg: ModelConfig, batch: int, seq_len: int, r: int, targets: tup
 
 def estimate_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu",
                       lora_r: int | None = None, lora_targets: tuple[str, ...] | None = None,
-                      base_format: str = "fp32", group_size: int | None = None, world_size: int = 1) -> Breakdown:
+                      base_format: str = "fp32", group_size: int | None = None, world_size: int = 1,
+                      answer_tokens: tuple[int, ...] | None = None) -> Breakdown:
     """Peak memory of a `memlm finetune` step: LoRA / QLoRA (`lora_r`: adapters of rank r on
     `lora_targets`, on a frozen base stored in `base_format`) or, lora_r None, a full fine-tune
     (estimate_training's). Both add what a pretrained model brings to the process beyond its
     tensors: its tokenizer and the base format's kernels (as in inference). With world_size
     processes (DDP, or FSDP for a full fine-tune) it is one process's peak: each holds the whole
-    frozen base and takes its share of the global micro-batch."""
+    frozen base and takes its share of the global micro-batch. `answer_tokens`: the examples'
+    scored (answer) token counts, largest first; a micro-batch's loss runs over at most the sum
+    of the largest B of them (None: every token is scored, as in classification's head)."""
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     world = max(1, int(world_size))
     T = train_cfg.seq_len or model_cfg.block_size
+    B = max(1, train_cfg.micro_batch // world)
+    scored = None if not answer_tokens else sum(min(n, T) for n in answer_tokens[:B])
     frozen = None
     if lora_r is not None:
-        B = max(1, train_cfg.micro_batch // world)
         frozen = frozen_base(model_cfg, B, T, lora_r, tuple(lora_targets or ("q_proj", "v_proj")), base_format,
-                             group_size, train_cfg.loss_chunk)
-    b = estimate_training(model_cfg, train_cfg, device, world_size=world, frozen=frozen)
+                             group_size, train_cfg.loss_chunk, scored)
+    b = estimate_training(model_cfg, train_cfg, device, world_size=world, frozen=frozen, scored_tokens=scored)
     extras = _inference_extras(model_cfg, base_format if lora_r is not None else "fp32", device)
     for terms in {id(t): t for t in [b.terms, *b.phase_terms.values()]}.values():  # the peak's list is one of them
         terms[1:1] = extras  # after the runtime
@@ -1370,7 +1411,7 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                                    min(prompt_len, context, PREFILL_CHUNK), weight_format, int4_kernel)
     dec, dec_f = forward_transient(model_cfg, batch, 1, weight_format, int4_kernel)
     base = [
-        Term("runtime", RUNTIME_BYTES[device][runtime], RUNTIME_NOTE),
+        Term("runtime", runtime_bytes(device, runtime), RUNTIME_NOTE),
         Term("weights", weights, f"{weight_format}{'' if group_size is None else f' g{group_size}'} block Linears"
              + (", int8 embedding" + ("" if embedding_group_size is None else f" g{embedding_group_size}")
                 if quantize_embedding else ", embeddings/norms "
@@ -1431,7 +1472,7 @@ def estimate_scoring(model_cfg: ModelConfig, batch: int = 1, window: int | None 
     # the transposed logits, and log_softmax's output
     head = N * d * a + N * V * a + (N * V * 4 if a != 4 else 0) + 2 * N * V * 4
     terms = [
-        Term("runtime", RUNTIME_BYTES[device]["score"], RUNTIME_NOTE),
+        Term("runtime", runtime_bytes(device, "score"), RUNTIME_NOTE),
         Term("weights", weights, f"{weight_format} block Linears"
              + (", int8 embedding" if quantize_embedding else "")),
         *_inference_extras(model_cfg, weight_format, device),
@@ -1535,7 +1576,7 @@ def estimate_compress(model_cfg: ModelConfig, methods: list[str], group_size: in
     phases: dict[str, dict[str, tuple[int, str]]] = {}
 
     def phase(name: str, base: dict, **terms: tuple[int, str]) -> None:
-        phases[name] = {"runtime": (RUNTIME_BYTES[device]["score"], RUNTIME_NOTE), **base,
+        phases[name] = {"runtime": (runtime_bytes(device, "score"), RUNTIME_NOTE), **base,
                         **{k: v for k, v in terms.items() if v[0]}}
 
     # -- load

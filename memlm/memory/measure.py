@@ -80,6 +80,22 @@ def process_peak_rss_bytes() -> int:
     return max(_peak_before_reset, peak_rss_bytes())
 
 
+def note_start() -> None:
+    """Remember this process's resident memory now, as a command starts (memlm.cli.main), so an
+    estimate can place its measured runtime on this machine (memlm.memory.estimate.runtime_bytes)."""
+    global _start_rss
+    if _start_rss is None:
+        _start_rss = current_rss_bytes()
+
+
+def start_rss_bytes() -> int | None:
+    """The resident memory `note_start` saw (None in a process that never called it)."""
+    return _start_rss
+
+
+_start_rss: int | None = None
+
+
 def return_free_heap() -> None:
     """Hand the heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
 

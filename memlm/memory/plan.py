@@ -545,12 +545,13 @@ MIN_LORA_RANK = 2
 def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: int | str, device: str = "cpu",
                   lora_r: int | None = 8, lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
                   base_format: str = "fp32", layout: Callable[[str], dict] | None = None,
-                  search_base: bool = True) -> Plan:
+                  search_base: bool = True, answer_tokens: tuple[int, ...] | None = None) -> Plan:
     """The settings of `memlm finetune` that fit: micro-batch (the global batch kept), activation
     checkpointing and the chunked loss as for training, and, for LoRA, the base's format (the one
     asked for, then the more compact int8 and int4) and then the rank (halved down to
     MIN_LORA_RANK). A full fine-tune (lora_r None) is planned like training, every saver allowed.
     `layout(format)`: how the base loads in that format (memlm.loading.layout_of: group sizes).
+    `answer_tokens`: the data's scored tokens per example, largest first (estimate_finetune).
     The plan's settings carry `lora_r` and `base_format`."""
     from memlm.memory.estimate import estimate_finetune
 
@@ -560,7 +561,8 @@ def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: 
     if lora_r is None:
         plan = plan_training(model_cfg, train_cfg, budget, device, world_size=world, global_batch_tokens=tokens,
                              task="finetune", estimator=lambda tc: estimate_finetune(model_cfg, tc, device,
-                                                                                     world_size=world))
+                                                                                     world_size=world,
+                                                                                     answer_tokens=answer_tokens))
         plan.settings.update(lora_r=None, base_format="fp32")
         return plan
     keep = {"optimizer": [train_cfg.optimizer], "precision": [train_cfg.precision], "fused_backward": [False]}
@@ -575,7 +577,7 @@ def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: 
             group = (layout(fmt) if layout else {}).get("group_size")
 
             def estimator(tc: TrainConfig, r=r, fmt=fmt, group=group) -> Breakdown:
-                return estimate_finetune(model_cfg, tc, device, r, lora_targets, fmt, group, world)
+                return estimate_finetune(model_cfg, tc, device, r, lora_targets, fmt, group, world, answer_tokens)
 
             plan = plan_training(model_cfg, train_cfg, budget, device, world_size=world, global_batch_tokens=tokens,
                                  allow=keep, task="finetune", estimator=estimator)
@@ -593,10 +595,10 @@ def plan_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, budget_bytes: 
 
 def fit_finetune(model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu", lora_r: int | None = 8,
                  lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), base_format: str = "fp32",
-                 group_size: int | None = None) -> tuple[TrainConfig, Plan]:
+                 group_size: int | None = None, answer_tokens: tuple[int, ...] | None = None) -> tuple[TrainConfig, Plan]:
     """`fit_training` for a fine-tune whose rank and base are already chosen (by `plan_finetune`):
     the run's config with the plan's micro-batch, checkpointing and loss chunk."""
     plan = plan_finetune(model_cfg, train_cfg, train_cfg.memory_budget, device, lora_r, lora_targets, base_format,
-                         layout=lambda f: {"group_size": group_size}, search_base=False)
+                         layout=lambda f: {"group_size": group_size}, search_base=False, answer_tokens=answer_tokens)
     return _planned(train_cfg, plan, "raise --memory-budget, shorten --seq-len, or use a quantized base "
                                      "(see: memlm plan --task finetune)"), plan
