@@ -59,6 +59,30 @@ def _with_random_update(layer: LoRALinear, seed: int = 1) -> LoRALinear:
     return layer
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_adapters_under_activation_checkpointing_get_the_same_gradients(tiny, every):
+    """Block 0's input (the frozen embedding's output) needs no gradient; its adapters still train."""
+    import copy
+
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(4))
+    models = [copy.deepcopy(tiny), copy.deepcopy(tiny)]
+    grads = []
+    for model, ckpt in zip(models, (0, every)):
+        torch.manual_seed(1)  # the same adapters, and the same dropout draws, in both models
+        apply_lora(model, r=4, alpha=8, targets="all-linear")
+        for name, p in model.named_parameters():  # B away from zero, so every adapter's A gets a gradient
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)
+        model.train()
+        model.checkpoint_every = ckpt
+        F.cross_entropy(model(x[:, :-1]).reshape(-1, 256), x[:, 1:].reshape(-1)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("name", BASES)
 def test_lora_over_every_kind_matches_a_dense_reference(name, one_thread):
     base = _bases()[name]

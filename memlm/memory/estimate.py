@@ -46,12 +46,12 @@ GiB = 2**30
 # glibc's default allocator, torch's default thread count (2 here), the command's own VmHWM from
 # start to exit (started through bench/launch.py: see there why a plain wait4 from a large parent
 # reports the parent's peak), in a venv just built by `make install` (as CI and a new user have
-# it), on the AMD EPYC (Zen 3, 2 cores) of shared/BENCHMARKS.md, 2026-12-02.
-# The same commands in an older venv of the same packages measure ~57 MiB less: the anonymous
-# memory is the same to the MiB, but fewer pages of libtorch_cpu.so are mapped (69 MiB resident
-# against 118 in a fresh venv, /proc/self/smaps). The file is the same; what differs is most
-# likely the state of its pages in the page cache (how many pages a fault maps around itself),
-# not established. The fresh venv's figures are kept: they are the larger, and a user's.
+# it), on the AMD EPYC (Zen 3, 2 cores) of shared/BENCHMARKS.md, 2026-12-02 (evening: a second
+# machine of that kind, whose commands hold ~80 MiB less than the morning's, as they do at their
+# start: see CALIBRATION_START_BYTES; the morning's figures were 436/455/336/356/348 MiB).
+# An older venv of the same packages measured ~57 MiB less again: fewer pages of libtorch_cpu.so
+# are mapped (69 MiB resident against 118 in a fresh venv, /proc/self/smaps), most likely the
+# state of its pages in the page cache; the start moves with it.
 #   train       `memlm train` of a ~10k-parameter model on the default corpus (its BPE
 #               tokenizer trained in the run): every cost of the command except the model's
 #   train-bf16  the same under bf16 autocast: the bf16 kernels bring their own code and scratch
@@ -62,19 +62,19 @@ GiB = 2**30
 #   train-ddp, train-fsdp: "train" + what one rank of a 2-process job adds (gloo's threads and
 #               buffers, FSDP's code), +2.3 / +5.7 MiB measured on 2026-11-23
 #   serve       `memlm serve` of the ~4M-parameter tiny run under 8 concurrent completions, minus
-#               what its prediction holds beyond the runtime: 293 MiB in the older venv + the 55
-#               a fresh one adds; in a fresh venv that row then measured 381.7 MiB against 377.9
-#               predicted (bench/memory_accuracy.py, 2026-12-02)
+#               what its prediction holds beyond the runtime: in the morning's fresh venv 348 MiB
+#               (the row then measured 381.7 MiB against 377.9 predicted); "infer" + the same
+#               web stack on this machine
 # Another CPU's kernels touch other code pages: re-run --calibrate on a new kind of machine.
 # CUDA: torch.cuda.max_memory_allocated (what PeakMemory reports there) does not see the
 # CUDA context (300-600 MiB outside the allocator), so the overhead in allocator terms is 0;
 # leave the context out of a GPU budget yourself. Not measured here (no GPU on the dev box).
 RUNTIME_BYTES: dict[str, dict[str, int]] = {
-    "cpu": {"train": 436 * MiB, "train-bf16": 455 * MiB, "infer": 336 * MiB, "score": 356 * MiB,
-            "train-ddp": 438 * MiB, "train-fsdp": 442 * MiB,
+    "cpu": {"train": 353 * MiB, "train-bf16": 365 * MiB, "infer": 269 * MiB, "score": 276 * MiB,
+            "train-ddp": 355 * MiB, "train-fsdp": 359 * MiB,
             # memlm serve: infer + the web stack (FastAPI, uvicorn, pydantic, prometheus_client) and the
             # heaps of its threads (scheduler, event loop, tokenizing workers); see "serve" above
-            "serve": 348 * MiB},
+            "serve": 281 * MiB},
     "cuda": {"train": 0, "train-bf16": 0, "infer": 0, "score": 0, "train-ddp": 0, "train-fsdp": 0,
              "serve": 0},
 }
@@ -84,7 +84,7 @@ RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc d
 # later (the same commands measured ~80 MiB more on another machine of the same kind, and as
 # much more at their start): a command's runtime is the measured one moved by its own start's
 # difference from this (`runtime_bytes`).
-CALIBRATION_START_BYTES = 231 * MiB
+CALIBRATION_START_BYTES = 227 * MiB
 
 
 def runtime_bytes(device: str, kind: str) -> int:
