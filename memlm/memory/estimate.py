@@ -901,10 +901,16 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         autocast_weight_copies=(autocast_copies, "2*L*P_linear_block + 2*V*d (bf16 cast cache)"),
         logits_loss=loss["fwd"],
     )
+    # adapters in one process on a CPU: their gradients are one buffer made before backward
+    # (memlm.train.loop.gradients_in_one_buffer), alive through all of it
+    grads_before = (frozen is not None and device == "cpu" and world == 1 and not cfg.fused_backward
+                    and not held_grads)
+    before_f = f"P*{p} (the adapters' gradients: one buffer, made before backward)"
     phases["backward: loss"] = phase(
         activations=act_all,
         autocast_weight_copies=(autocast_bwd, "bf16 copies still saved for backward"),
         logits_loss=loss["bwd"],
+        gradients=(grads, before_f) if grads_before else (0, ""),
     )
     # FSDP2 all-gathers one parameter group at a time (the root module: embeddings and final
     # norm; each block) into a flat buffer and copies each parameter out of it: 2*size while
@@ -951,6 +957,8 @@ def estimate_training(model_cfg: ModelConfig, train_cfg: TrainConfig, device: st
         grads_first = (head_grad, "head weight grad V*d*p")
         grads_end = (grads + 2 * tied_extra, f"P*{p}" + (" + 2*V*d*p (head and embedding grads, summed)"
                                                         if tied_extra else ""))
+    if grads_before:
+        grads_first = grads_end = (grads, before_f)
     if ddp and not held_grads:
         # DDP's reducer copies each fresh gradient into its bucket, then makes .grad a view of
         # it: the buckets (sharding_buffers) are the gradients; on top, the gradient being copied

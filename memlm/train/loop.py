@@ -122,6 +122,25 @@ def scored_rows(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return h.index_select(0, rows), y.index_select(0, rows)
 
 
+def gradients_in_one_buffer(params: list[nn.Parameter]) -> None:
+    """Give every parameter a zero gradient, views of one buffer (one per dtype), before backward.
+
+    Backward otherwise allocates each gradient as it reaches its parameter and keeps it: an
+    adapter's gradient is a few KiB, made between a block's temporaries of 1-4 MiB, and those
+    small kept blocks split the holes the temporaries leave in glibc's heap, so the next block's
+    backward cannot reuse them. Fine-tuning SmolLM2 with LoRA on every linear layer and every
+    block recomputed peaked at 1,338 MiB so, 1,128 MiB with this; the same loss, the same speed.
+    Backward adds into these gradients in place; zero_grad(set_to_none=True) frees the buffer.
+    """
+    for dtype in {p.dtype for p in params}:
+        same = [p for p in params if p.dtype == dtype]
+        flat = torch.zeros(sum(p.numel() for p in same), dtype=dtype, device=same[0].device)
+        at = 0
+        for p in same:
+            p.grad = flat[at:at + p.numel()].view_as(p)
+            at += p.numel()
+
+
 def apply_train_settings(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Set up a model for `cfg` before its optimizer is built: bf16 weights for precision
     "bf16", activation checkpointing every `cfg.activation_checkpointing` blocks."""
@@ -503,6 +522,12 @@ def train(
                                         "raise --memory-budget")
 
     latest_step_saved = step
+    # Adapters on a frozen base (few, small parameters) in one process on a CPU: their gradients
+    # are made before backward, in one buffer (see gradients_in_one_buffer)
+    adapters = None
+    if device.type == "cpu" and not ctx.active and not cfg.fused_backward \
+            and any(not p.requires_grad for p in model.parameters()):
+        adapters = [p for p in model.parameters() if p.requires_grad]
     drawn_at = 0.0  # when the progress bar was last drawn
     # CUDA: the allocator's peak. CPU: VmHWM, read as it is (PeakMemory would only add a 1 kHz
     # sampling thread, on kernels that refuse its reset, for a number the loop does not use).
@@ -528,6 +553,8 @@ def train(
                 if ctx.active:  # each rank's mean weighted by its share of the counted targets
                     loss = loss * ctx.token_share(int((y != IGNORE_INDEX).sum()))
                 loss = loss / cfg.grad_accum
+                if k == 0 and adapters is not None:
+                    gradients_in_one_buffer(adapters)
                 loss.backward()  # with fused_backward, this also steps the optimizer
                 loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             # clipped to the global norm: DDP's gradients are all-reduced, FSDP's are DTensors
