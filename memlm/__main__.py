@@ -1,3 +1,3 @@
-from memlm.cli import main
+from memlm.cli import run
 
-main()
+run()

@@ -832,10 +832,15 @@ def demo(
     _report_peak(result["predicted_peak_bytes"])
 
 
-def main() -> None:
+def run() -> None:
+    """The `memlm` program (console script and `python -m memlm`): main() in a process of its own."""
     from memlm.memory.measure import note_start
 
     note_start()  # torch and memlm imported, no command run yet: see memlm.memory.estimate.runtime_bytes
+    main()
+
+
+def main() -> None:
     try:
         try:
             app()

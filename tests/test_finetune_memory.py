@@ -71,7 +71,7 @@ def test_lora_block_activations_are_what_autograd_saves(flavour, targets, fmt):
 
 def test_the_finetune_estimate_trains_adapters_only():
     cfg = preset("smollm2-135m")
-    tc = TrainConfig(micro_batch=4, seq_len=512)
+    tc = TrainConfig(micro_batch=2, seq_len=256)  # the shape bench/memory_accuracy.py measures
     full = estimate_finetune(cfg, tc)
     lora = estimate_finetune(cfg, tc, lora_r=8, lora_targets=("q_proj", "v_proj"), base_format="fp32")
     qlora = estimate_finetune(cfg, tc, lora_r=8, lora_targets=("q_proj", "v_proj"), base_format="int4", group_size=32)
