@@ -130,3 +130,21 @@ def test_a_process_of_a_two_process_finetune_holds_the_base_and_half_the_batch()
     plan = plan_finetune(cfg, tc, "16GiB", lora_r=8, base_format="int4")
     assert plan.feasible and plan.world_size == 2
     assert plan.settings["micro_batch"] * plan.settings["grad_accum"] * 512 == plan.settings["global_batch_tokens"] == 8 * 512
+
+
+def test_the_loss_is_sized_for_the_answers_a_micro_batch_can_hold():
+    """Instruction data scores only its answers: the head and the loss run over at most the
+    micro-batch's B largest answers (memlm.train.loop.scored_rows), not all B*T positions."""
+    cfg = preset("smollm2-135m")
+    tc = TrainConfig(micro_batch=4, seq_len=256)
+    kw = dict(lora_r=8, lora_targets=("q_proj", "v_proj"), base_format="int4", group_size=32)
+    every = estimate_finetune(cfg, tc, **kw)
+    answers = (300, 90, 40, 30, 30, 20, 10)  # largest first; one longer than seq_len
+    scored = estimate_finetune(cfg, tc, answer_tokens=answers, **kw)
+    n = 256 + 90 + 40 + 30  # the four largest, each at most T
+    V, d = cfg.vocab_size, cfg.n_embd
+    # fp32 full loss: one (n, V) buffer, and in backward the (n, d) sides of the head's matmuls
+    assert scored.term("logits_loss", "backward: loss") == n * V * 4 + 3 * n * d * 4
+    assert every.term("logits_loss", "backward: loss") == 4 * 256 * V * 4 + 3 * 4 * 256 * d * 4
+    assert scored.total < every.total
+    assert estimate_finetune(cfg, tc, answer_tokens=(2000,) * 8, **kw).total == every.total  # capped at B*T

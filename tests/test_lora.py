@@ -246,3 +246,29 @@ def test_every_compressed_layer_class_has_a_kind():
     classes = [getattr(compress, n) for n in compress.__all__ if isinstance(getattr(compress, n), type)]
     with_spec = [c for c in classes if issubclass(c, nn.Module) and callable(getattr(c, "spec", None))]
     assert with_spec and all(c in kinds.KINDS for c in with_spec), [c for c in with_spec if c not in kinds.KINDS]
+
+
+def test_adapters_gradients_in_one_buffer_are_the_gradients_backward_makes(tiny):
+    import copy
+
+    from memlm.train.loop import gradients_in_one_buffer
+
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for one_buffer in (False, True):
+        model = copy.deepcopy(tiny)
+        torch.manual_seed(1)
+        apply_lora(model, r=4, alpha=8, targets="all-linear", dropout=0.0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(2):  # accumulated over two backwards, as over micro-batches
+            if one_buffer and trained[0].grad is None:
+                gradients_in_one_buffer(trained)
+            F.cross_entropy(model(x[:, :-1]).reshape(-1, 256), x[:, 1:].reshape(-1)).backward()
+        if one_buffer:  # still views of the one buffer: backward added into them in place
+            assert len({p.grad.untyped_storage().data_ptr() for p in trained}) == 1
+        grads.append([p.grad for p in trained])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-7, rtol=1e-6)

@@ -234,9 +234,12 @@ def test_adamw_matches_torch_adamw():
         torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)
 
 
-def test_default_loss_is_cross_entropy_over_the_full_logits():
+@pytest.mark.parametrize("loss_chunk", [0, 16])
+def test_default_loss_is_cross_entropy_over_the_full_logits(loss_chunk):
     """fp32 without loss_chunk: the one-buffer head + loss (linear_cross_entropy) gives
-    F.cross_entropy's value and gradients, ignored targets included, and the same under no_grad."""
+    F.cross_entropy's value and gradients, ignored targets included, and the same under no_grad;
+    so does the chunked loss. Both run the head over the scored rows only."""
+    from memlm.train.loop import scored_rows
     from memlm.train.loss import IGNORE_INDEX
 
     torch.manual_seed(0)
@@ -244,9 +247,13 @@ def test_default_loss_is_cross_entropy_over_the_full_logits():
     x, y = _batch(3)
     y = y.clone()  # a view of the rows x is cut from
     y[0, :5] = IGNORE_INDEX
-    cfg = TrainConfig()
+    y[2, 3:] = IGNORE_INDEX
+    h, t = scored_rows(torch.randn(*y.shape, 8), y)
+    assert h.shape == (int((y != IGNORE_INDEX).sum()), 8) and bool((t != IGNORE_INDEX).all())
+    cfg = TrainConfig(loss_chunk=loss_chunk)
     loss = compute_loss(model, x, y, cfg)
-    assert loss.grad_fn is not None and type(loss.grad_fn).__name__ == "_LinearCEBackward"
+    assert loss.grad_fn is not None
+    assert loss_chunk or type(loss.grad_fn).__name__ == "_LinearCEBackward"
     (loss * 0.5).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
