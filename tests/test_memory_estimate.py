@@ -388,3 +388,41 @@ def test_predicted_peak_matches_the_real_command(tmp_path):
     assert final.group(1) == said
     predicted, measured = (parse_size(final.group(i).replace(" ", "")) for i in (1, 2))
     assert predicted == pytest.approx(measured, rel=0.10)
+
+
+RUNTIME_OF_THIS_MACHINE = """
+import json, sys
+from memlm.memory.estimate import runtime_bytes
+from memlm.memory.measure import current_rss_bytes, program_start_rss_bytes
+print(json.dumps({"start": program_start_rss_bytes(), "train": runtime_bytes("cpu", "train"),
+                  "cuda": runtime_bytes("cuda", "train"), "rss": current_rss_bytes()}))
+"""
+
+
+def _runtime_in_fresh_process(cache) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MEMLM_CACHE": str(cache)}
+    out = subprocess.run([sys.executable, "-c", RUNTIME_OF_THIS_MACHINE], capture_output=True, text=True,
+                         env=env, check=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_runtime_moves_with_this_machines_program_start_kept_once(tmp_path):
+    """The memlm program's start is measured once (a fresh `import memlm.cli`: torch imported, so
+    well over 100 MiB) and kept: every later process reads the same figure, and the CPU runtime
+    terms move by its difference from the calibration's start; CUDA's do not."""
+    first = _runtime_in_fresh_process(tmp_path)
+    kept = list(tmp_path.glob("program-start-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["bytes"] == first["start"]
+    assert 100 * est.MiB < first["start"] < 2 * first["rss"]
+    assert first["train"] == est.RUNTIME_BYTES["cpu"]["train"] + first["start"] - est.CALIBRATION_START_BYTES
+    assert first["cuda"] == 0
+
+    record = json.loads(kept[0].read_text())  # another machine's start, 60 MiB higher
+    kept[0].write_text(json.dumps({**record, "bytes": record["bytes"] + 60 * est.MiB}))
+    second = _runtime_in_fresh_process(tmp_path)
+    assert second["start"] == first["start"] + 60 * est.MiB
+    assert second["train"] == first["train"] + 60 * est.MiB

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from memlm.config import KERNEL_MAX_ROWS, PREFILL_CHUNK, ModelConfig, TrainConfig, cache_length
 from memlm.errors import MemlmError
-from memlm.memory.measure import start_rss_bytes
+from memlm.memory.measure import program_start_rss_bytes
 
 MiB = 2**20
 GiB = 2**30
@@ -79,23 +79,25 @@ RUNTIME_BYTES: dict[str, dict[str, int]] = {
              "serve": 0},
 }
 RUNTIME_NOTE = "measured: bench/memory_accuracy.py --calibrate (the CLI, glibc defaults, 2 threads)"
-# What the calibration's commands held as they started (memlm.cli.main: torch and memlm imported,
-# nothing run). Another machine or venv maps another share of torch's libraries, at import as
-# later (the same commands measured ~80 MiB more on another machine of the same kind, and as
-# much more at their start): a command's runtime is the measured one moved by its own start's
-# difference from this (`runtime_bytes`).
+# What the calibration's commands held as they started (memlm.cli.run: torch and memlm imported,
+# nothing run). Another machine or venv maps another share of torch's libraries, at the start as
+# later: the same commands measured ~80 MiB more on another machine of the same kind, and as much
+# more at their start (the CI's machine starts ~60 MiB above this one). A command's runtime is the
+# measured one moved by this machine's start's difference from this (`runtime_bytes`).
 CALIBRATION_START_BYTES = 227 * MiB
 
 
 def runtime_bytes(device: str, kind: str) -> int:
-    """RUNTIME_BYTES[device][kind] for this process: on a CPU, moved by how much more (or less)
-    it held at its start than the calibration's commands did (see CALIBRATION_START_BYTES). A
-    process that did not start through memlm.cli.main (a library user's) takes the figure as measured."""
+    """RUNTIME_BYTES[device][kind] on this machine: on a CPU, moved by how much more (or less) the
+    memlm program holds at its start here than the calibration's commands did
+    (memlm.memory.measure.program_start_rss_bytes, the same figure for every process here)."""
     measured = RUNTIME_BYTES[device][kind]
-    start = start_rss_bytes()
-    if device != "cpu" or start is None:
+    start = program_start_rss_bytes() if device == "cpu" else None
+    if start is None:
         return measured
     return max(0, measured + start - CALIBRATION_START_BYTES)
+
+
 # A compiled decode step (`--compile`): torch.compile's own memory in the process (dynamo,
 # inductor, sympy, the FX graphs and the compiled block's code), the same whatever the model's
 # size: `memlm generate --compile` minus the same command eager, SmolLM2 fp32 +150 MiB and int8

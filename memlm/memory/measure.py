@@ -81,19 +81,86 @@ def process_peak_rss_bytes() -> int:
 
 
 def note_start() -> None:
-    """Remember this process's resident memory now, as a command starts (memlm.cli.main), so an
-    estimate can place its measured runtime on this machine (memlm.memory.estimate.runtime_bytes)."""
+    """Remember this process's resident memory now, as the memlm program starts (memlm.cli.run):
+    where `program_start_rss_bytes` has no figure kept for this machine yet, this is it."""
     global _start_rss
     if _start_rss is None:
         _start_rss = current_rss_bytes()
 
 
-def start_rss_bytes() -> int | None:
-    """The resident memory `note_start` saw (None in a process that never called it)."""
-    return _start_rss
-
-
 _start_rss: int | None = None
+
+# What the memlm program holds as it starts (torch and memlm imported, nothing run) differs by
+# machine and venv with the share of torch's libraries they map, and a command's runtime differs
+# with it (memlm.memory.estimate.runtime_bytes). Measured once per machine, venv and checkout (by
+# the program's own start, or else a fresh process) and kept under memlm's cache, so every process
+# there, the program's, a library user's or a test's, places its runtime the same way.
+_PROBE = "import memlm.cli; from memlm.memory.measure import current_rss_bytes; print(current_rss_bytes())"
+
+
+def program_start_rss_bytes() -> int | None:
+    """The memlm program's resident memory at its start on this machine (None where it cannot be
+    measured: off Linux, or the probe failed)."""
+    global _program_start
+    if _program_start is None:
+        _program_start = _kept_or_measured_start()
+    return _program_start or None
+
+
+_program_start: int | None = None
+
+
+def _start_key() -> dict[str, str]:
+    import os
+
+    import memlm
+
+    cpu = ""
+    try:
+        cpu = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"python": sys.executable, "torch": f"{torch.__version__} {Path(torch.__file__).parent}",
+            "memlm": str(Path(memlm.__file__).parent), "kernel": os.uname().release, "cpu": cpu,
+            "cpus": str(os.cpu_count())}
+
+
+def _kept_or_measured_start() -> int:
+    import hashlib
+    import json
+    import os
+    import subprocess
+
+    from memlm.kernels import cache_root
+
+    if current_rss_bytes() == 0:
+        return 0
+    key = _start_key()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / f"program-start-{digest}.json"
+    try:
+        record = json.loads(path.read_text())
+        if record["key"] == key:
+            return int(record["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    measured = _start_rss
+    if measured is None:
+        try:
+            out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300,
+                                 check=True).stdout
+            measured = int(out.split()[-1])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return 0
+    try:  # kept atomically: a process reading it meanwhile sees the old file or none
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps({"key": key, "bytes": measured}))
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return measured
 
 
 def return_free_heap() -> None:

@@ -24,16 +24,19 @@ from memlm.model.layers import Block, cache_mask, init_weights, make_norm, rope_
 def recomputed(block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
     """block(x, *args) under activation checkpointing: only x is kept; backward runs it again.
 
-    In one process the block's first forward runs without building a graph (torch's reentrant
-    checkpoint). The non-reentrant one records every op's graph node in forward and keeps it to
-    backward: small allocations, made between the block's temporaries of 1-4 MiB, which split the
-    holes those leave in glibc's heap, so the next block cannot reuse them and the heap grows
-    past what is alive (fine-tuning SmolLM2 with QLoRA, every block recomputed: 904 MiB against
-    746 reentrant, the same speed). The reentrant form needs an input that requires a gradient:
-    the frozen embedding's output does not, so block 0 is handed a leaf that does (adapters inside
-    the block then get their gradients). Under torchrun (DDP, FSDP2) it stays non-reentrant, the
-    form those wrappers' hooks are written for."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    Fine-tuning a frozen base in one process, the block's first forward runs without building a
+    graph (torch's reentrant checkpoint). The non-reentrant one records every op's graph node in
+    forward and keeps it to backward: small allocations, made between the block's temporaries of
+    1-4 MiB, which split the holes those leave in glibc's heap, so the next block cannot reuse
+    them and the heap grows past what is alive (QLoRA on SmolLM2, every block recomputed: 904 MiB
+    against 746 reentrant, the same speed). Training every weight it is the other way round (the
+    tiny preset, 16 x 256 tokens: 747 MiB reentrant, 720 non-reentrant, whose backward frees each
+    block's graph as it goes), and under torchrun (DDP, FSDP2) it stays non-reentrant, the form
+    those wrappers' hooks are written for. The reentrant form needs an input that requires a
+    gradient: the frozen embedding's output does not, so block 0 is handed a leaf that does."""
+    frozen_base = any(not p.requires_grad for p in block.parameters())
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed or not frozen_base:
         return checkpoint(block, x, *args, use_reentrant=False)
     if not x.requires_grad:
         x = x.detach().requires_grad_()
