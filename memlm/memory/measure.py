@@ -92,7 +92,7 @@ _start_rss: int | None = None
 
 # What the memlm program holds as it starts (torch and memlm imported, nothing run) differs by
 # machine and venv with the share of torch's libraries they map, and a command's runtime differs
-# with it (memlm.memory.estimate.runtime_bytes). Measured once per machine, venv and checkout (by
+# with it (memlm.memory.estimate.runtime_bytes). Measured once per boot, venv and checkout (by
 # the program's own start, or else a fresh process) and kept under memlm's cache, so every process
 # there, the program's, a library user's or a test's, places its runtime the same way.
 _PROBE = "import memlm.cli; from memlm.memory.measure import current_rss_bytes; print(current_rss_bytes())"
@@ -121,9 +121,14 @@ def _start_key() -> dict[str, str]:
                     if line.startswith("model name")), "")
     except OSError:
         pass
+    boot = ""
+    try:  # a machine started afresh maps its libraries anew: the same paths measured 231 and 291 MiB
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        pass
     return {"python": sys.executable, "torch": f"{torch.__version__} {Path(torch.__file__).parent}",
             "memlm": str(Path(memlm.__file__).parent), "kernel": os.uname().release, "cpu": cpu,
-            "cpus": str(os.cpu_count())}
+            "cpus": str(os.cpu_count()), "boot": boot}
 
 
 def _kept_or_measured_start() -> int:
