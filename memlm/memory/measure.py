@@ -115,20 +115,21 @@ def _start_key() -> dict[str, str]:
 
     import memlm
 
-    cpu = ""
-    try:
-        cpu = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
-    boot = ""
-    try:  # a machine started afresh maps its libraries anew: the same paths measured 231 and 291 MiB
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        pass
+    cpu = next((line.partition(":")[2].strip() for line in _text("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), "")
+    # a machine started afresh maps its libraries anew: the same paths measured 231 and 291 MiB
+    boot = _text("/proc/sys/kernel/random/boot_id").strip()
     return {"python": sys.executable, "torch": f"{torch.__version__} {Path(torch.__file__).parent}",
             "memlm": str(Path(memlm.__file__).parent), "kernel": os.uname().release, "cpu": cpu,
             "cpus": str(os.cpu_count()), "boot": boot}
+
+
+def _text(path: str) -> str:
+    """A file's text, or "" where it cannot be read (off Linux)."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def _kept_or_measured_start() -> int:
