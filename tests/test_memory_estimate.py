@@ -414,10 +414,11 @@ def _runtime_in_fresh_process(cache) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_the_runtime_moves_with_this_machines_program_start_kept_once(tmp_path):
-    """The memlm program's start is measured once (a fresh `import memlm.cli`: torch imported, so
-    well over 100 MiB) and kept: every later process reads the same figure, and the CPU runtime
-    terms move by its difference from the calibration's start; CUDA's do not."""
+def test_the_runtime_moves_with_this_machines_program_start_kept_a_while(tmp_path):
+    """A library process measures the memlm program's start once (a fresh `import memlm.cli`:
+    torch imported, so well over 100 MiB) and keeps it: processes in the next minutes read the same
+    figure, and the CPU runtime terms move by its difference from the calibration's start; CUDA's
+    do not. A figure kept longer ago is measured again (the start moves within a boot)."""
     first = _runtime_in_fresh_process(tmp_path)
     kept = list(tmp_path.glob("program-start-*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["bytes"] == first["start"]
@@ -430,3 +431,36 @@ def test_the_runtime_moves_with_this_machines_program_start_kept_once(tmp_path):
     second = _runtime_in_fresh_process(tmp_path)
     assert second["start"] == first["start"] + 60 * est.MiB
     assert second["train"] == first["train"] + 60 * est.MiB
+
+    from memlm.memory.measure import START_KEPT_SECONDS
+
+    record = json.loads(kept[0].read_text())  # the same 60 MiB more, kept too long ago
+    kept[0].write_text(json.dumps({**record, "time": record["time"] - START_KEPT_SECONDS - 1}))
+    third = _runtime_in_fresh_process(tmp_path)
+    assert third["start"] != second["start"]
+    assert abs(third["start"] - first["start"]) < 30 * est.MiB
+    assert json.loads(kept[0].read_text())["bytes"] == third["start"]
+
+
+def test_the_program_takes_its_own_start_and_keeps_it_for_the_processes_after_it(tmp_path):
+    """`memlm plan` places its runtime by its own start, whatever was kept before (here a figure
+    200 MiB off), and keeps its start: a library process just after predicts the same runtime."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    _runtime_in_fresh_process(tmp_path)
+    (kept,) = tmp_path.glob("program-start-*.json")
+    planted = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**planted, "bytes": planted["bytes"] + 200 * est.MiB}))
+    env = {**os.environ, "MEMLM_CACHE": str(tmp_path), "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "memlm", "plan", "--model", "tiny", "--seq-len", "16",
+                          "--micro-batch", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    own = json.loads(kept.read_text())["bytes"]
+    assert abs(own - planted["bytes"]) < 30 * est.MiB
+    after = _runtime_in_fresh_process(tmp_path)
+    assert after["start"] == own
+    runtime_row = re.search(r"runtime\D*([\d.]+) MiB", out.stdout + out.stderr)
+    assert runtime_row and float(runtime_row.group(1)) == pytest.approx(after["train"] / est.MiB, abs=0.1)

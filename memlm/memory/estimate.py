@@ -90,7 +90,8 @@ CALIBRATION_START_BYTES = 227 * MiB
 def runtime_bytes(device: str, kind: str) -> int:
     """RUNTIME_BYTES[device][kind] on this machine: on a CPU, moved by how much more (or less) the
     memlm program holds at its start here than the calibration's commands did
-    (memlm.memory.measure.program_start_rss_bytes, the same figure for every process here)."""
+    (memlm.memory.measure.program_start_rss_bytes: the program's own start, kept a while for the
+    processes beside it)."""
     measured = RUNTIME_BYTES[device][kind]
     start = program_start_rss_bytes() if device == "cpu" else None
     if start is None:

@@ -82,7 +82,7 @@ def process_peak_rss_bytes() -> int:
 
 def note_start() -> None:
     """Remember this process's resident memory now, as the memlm program starts (memlm.cli.run):
-    where `program_start_rss_bytes` has no figure kept for this machine yet, this is it."""
+    in this process it is `program_start_rss_bytes`, and it is kept for the processes after it."""
     global _start_rss
     if _start_rss is None:
         _start_rss = current_rss_bytes()
@@ -92,18 +92,23 @@ _start_rss: int | None = None
 
 # What the memlm program holds as it starts (torch and memlm imported, nothing run) differs by
 # machine and venv with the share of torch's libraries they map, and a command's runtime differs
-# with it (memlm.memory.estimate.runtime_bytes). Measured once per boot, venv and checkout (by
-# the program's own start, or else a fresh process) and kept under memlm's cache, so every process
-# there, the program's, a library user's or a test's, places its runtime the same way.
+# with it (memlm.memory.estimate.runtime_bytes). It moves on one machine too, with the state of
+# those libraries' pages: the same checkout started at 291 MiB just after its venv was installed
+# and at 231 MiB three hours later, on one boot. So the program takes its own start, and keeps it
+# under memlm's cache for the processes after it (a library user's or a test's), which read it
+# while it is recent and otherwise measure a fresh program's start themselves.
 _PROBE = "import memlm.cli; from memlm.memory.measure import current_rss_bytes; print(current_rss_bytes())"
+START_KEPT_SECONDS = 600
 
 
 def program_start_rss_bytes() -> int | None:
-    """The memlm program's resident memory at its start on this machine (None where it cannot be
-    measured: off Linux, or the probe failed)."""
+    """The memlm program's resident memory at its start on this machine, now (None where it cannot
+    be measured: off Linux, or the probe failed)."""
     global _program_start
     if _program_start is None:
-        _program_start = _kept_or_measured_start()
+        _program_start = _start_rss if _start_rss else _kept_or_measured_start()
+        if _start_rss:
+            _keep_start(_start_rss)
     return _program_start or None
 
 
@@ -117,11 +122,9 @@ def _start_key() -> dict[str, str]:
 
     cpu = next((line.partition(":")[2].strip() for line in _text("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), "")
-    # a machine started afresh maps its libraries anew: the same paths measured 231 and 291 MiB
-    boot = _text("/proc/sys/kernel/random/boot_id").strip()
     return {"python": sys.executable, "torch": f"{torch.__version__} {Path(torch.__file__).parent}",
             "memlm": str(Path(memlm.__file__).parent), "kernel": os.uname().release, "cpu": cpu,
-            "cpus": str(os.cpu_count()), "boot": boot}
+            "cpus": str(os.cpu_count()), "boot": _text("/proc/sys/kernel/random/boot_id").strip()}
 
 
 def _text(path: str) -> str:
@@ -132,41 +135,53 @@ def _text(path: str) -> str:
         return ""
 
 
-def _kept_or_measured_start() -> int:
+def _kept_start_path() -> tuple[Path, dict[str, str]]:
     import hashlib
     import json
-    import os
-    import subprocess
 
     from memlm.kernels import cache_root
 
-    if current_rss_bytes() == 0:
-        return 0
     key = _start_key()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / f"program-start-{digest}.json"
+    return cache_root() / f"program-start-{digest}.json", key
+
+
+def _kept_or_measured_start() -> int:
+    import json
+    import subprocess
+
+    if current_rss_bytes() == 0:
+        return 0
+    path, key = _kept_start_path()
     try:
         record = json.loads(path.read_text())
-        if record["key"] == key:
+        if record["key"] == key and 0 <= time.time() - float(record["time"]) < START_KEPT_SECONDS:
             return int(record["bytes"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    measured = _start_rss
-    if measured is None:
-        try:
-            out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300,
-                                 check=True).stdout
-            measured = int(out.split()[-1])
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            return 0
-    try:  # kept atomically: a process reading it meanwhile sees the old file or none
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300,
+                             check=True).stdout
+        measured = int(out.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
+    _keep_start(measured)
+    return measured
+
+
+def _keep_start(measured: int) -> None:
+    """Keep a start figure atomically: a process reading it meanwhile sees the old file or none."""
+    import json
+    import os
+
+    path, key = _kept_start_path()
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({"key": key, "bytes": measured}))
+        partial.write_text(json.dumps({"key": key, "bytes": measured, "time": time.time()}))
         os.replace(partial, path)
     except OSError:
         pass
-    return measured
 
 
 def return_free_heap() -> None:
