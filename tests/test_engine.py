@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from memlm.config import ModelConfig, cache_length
-from memlm.infer.engine import Engine, PackedLinear, can_pack, decode_step, fuse_projections, pack_linears, prefill
+from memlm.infer.engine import (Engine, PackedLinear, can_pack, decode_and_prefill, decode_step, fuse_projections,
+                                pack_linears, prefill)
 from memlm.infer.generate import generate_batch, generate_ids
 from memlm.infer.sampling import SamplingSettings
 from memlm.model import Decoder, KVCache
+from memlm.model.kv_cache import CacheWindow
 
 FLAVOURS = {
     "llama-gqa-rope": dict(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_heads=2, bias=False),
@@ -68,6 +70,36 @@ def test_decode_in_slots_of_a_shared_pool_equals_each_sequence_alone(flavour):
     torch.testing.assert_close(first[0], alone_logits(model, short), atol=1e-5, rtol=1e-5)
     nxt = decode_step(model, torch.tensor([3]), torch.tensor([2]), pool, torch.tensor([0]))
     torch.testing.assert_close(nxt[0], alone_logits(model, short + [3]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+@pytest.mark.parametrize("engine", ["bare", "fused and packed"])
+def test_a_mixed_batch_computes_each_sequence_as_alone(flavour, engine):
+    """One forward for a decode step of the pool's first slots (one of them parked: a half
+    prefilled prompt fed a dummy token where its next piece goes) and the next pieces of two
+    prompts, one in that parked slot: every row's logits are its sequence's alone, and the cache
+    then continues each sequence as alone."""
+    model = flavour_model(flavour)
+    if engine != "bare":
+        model = Engine(model, fuse=True).model
+    pool = KVCache(model.config, slots=4, max_len=40)
+    running, prompt, late = PROMPTS[0] + [42], PROMPTS[1], [31, 32, 33, 34]
+    prefill(model, torch.tensor([running]), torch.tensor([len(running)]), pool, torch.tensor([0]))
+    prefill(model, torch.tensor([prompt[:4]]), torch.tensor([4]), pool, torch.tensor([1]))  # half in
+    # Decode rows: slot 0 (running), slot 1 parked at position 4; pieces: slot 1 from 4, slot 3 from 0.
+    rest = prompt[4:]
+    ids = torch.tensor([rest, late + [late[0]] * (len(rest) - len(late))])
+    window = CacheWindow(pool, 2, 40)
+    stepped, last = decode_and_prefill(model, torch.tensor([8, 0]), torch.tensor([len(running), 4]), window, ids,
+                                       torch.tensor([len(rest), len(late)]), pool, torch.tensor([1, 3]),
+                                       torch.tensor([4, 0]))
+    torch.testing.assert_close(stepped[0], alone_logits(model, running + [8]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[0], alone_logits(model, prompt), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[1], alone_logits(model, late), atol=1e-5, rtol=1e-5)
+    nxt = decode_step(model, torch.tensor([5, 6, 7]), torch.tensor([len(running) + 1, len(prompt), len(late)]), pool,
+                      torch.tensor([0, 1, 3]))
+    for row, seq in enumerate([running + [8, 5], prompt + [6], late + [7]]):
+        torch.testing.assert_close(nxt[row], alone_logits(model, seq), atol=1e-5, rtol=1e-5)
 
 
 def _quantized(model: Decoder, fmt: str) -> Decoder:

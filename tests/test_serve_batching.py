@@ -92,12 +92,13 @@ def test_sequences_joining_and_leaving_a_batch_each_generate_what_they_would_alo
 def test_prompts_prefilled_in_pieces_between_decode_steps_generate_what_they_would_alone(tiny_lm, one_thread,
                                                                                          monkeypatch):
     """Chunked prefill: with tiny piece budgets every longer prompt enters the cache over several
-    steps, in batches with other prompts at other offsets, while other sequences decode; each
-    output still equals the prompt run alone."""
+    steps, in batches with other prompts at other offsets, while other sequences decode (in the
+    same forward as their decode steps); each output still equals the prompt run alone."""
     import memlm.serve.scheduler as scheduling
 
     monkeypatch.setattr(scheduling, "PREFILL_TOKENS", 9)
-    monkeypatch.setattr(scheduling, "PREFILL_WHILE_DECODING", 4)
+    monkeypatch.setattr(scheduling, "STEP_TOKENS", 6)  # 4 slots: pieces of 2 to 5 tokens while decoding
+    monkeypatch.setattr(scheduling, "MIN_PIECE", 2)
     prompts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(10)]
     settings = [SamplingSettings(max_new_tokens=5 + 2 * i, temperature=0 if i % 2 else 0.8, top_k=0 if i % 2 else 30,
                                  seed=None if i % 2 else 7 + i, ignore_eos=True) for i in range(10)]
@@ -117,6 +118,7 @@ def test_prompts_prefilled_in_pieces_between_decode_steps_generate_what_they_wou
     assert [c.result for c in first + later] == expected
     assert s.stats.prompt_tokens == sum(map(len, ids))
     assert s.stats.prefill_steps >= sum(map(len, ids)) / 9  # no forward ran more than its budget
+    assert 0 < s.stats.mixed_steps < s.stats.steps  # pieces rode with decode steps, and steps ran alone
     assert s.running == 0 and s.waiting == 0
 
 

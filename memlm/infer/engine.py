@@ -52,6 +52,24 @@ def prefill(model: Decoder, ids: torch.Tensor, lengths: torch.Tensor, cache: KVC
 
 
 @torch.no_grad()
+def decode_and_prefill(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, decode_cache: KVCache,
+                       ids: torch.Tensor, lengths: torch.Tensor, prefill_cache: KVCache, slots: torch.Tensor,
+                       starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step (tokens, positions as in decode_step, the cache's first slots) and the next
+    piece of some prompts (ids, lengths, slots, starts as in prefill; one chunk) in ONE forward:
+    (decode logits (B, V), logits after each piece's last token (B', V)). Each weight is read
+    once for both (Block.forward_batches), where two forwards read them twice: a server's
+    running sequences wait for one step, not a step and a piece. The decode rows run first, so a
+    piece's keys overwrite whatever its slot's parked row wrote (memlm.serve.scheduler)."""
+    at = starts[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    stepped, pieces = model.hidden_states_batches([(tokens[:, None], decode_cache, positions[:, None], None),
+                                                   (ids, prefill_cache, at, slots)])
+    last = pieces[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+    logits = model.lm_head(torch.cat([stepped[:, -1], last]))
+    return logits[:tokens.shape[0]], logits[tokens.shape[0]:]
+
+
+@torch.no_grad()
 def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor | None = None, blocks: list | None = None) -> torch.Tensor:
     """One new token per sequence: tokens (B,) at positions (B,) -> next-token logits (B, V).
@@ -249,6 +267,15 @@ class Engine:
                 slots: torch.Tensor | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
         return prefill(self.model, ids, lengths, cache, slots, starts=starts)
 
+    @property
+    def mixes(self) -> bool:
+        """Whether `decode_and_prefill` runs as one forward (eager; a compiled step has its own shapes)."""
+        return not self.compiled
+
+    def decode_and_prefill(self, tokens, positions, decode_cache, ids, lengths, prefill_cache, slots, starts):
+        return decode_and_prefill(self.model, tokens, positions, decode_cache, ids, lengths, prefill_cache, slots,
+                                  starts)
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                slots: torch.Tensor | None = None) -> torch.Tensor:
         if not self.compiled:
@@ -278,6 +305,7 @@ class StateEngine:
 
     compiled = False
     compile_seconds = 0.0
+    mixes = False  # a decode step and a prefill are two calls
 
     def __init__(self, model: nn.Module, cache_dtype: torch.dtype | None = None):
         self.model = model

@@ -93,7 +93,19 @@ class Decoder(nn.Module):
 
         blocks: what runs each of self.blocks (default: the blocks themselves; a compiled decode
         step passes their compiled forms, memlm.infer.engine)."""
-        B, T = idx.shape
+        x, rope, mask = self._inputs(idx, cache, positions)
+        for i, block in enumerate(blocks or self.blocks):
+            kv = None if cache is None else cache[i]
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                x = recomputed(block, x, rope, kv, positions, slots, mask)
+            else:
+                x = block(x, rope, kv, positions, slots, mask)
+        return self.norm(x)
+
+    def _inputs(self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None):
+        """What the blocks take for token ids (B, T): embeddings (B, T, d) with learned or
+        sinusoidal positions added, RoPE's angles, and which cached keys each token sees."""
+        T = idx.shape[1]
         x = self.tok_emb(idx)  # (B, T, d)
         mask = None
         if cache is not None:
@@ -108,14 +120,19 @@ class Decoder(nn.Module):
             rope = (self.rope_cos[where], self.rope_sin[where])  # (T, hd) each, or (B, T, hd)
             if positions is not None:
                 rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): one set per row, all heads
-        x = self.drop(x)
-        for i, block in enumerate(blocks or self.blocks):
-            kv = None if cache is None else cache[i]
-            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                x = recomputed(block, x, rope, kv, positions, slots, mask)
-            else:
-                x = block(x, rope, kv, positions, slots, mask)
-        return self.norm(x)
+        return self.drop(x), rope, mask
+
+    def hidden_states_batches(self, batches: list[tuple]) -> list[torch.Tensor]:
+        """hidden_states of several cached batches at once, each (idx, cache, positions, slots),
+        as if run one after the other: every block reads its weights once for all their tokens
+        (Block.forward_batches). Inference only."""
+        inputs = [self._inputs(idx, cache, positions) for idx, cache, positions, _ in batches]
+        xs = [x for x, _, _ in inputs]
+        for i, block in enumerate(self.blocks):
+            per_batch = [(rope, cache[i], positions, slots, mask)
+                         for (_, rope, mask), (_, cache, positions, slots) in zip(inputs, batches)]
+            xs = block.forward_batches(xs, per_batch)
+        return [self.norm(x) for x in xs]
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None, last_only: bool = False,

@@ -76,15 +76,21 @@ class Attention(nn.Module):
         """With a cache (kv: this layer's LayerKV): this chunk's keys and values are stored at
         `positions` (B, T) and the queries see what `mask` (B, 1, T, max_len) allows; without one,
         plain causal attention."""
-        B, T, _ = x.shape
+        return self.o_proj(self.attend(*self.project(x), rope, kv, positions, slots, mask))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values of x (..., d): (..., nh * hd), (..., nkv * hd) twice."""
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(
+            return self.qkv_proj(x).split(
                 [self.n_head * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q, k, v, rope=None, kv=None, positions=None, slots=None, mask=None) -> torch.Tensor:
+        """Attention of projected q, k, v (B, T, ...) (see forward): (B, T, nh * hd), before o_proj."""
+        B, T, _ = q.shape
+        q = q.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -97,7 +103,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 class CrossAttention(nn.Module):
@@ -190,3 +196,18 @@ class Block(nn.Module):
     def forward(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv, positions, slots, mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+    def forward_batches(self, xs: list[torch.Tensor], batches: list[tuple]) -> list[torch.Tensor]:
+        """Inference on several batches at once, each x (B, T, d) with its own (rope, kv, positions,
+        slots, mask), as `forward` would run them one after the other (a server's decode rows and a
+        prompt's next piece). The norms, projections and MLP run over all their tokens together,
+        so each weight is read from memory once, not once per batch; attention runs per batch, in
+        order (a later batch's writes to the cache land after an earlier one's)."""
+        sizes = [x.shape[0] * x.shape[1] for x in xs]
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        projected = [part.split(sizes) for part in self.attn.project(self.attn_norm(flat))]
+        attended = [self.attn.attend(*(p[i].reshape(*x.shape[:2], -1) for p in projected), *batch).flatten(0, 1)
+                    for i, (x, batch) in enumerate(zip(xs, batches))]
+        flat = flat + self.attn.o_proj(torch.cat(attended))
+        flat = flat + self.mlp(self.mlp_norm(flat))
+        return [part.view(x.shape) for part, x in zip(flat.split(sizes), xs)]

@@ -9,13 +9,16 @@ shape of vLLM's engine step, kept small):
 2. admit: waiting sequences take free slots of the KV pool;
 3. prefill: admitted prompts run through the model together (right-padded, each at its own
    positions: memlm.infer.engine.prefill), PREFILL_TOKENS padded tokens a step when nothing
-   else runs, only PREFILL_WHILE_DECODING while other sequences decode: a long prompt is
-   prefilled a piece per step, so it delays the running sequences' next token by one piece's
-   time, not by its whole prompt's (chunked prefill, as vLLM and Sarathi interleave it). A
+   else runs, only what STEP_TOKENS leaves beside the running rows while they decode: a long
+   prompt is prefilled a piece per step (chunked prefill, as vLLM and Sarathi interleave it). A
    sequence whose prompt is in samples its first token from the last piece's logits;
 4. decode: ONE batched forward for every running sequence (engine.decode_step: each row its
    own slot and position), then each row samples with its own settings, emits its text, and
    leaves at once when it ends (EOS, a stop string, max_tokens).
+
+While sequences decode and prompts wait, steps 3 and 4 are one forward (a mixed batch, as in
+vLLM: engine.decode_and_prefill): each weight is read once for the running rows' tokens and the
+piece's, so the running sequences' next token waits for one step, not a step and a piece.
 
 The pool is allocated once, at its full size (slots x context, the bytes the memory plan
 counted); a step attends only over the positions its rows have reached (a window of the pool),
@@ -46,10 +49,14 @@ from memlm.model.kv_cache import CacheWindow
 log = logging.getLogger("memlm.serve")
 
 PREFILL_TOKENS = PREFILL_CHUNK  # padded prompt tokens a prefill step runs while nothing decodes
-# ... and while sequences decode: each of their tokens waits for one such piece. 32 tokens of
-# SmolLM2 int4 take about as long as a 16-row decode step on this 2-core CPU, so the pause stays
-# a small multiple of a step; fewer would pay each forward's fixed cost more often.
-PREFILL_WHILE_DECODING = 32
+# ... and while sequences decode, a step runs at most STEP_TOKENS tokens in all: one per running
+# row, the rest (at least MIN_PIECE) for the prompts' pieces, as vLLM's chunked prefill budgets a
+# step's tokens. Each running token waits for one such step, so the step must stay short: on the
+# 2-core AMD EPYC (SmolLM2, 15 decoding rows, 2026-12-03) a mixed step with a 16-token piece took
+# 120-154 ms in fp32 (81-104 int4), with a 32-token piece 198-207 (123-142): 47 rows cross
+# oneDNN's packed-matmul bucket of 32 (memlm.infer.engine.PACKED_ROWS) into 64.
+STEP_TOKENS = 32
+MIN_PIECE = 8
 
 
 @dataclass
@@ -128,7 +135,8 @@ class Stats:
     steps: int = 0
     tokens: int = 0  # generated
     prompt_tokens: int = 0  # prefilled
-    prefill_steps: int = 0  # prefill forwards (a prompt may take several: PREFILL_WHILE_DECODING)
+    prefill_steps: int = 0  # prefill forwards (a prompt may take several: STEP_TOKENS)
+    mixed_steps: int = 0  # forwards that were a decode step and a prefill piece at once
     sequences: int = 0  # finished or cancelled
     peak_rows: int = 0  # the most rows one decode step has run
     on_first_token: Callable[[float], None] | None = None  # seconds from submit to the first token
@@ -220,10 +228,13 @@ class Scheduler:
                     return
                 self._admit()
             try:
-                if self._prefilling:
-                    self._prefill()
-                if self._rows:
-                    self._decode()
+                if self._prefilling and self._rows and self.engine.mixes:
+                    self._decode_and_prefill()
+                else:
+                    if self._prefilling:
+                        self._prefill()
+                    if self._rows:
+                        self._decode()
             except Exception as e:  # noqa: BLE001 - a failed step must not stop the server
                 log.exception("a generation step failed")
                 for row in self._prefilling + self._rows:
@@ -246,10 +257,34 @@ class Scheduler:
             self._prefilling.append(_Row(seq, self._free.pop(), TextStream(self.lm.tokenizer, s.stop), generator))
 
     def _prefill(self) -> None:
-        """The next piece of the prefilling prompts, oldest first, as many rows as fit the step's
-        padded-token budget (always at least one). A row whose prompt is then all in the cache
-        samples its first token and joins the decoding rows."""
-        budget = PREFILL_WHILE_DECODING if self._rows else PREFILL_TOKENS
+        """The next piece of the prefilling prompts, alone in a forward (nothing decodes, or the
+        engine cannot mix the two)."""
+        rows, pieces, ids, lengths, starts, slots, window = self._next_pieces()
+        self._prefilled(rows, pieces, self.engine.prefill(ids, lengths, window, slots, starts))
+
+    def _decode(self) -> None:
+        """One forward for every running row."""
+        rows, tokens, positions, window = self._next_tokens()
+        self._decoded(rows, self.engine.decode(tokens, positions, window))
+
+    def _decode_and_prefill(self) -> None:
+        """The running rows' next token and the next piece of the prefilling prompts in ONE
+        forward (engine.decode_and_prefill): the running rows wait for one step, not a step and a
+        piece. The rows are picked before either is applied, so a prompt that completes here
+        decodes from the next step on."""
+        rows, tokens, positions, window = self._next_tokens()
+        prefilled, pieces, ids, lengths, starts, slots, prefill_window = self._next_pieces()
+        stepped, last = self.engine.decode_and_prefill(tokens, positions, window, ids, lengths, prefill_window,
+                                                       slots, starts)
+        self.stats.mixed_steps += 1
+        self._decoded(rows, stepped)
+        self._prefilled(prefilled, pieces, last)
+
+    def _next_pieces(self):
+        """The prefilling prompts' next pieces, oldest first, as many rows as fit the step's
+        padded-token budget (always at least one): the rows, their pieces and the prefill's
+        arguments."""
+        budget = max(STEP_TOKENS - len(self._rows), MIN_PIECE) if self._rows else PREFILL_TOKENS
         rows: list[_Row] = []
         width, room = 0, self.pool.max_len
         for row in self._prefilling:
@@ -267,8 +302,12 @@ class Scheduler:
         lengths = torch.tensor([len(p) for p in pieces], device=device)
         starts = torch.tensor([r.position for r in rows], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
-        logits = self.engine.prefill(ids, lengths, self._window(int(starts.max()) + width), slots, starts)
-        self.stats.prompt_tokens += int(lengths.sum())
+        return rows, pieces, ids, lengths, starts, slots, self._window(int(starts.max()) + width)
+
+    def _prefilled(self, rows: list[_Row], pieces: list[list[int]], logits: torch.Tensor) -> None:
+        """The pieces are in the cache: a row whose prompt is then all in samples its first token
+        (from its piece's last logits) and joins the decoding rows."""
+        self.stats.prompt_tokens += sum(len(p) for p in pieces)
         self.stats.prefill_steps += 1
         for i, (row, piece) in enumerate(zip(rows, pieces)):
             row.position += len(piece)
@@ -278,15 +317,14 @@ class Scheduler:
         self._prefilling = [r for r in self._prefilling if not r.done and r.position < len(r.seq.prompt)]
         self._rows = [r for r in self._rows if not r.done]
 
-    def _decode(self) -> None:
-        """One forward for every running row. The batch is the pool's first `top` slots, the
-        lowest slots being taken first: a slot between two running ones that is free feeds a
-        dummy token into itself (its content is garbage anyway, and the next prefill there
-        starts at position 0); a slot whose prompt is half prefilled takes it at the position
-        its next piece overwrites. So the step attends over a view of the pool, never a copy of
-        the rows' keys and values."""
+    def _next_tokens(self):
+        """The decode step's batch: the pool's first `top` slots, the lowest slots being taken
+        first. A slot between two running ones that is free feeds a dummy token into itself (its
+        content is garbage anyway, and the next prefill there starts at position 0); a slot whose
+        prompt is half prefilled takes it at the position its next piece overwrites. So the step
+        attends over a view of the pool, never a copy of the rows' keys and values."""
         device = self.engine.device
-        rows = self._rows
+        rows = list(self._rows)
         whole = self.engine.compiled  # one static shape for the compiled step: the whole pool
         top = self.pool.slots if whole else max(r.slot for r in rows) + 1
         parked = [r for r in self._prefilling if r.slot < top]  # fed a dummy token, see above
@@ -296,14 +334,17 @@ class Scheduler:
             positions[r.slot] = r.position
         for r in rows:
             tokens[r.slot], positions[r.slot] = r.token, r.position
-        logits = self.engine.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
-                                    self._window(length, top))
+        return (rows, torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
+                self._window(length, top))
+
+    def _decoded(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row samples its next token from its slot's logits."""
         self.stats.steps += 1
         self.stats.peak_rows = max(self.stats.peak_rows, len(rows))
         for row in rows:
             row.position += 1
             self._advance(row, logits[row.slot:row.slot + 1])
-        self._rows = [r for r in rows if not r.done]
+        self._rows = [r for r in self._rows if not r.done]
 
     def _window(self, needed: int, top: int | None = None):
         """The pool's first `top` slots (all: None) and first positions, enough for `needed`
