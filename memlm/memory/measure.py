@@ -106,9 +106,11 @@ def program_start_rss_bytes() -> int | None:
     be measured: off Linux, or the probe failed)."""
     global _program_start
     if _program_start is None:
-        _program_start = _start_rss if _start_rss else _kept_or_measured_start()
         if _start_rss:
-            _keep_start(_start_rss)
+            _program_start = _start_rss
+            _keep_start(*_kept_start_path(), _start_rss)
+        else:
+            _program_start = _kept_or_measured_start()
     return _program_start or None
 
 
@@ -165,16 +167,15 @@ def _kept_or_measured_start() -> int:
         measured = int(out.split()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return 0
-    _keep_start(measured)
+    _keep_start(path, key, measured)
     return measured
 
 
-def _keep_start(measured: int) -> None:
+def _keep_start(path: Path, key: dict[str, str], measured: int) -> None:
     """Keep a start figure atomically: a process reading it meanwhile sees the old file or none."""
     import json
     import os
 
-    path, key = _kept_start_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
