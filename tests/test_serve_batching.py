@@ -122,6 +122,30 @@ def test_prompts_prefilled_in_pieces_between_decode_steps_generate_what_they_wou
     assert s.running == 0 and s.waiting == 0
 
 
+def test_a_mixed_step_counts_the_free_slots_its_decode_batch_runs(tiny_lm, one_thread, monkeypatch):
+    """Running rows in slots 0 and 3 make a decode batch of 4 rows (the free slots between them are
+    computed too), so a prompt's piece beside them gets STEP_TOKENS - 4 tokens, not - 2."""
+    import memlm.serve.scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "STEP_TOKENS", 10)
+    monkeypatch.setattr(scheduling, "MIN_PIECE", 2)
+    s = Scheduler(tiny_lm, slots=4, context=128, queue_size=8)
+    s.start()
+    try:
+        lengths = [100, 2, 2, 100]  # slots 0..3, the middle two end at once
+        runs = [submit(s, tiny_lm, "x", SamplingSettings(max_new_tokens=n, temperature=0, ignore_eos=True))[1]
+                for n in lengths]
+        assert runs[1].done.wait(60) and runs[2].done.wait(60)
+        long_prompt = " ".join(WORDS[:8])
+        assert len(tiny_lm.tokenizer.encode(long_prompt)) > 3 * 10
+        late = submit(s, tiny_lm, long_prompt, SamplingSettings(max_new_tokens=2, temperature=0, ignore_eos=True))[1]
+        assert late.done.wait(60)
+        assert not runs[0].done.is_set() and not runs[3].done.is_set()  # it was prefilled beside them
+    finally:
+        s.stop()
+    assert s.stats.mixed_steps > 0 and s.stats.peak_mixed_tokens == 10
+
+
 def test_a_cancelled_sequence_leaves_its_slot_before_the_next_step(scheduler, tiny_lm):
     long = SamplingSettings(max_new_tokens=100, temperature=0, ignore_eos=True)
     seq, c = submit(scheduler, tiny_lm, "The for statement", long)

@@ -139,6 +139,7 @@ class Stats:
     mixed_steps: int = 0  # forwards that were a decode step and a prefill piece at once
     sequences: int = 0  # finished or cancelled
     peak_rows: int = 0  # the most rows one decode step has run
+    peak_mixed_tokens: int = 0  # the most tokens one mixed step has run: decode rows + padded pieces
     on_first_token: Callable[[float], None] | None = None  # seconds from submit to the first token
     on_token_gap: Callable[[float], None] | None = None  # seconds between two tokens of a sequence
 
@@ -259,7 +260,7 @@ class Scheduler:
     def _prefill(self) -> None:
         """The next piece of the prefilling prompts, alone in a forward (nothing decodes, or the
         engine cannot mix the two)."""
-        rows, pieces, ids, lengths, starts, slots, window = self._next_pieces()
+        rows, pieces, ids, lengths, starts, slots, window = self._next_pieces(len(self._rows))
         self._prefilled(rows, pieces, self.engine.prefill(ids, lengths, window, slots, starts))
 
     def _decode(self) -> None:
@@ -273,18 +274,21 @@ class Scheduler:
         piece. The rows are picked before either is applied, so a prompt that completes here
         decodes from the next step on."""
         rows, tokens, positions, window = self._next_tokens()
-        prefilled, pieces, ids, lengths, starts, slots, prefill_window = self._next_pieces()
+        prefilled, pieces, ids, lengths, starts, slots, prefill_window = self._next_pieces(len(tokens))
         stepped, last = self.engine.decode_and_prefill(tokens, positions, window, ids, lengths, prefill_window,
                                                        slots, starts)
         self.stats.mixed_steps += 1
+        self.stats.peak_mixed_tokens = max(self.stats.peak_mixed_tokens, len(tokens) + ids.numel())
         self._decoded(rows, stepped)
         self._prefilled(prefilled, pieces, last)
 
-    def _next_pieces(self):
+    def _next_pieces(self, decoding: int):
         """The prefilling prompts' next pieces, oldest first, as many rows as fit the step's
         padded-token budget (always at least one): the rows, their pieces and the prefill's
-        arguments."""
-        budget = max(STEP_TOKENS - len(self._rows), MIN_PIECE) if self._rows else PREFILL_TOKENS
+        arguments. `decoding` is the rows the step's decode runs beside them: in a mixed step the
+        decode batch's, free and parked slots below the top one included, since those rows are
+        computed too."""
+        budget = max(STEP_TOKENS - decoding, MIN_PIECE) if decoding else PREFILL_TOKENS
         rows: list[_Row] = []
         width, room = 0, self.pool.max_len
         for row in self._prefilling:
