@@ -126,12 +126,19 @@ class PackedLinear(nn.Module):
     MKL's sgemm, behind F.linear, reads the plain row-major weight on every call: on the 2-core
     AMD EPYC of bench/results (2026-12-02, 2 threads, 30 layers' weights streamed from memory)
     oneDNN's packed matmul is 1.3-2.1x faster at 1 row, 1.9-2.3x at 16 and 1.3-2x at 64-256.
-    Inference only: no gradient flows through it, and the weight is no longer an nn.Parameter."""
+    Inference only: no gradient flows through it, and the weight is no longer an nn.Parameter.
 
-    def __init__(self, linear: nn.Linear):
+    reorder=False keeps the weight as it is, shared (a tied head: the embedding's one weight, where
+    a packed copy would cost its bytes again): oneDNN's matmul reads the plain layout too, and
+    still beats MKL's there (SmolLM2's 576x49152 head, same machine, 2026-12-03: 5.8 against
+    12.8 ms at 1 row, 10.9 against 24.1 at 16, 15.5 against 34.8 at 32; packed: 6.1, 8.4, 12.5)."""
+
+    def __init__(self, linear: nn.Linear, reorder: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16),
+        weight = linear.weight.detach()
+        self.reordered = reorder
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 16) if reorder else weight,
                              persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
@@ -151,7 +158,8 @@ class PackedLinear(nn.Module):
         return y if rows == n else y[:n]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+        layout = "oneDNN-packed" if self.reordered else "oneDNN, plain shared weight"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
 def can_pack() -> bool:
@@ -160,9 +168,10 @@ def can_pack() -> bool:
 
 
 def pack_linears(model: Decoder) -> Decoder:
-    """Every float32 nn.Linear of the blocks, and an untied head, into a PackedLinear, in place
-    (CPU inference). A tied head keeps the embedding's one weight: a packed copy would cost its
-    bytes again. Anything else (quantized, LoRA, low-rank layers, other dtypes) is left as it is."""
+    """Every float32 nn.Linear of the blocks, and the head, into a PackedLinear, in place (CPU
+    inference). A tied head keeps the embedding's one weight, unpacked (a packed copy would cost
+    its bytes again). Anything else (quantized, LoRA, low-rank layers, other dtypes) is left as
+    it is."""
     from memlm.memory.measure import return_free_heap
 
     def pack_children(parent: nn.Module) -> None:
@@ -176,8 +185,8 @@ def pack_linears(model: Decoder) -> Decoder:
         pack_children(block)
         return_free_heap()
     head = model.lm_head
-    if type(head) is nn.Linear and head.weight.dtype == torch.float32 and head.weight is not model.tok_emb.weight:
-        model.lm_head = PackedLinear(head)
+    if type(head) is nn.Linear and head.weight.dtype == torch.float32:
+        model.lm_head = PackedLinear(head, reorder=head.weight is not model.tok_emb.weight)
     return model
 
 
