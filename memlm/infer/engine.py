@@ -184,6 +184,13 @@ def pack_linears(model: Decoder) -> Decoder:
     for block in model.blocks:
         pack_children(block)
         return_free_heap()
+    return pack_head(model)
+
+
+def pack_head(model: Decoder) -> Decoder:
+    """A float32 head into a PackedLinear, in place: reordered when it has its own weight, the
+    embedding's plain weight when tied. Compiled engines take this alone: the head runs after
+    the compiled blocks, eager."""
     head = model.lm_head
     if type(head) is nn.Linear and head.weight.dtype == torch.float32:
         model.lm_head = PackedLinear(head, reorder=head.weight is not model.tok_emb.weight)
@@ -229,8 +236,8 @@ class Engine:
     def __init__(self, model: Decoder, compile: bool = False, fuse: bool = False,
                  cache_dtype: torch.dtype | None = None):
         self.model = fuse_projections(model) if fuse else model
-        if fuse and not compile and self.device.type == "cpu" and can_pack():
-            pack_linears(self.model)
+        if fuse and self.device.type == "cpu" and can_pack():
+            (pack_head if compile else pack_linears)(self.model)  # compiled blocks take plain weights
         self.cache_dtype = cache_dtype
         self.compiled = False
         self.compile_seconds = 0.0
