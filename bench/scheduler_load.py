@@ -8,8 +8,8 @@ clients' share of the 2 cores, whose noise swamps a scheduler change there).
 
 Each completion: a prompt of the load benchmark's questions (60 tokens), 48 tokens sampled at
 temperature 0.7 (ignore_eos). Reported: total tokens/s, p50/p95 gap between a sequence's
-outputs, p50 time to its first output, decode steps and how many of them were mixed with a
-prompt's piece (memlm.serve.scheduler)."""
+outputs, p50 time to its first output (percentiles taken as bench/serve_load.py takes them),
+decode steps and how many of them were mixed with a prompt's piece (memlm.serve.scheduler)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import threading
 import time
 
 from bench.common import load_average, write_results
-from bench.serve_load import PROMPTS
+from bench.serve_load import PROMPTS, pct
+
+MAX_TOKENS = 48  # per completion, all of them generated (ignore_eos)
 
 
 def run(fmt: str, clients: int, requests: int) -> dict:
@@ -44,7 +46,8 @@ def run(fmt: str, clients: int, requests: int) -> dict:
                     done.set()
 
             start = time.perf_counter()
-            settings = SamplingSettings(max_new_tokens=48, temperature=0.7, ignore_eos=True, seed=u * requests + k)
+            settings = SamplingSettings(max_new_tokens=MAX_TOKENS, temperature=0.7, ignore_eos=True,
+                                        seed=u * requests + k)
             scheduler.submit([Sequence(prompts[(u * requests + k) % len(prompts)], settings, 0, deliver)])
             done.wait(600)
             with lock:
@@ -59,16 +62,14 @@ def run(fmt: str, clients: int, requests: int) -> dict:
         t.join()
     wall = time.perf_counter() - began
     scheduler.stop()
-    gaps.sort()
-    firsts.sort()
 
     def ms(values, q):
-        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+        return round(pct(values, q) * 1000, 1)
 
     return {"format": fmt, "clients": clients, "requests": clients * requests,
-            "tokens_per_s": round(clients * requests * 48 / wall, 1), "gap_p50_ms": ms(gaps, 0.5),
+            "tokens_per_s": round(clients * requests * MAX_TOKENS / wall, 1), "gap_p50_ms": ms(gaps, 0.5),
             "gap_p95_ms": ms(gaps, 0.95), "first_p50_ms": ms(firsts, 0.5), "steps": scheduler.stats.steps,
-            "mixed_steps": getattr(scheduler.stats, "mixed_steps", 0), "load_avg": load_average()}
+            "mixed_steps": scheduler.stats.mixed_steps, "load_avg": load_average()}
 
 
 def main() -> None:

@@ -230,6 +230,9 @@ def wide_sources(tmp_path_factory, tok) -> dict[str, Path]:
     return {"hf": folder / "hf", "gguf": save_gguf(model, tok, folder / "wide.gguf", qtype="Q4_1")}
 
 
+START_SLACK = 2 * 2**20  # how far two CLI processes' own program starts may place their runtimes apart
+
+
 def _lean_budget(plain_run: dict) -> int:
     """A budget under what the run as always (float32, perplexity before and after) needed, by the
     plain run's own prediction: the plan has to skip the float32 perplexity and load straight into
@@ -238,9 +241,6 @@ def _lean_budget(plain_run: dict) -> int:
     from memlm.memory.plan import SAFETY_MARGIN
 
     return int(plain_run["predicted_peak_bytes"] / (1 - SAFETY_MARGIN)) - START_SLACK
-
-
-START_SLACK = 2 * 2**20
 
 
 def _tensors(folder: Path) -> tuple[dict, dict]:
