@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memlm.config import PREFILL_CHUNK, cache_length
+from memlm.infer.fused import fused_blocks
 from memlm.model import Decoder, KVCache
 
 log = logging.getLogger("memlm")
@@ -244,6 +245,12 @@ class Engine:
         self._cache: KVCache | None = None
         self._shapes_seen: set[tuple] = set()
         self._blocks: list | None = None
+        # Where the fused block op fits (memlm.infer.fused), a decode step runs it eager: each
+        # block is then one C++ op, and compiling has nothing left to fuse.
+        self._fused = fused_blocks(self.model) if fuse else None
+        if compile and self._fused is not None:
+            log.info("memlm: decode runs memlm's fused block op; nothing is compiled")
+            compile = False
         if compile:
             try:
                 self._blocks = compile_blocks(self.model)
@@ -295,7 +302,7 @@ class Engine:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                slots: torch.Tensor | None = None) -> torch.Tensor:
         if not self.compiled:
-            return decode_step(self.model, tokens, positions, cache, slots)
+            return decode_step(self.model, tokens, positions, cache, slots, self._fused)
         shape = (tokens.shape[0], cache.slots, cache.max_len, slots is None)
         if shape in self._shapes_seen:
             return decode_step(self.model, tokens, positions, cache, slots, self._blocks)

@@ -45,8 +45,10 @@ log = logging.getLogger("memlm")
 BLOCK = 32  # activation quantization block (inputs per int8 scale)
 _NAME = "memlm_quant_linear"
 _CSRC = Path(__file__).parent / "csrc"
-# Translation units that ninja compiles in parallel: the torch ops, the compute, its AMX part.
-_SOURCES = (_CSRC / "quant_linear.cpp", _CSRC / "quant_kernels.cpp", _CSRC / "amx_kernels.cpp")
+# Translation units that ninja compiles in parallel: the torch ops, the compute, its AMX part, the
+# fused decode block.
+_SOURCES = (_CSRC / "quant_linear.cpp", _CSRC / "quant_kernels.cpp", _CSRC / "amx_kernels.cpp",
+            _CSRC / "decode_block.cpp")
 # No -mavx2: the AVX2 functions carry their own target attribute and are chosen at run time, so
 # the portable fallback in the same file never contains AVX2 instructions. -fopenmp: at::parallel_for
 # is a header template that only splits work when the caller is compiled with OpenMP (it then

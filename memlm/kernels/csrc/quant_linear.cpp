@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "quant_kernels.h"
+#include "quant_linear.h"
 
 namespace memlm {
 namespace {
@@ -93,11 +94,11 @@ void split_outputs(int64_t rows, int64_t out, int64_t row_bytes, int64_t unit, K
   });
 }
 
-// y (rows x out) from the kernel a's layout is for: one activation row in tiles of kTile weight
-// rows, more one weight row at a time (see simd_kernels.h), or AMX's tiles of 16.
+// y (rows x out) from the kernel a's layout is for: one activation row in tiles of tile_rows
+// (<= kTile) weight rows, more one weight row at a time (see simd_kernels.h), or AMX's tiles of 16.
 template <typename Tile, typename Rows, typename Tiles>
-at::Tensor run_kernels(const at::Tensor& x, const Acts& a, int64_t out, int64_t row_bytes, Tile tile, Rows rows,
-                       Tiles tiles) {
+at::Tensor run_kernels(const at::Tensor& x, const Acts& a, int64_t out, int64_t row_bytes, int tile_rows, Tile tile,
+                       Rows rows, Tiles tiles) {
   at::Tensor y = at::empty({a.rows, out}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   if (a.layout == Layout::kTiles) {
@@ -107,12 +108,20 @@ at::Tensor run_kernels(const at::Tensor& x, const Acts& a, int64_t out, int64_t 
   } else if (a.layout == Layout::kQuads) {
     split_outputs(a.rows, out, row_bytes, 1, [&](int64_t o0, int64_t o1) { rows(o0, o1, yp); });
   } else {
-    split_outputs(a.rows, out, row_bytes, kTile, [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; o += kTile) tile(o, static_cast<int>(std::min<int64_t>(kTile, o1 - o)), yp);
+    split_outputs(a.rows, out, row_bytes, tile_rows, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; o += tile_rows) tile(o, static_cast<int>(std::min<int64_t>(tile_rows, o1 - o)), yp);
     });
   }
   return y;
 }
+
+// Weight rows per one-row tile. int4 does enough arithmetic per byte that one activation load
+// feeding 4 rows pays (SmolLM2's 49152 x 576 head at 2 threads on the 2-core EPYC of
+// bench/results: 0.60 ms in tiles of 4, 1.06 one row at a time). int8 has little arithmetic per
+// byte and is bound by how the weights stream: 4 rows read side by side, 576+ bytes apart, defeat
+// the hardware prefetcher, and the same head took 2.3 ms in tiles of 4, 1.2 (24-30 GB/s, the
+// machine's read bandwidth) one row at a time, reading the weights in order.
+constexpr int kInt4TileRows = kTile, kInt8TileRows = 1;
 
 // Dequantize + matmul: the float weights and torch's matmul (MKL / oneDNN) give y = x @ W^T. The weights
 // are converted kDequantChunk at a time, so no float copy of a whole large layer (a vocabulary
@@ -166,6 +175,23 @@ void check_weight(const char* op, const char* name, const at::Tensor& t, at::Sca
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// Chooses the code path ("portable", "avx2", "avx_vnni", "amx" or "best"), capped at what the CPU
+// has (tests and benchmarks use this to reach every path); returns the one now in use.
+std::string set_isa(const std::string& name) {
+  int wanted = name == "best" ? best_isa() : -1;
+  for (int i = kPortable; i <= kAmx; ++i)
+    if (name == kIsaNames[i]) wanted = i;
+  TORCH_CHECK(wanted >= 0, "memlm::set_isa: unknown path '", name, "'; use portable, avx2, avx_vnni, amx or best");
+  g_isa.store(std::min<int>(wanted, best_isa()));
+  return kIsaNames[g_isa.load()];
+}
+
+std::string current_isa() { return kIsaNames[g_isa.load()]; }
+
+}  // namespace
+
+using namespace memlm::kernels;
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, int64_t dequant_rows, int64_t amx_rows) {
   const char* op = "memlm::int4_linear";
@@ -189,7 +215,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/true, group_size, isa,
                                layout_for(rows, isa, amx_rows));
   const at::Tensor y = run_kernels(
-      x, a, out, in / 2, [&](int64_t o, int nr, float* yp) { int4_tile(w, o, nr, a, yp, isa); },
+      x, a, out, in / 2, kInt4TileRows, [&](int64_t o, int nr, float* yp) { int4_tile(w, o, nr, a, yp, isa); },
       [&](int64_t o0, int64_t o1, float* yp) { int4_rows(w, o0, o1, a, yp, isa); },
       [&](int64_t o0, int64_t o1, float* yp) { int4_tiles(w, o0, o1, a, yp); });
   return shaped_output(x, y, out);
@@ -223,26 +249,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const Acts a = quantize_acts(xf.data_ptr<float>(), rows, in, /*int4=*/false, kBlock, isa,
                                layout_for(rows, isa, amx_rows));
   const at::Tensor y = run_kernels(
-      x, a, out, in, [&](int64_t o, int nr, float* yp) { int8_tile(w, o, nr, a, yp, isa); },
+      x, a, out, in, kInt8TileRows, [&](int64_t o, int nr, float* yp) { int8_tile(w, o, nr, a, yp, isa); },
       [&](int64_t o0, int64_t o1, float* yp) { int8_rows(w, o0, o1, a, yp, isa); },
       [&](int64_t o0, int64_t o1, float* yp) { int8_tiles(w, o0, o1, a, yp); });
   return shaped_output(x, y, out);
 }
 
-// Chooses the code path ("portable", "avx2", "avx_vnni", "amx" or "best"), capped at what the CPU
-// has (tests and benchmarks use this to reach every path); returns the one now in use.
-std::string set_isa(const std::string& name) {
-  int wanted = name == "best" ? best_isa() : -1;
-  for (int i = kPortable; i <= kAmx; ++i)
-    if (name == kIsaNames[i]) wanted = i;
-  TORCH_CHECK(wanted >= 0, "memlm::set_isa: unknown path '", name, "'; use portable, avx2, avx_vnni, amx or best");
-  g_isa.store(std::min<int>(wanted, best_isa()));
-  return kIsaNames[g_isa.load()];
-}
-
-std::string current_isa() { return kIsaNames[g_isa.load()]; }
-
-}  // namespace
 }  // namespace memlm
 
 // A fragment, not TORCH_LIBRARY: other parts of memlm may define ops in the same namespace.

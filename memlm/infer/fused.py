@@ -1,0 +1,94 @@
+"""A decode step's blocks as one C++ op each (memlm.kernels.decode_block), where the model allows.
+
+At batch 1 a quantized block's four matmuls are a third of its time in eager PyTorch; the rest is
+the dispatch of some 45 small ops (norms, rotations, the cache's indexed writes, views, adds).
+The op runs them as loops between memlm's int4/int8 kernels, and computes what `Block.forward`
+does to float rounding (tests/test_decode_block.py).
+
+It takes a Llama-flavour block (RMSNorm, RoPE, SwiGLU, no biases) whose projections are fused
+(`fuse_projections`) into layers memlm's kernels compute (int4 in memlm's layout, int8), float32
+activations and a float32 cache, one token per row. Anything else (prefill, a bf16 cache, LoRA
+layers, GPT-2 blocks) runs the block itself. MEMLM_DECODE_BLOCK=0 turns it off (A/B runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from memlm import kernels
+from memlm.model import Decoder
+from memlm.model.layers import Block
+
+INT4, INT8 = 1, 2  # the op's layer kinds (csrc/decode_block.cpp)
+
+
+def _layer_tensors(layer: nn.Module) -> tuple[str, int | None, list[torch.Tensor]] | None:
+    """(format, group, tensors) of a layer the op can compute, else None."""
+    from memlm.compress.quantize import Int4Linear, Int8Linear, int8_group_size
+
+    if type(layer) is Int4Linear and layer.bias is None and layer.memlm_kernel and not layer.kernel_layout:
+        return "int4", layer.group_size, [layer.weight_packed, layer.scales, layer.mins]
+    if (type(layer) is Int8Linear and layer.bias is None and layer.memlm_kernel
+            and layer.scales.dtype == torch.float32):
+        return "int8", int8_group_size(layer.weight_int8, layer.scales), [layer.weight_int8, layer.scales]
+    return None
+
+
+class FusedBlock:
+    """Runs `block` through the op for a decode step, and as itself for anything else."""
+
+    def __init__(self, block: Block, layers: list[tuple[str, int | None, list[torch.Tensor]]]):
+        self.block = block
+        self.layers = [tensors for _, _, tensors in layers]
+        self.formats = [(fmt, group) for fmt, group, _ in layers]
+        self.eps = float(block.attn_norm.eps)
+        self.n_head, self.n_kv_heads = block.attn.n_head, block.attn.n_kv_heads
+        self._kinds: dict[int, list[int]] = {}
+
+    def kinds(self, rows: int) -> list[int]:
+        """Per layer: its kind and the path memlm.kernels.choose picked for this row count."""
+        if rows not in self._kinds:
+            from memlm.kernels import choose
+
+            kinds = []
+            for fmt, group in self.formats:
+                chosen = choose.path(fmt, group, rows)
+                dequant_rows, amx_rows = (1, 0) if chosen == "dequantize" else (0, int(chosen == "memlm-amx"))
+                kinds += [INT4 if fmt == "int4" else INT8, dequant_rows, amx_rows]
+            self._kinds[rows] = kinds
+        return self._kinds[rows]
+
+    def __call__(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):
+        B, T, d = x.shape
+        if (T != 1 or kv is None or rope is None or x.dtype != torch.float32 or kv.k.dtype != torch.float32
+                or torch.is_grad_enabled()):
+            return self.block(x, rope, kv, positions, slots, mask)
+        qkv, o, gate_up, down = self.layers
+        y = torch.ops.memlm.decode_block(
+            x.reshape(B, d), self.block.attn_norm.weight, self.block.mlp_norm.weight, self.eps, qkv, o, gate_up,
+            down, self.kinds(B), kv.k, kv.v, positions.reshape(B), slots, rope[0].reshape(B, -1),
+            rope[1].reshape(B, -1), self.n_head, self.n_kv_heads)
+        return y.view(B, 1, d)
+
+
+def fused_blocks(model: Decoder) -> list[FusedBlock] | None:
+    """The model's blocks as FusedBlocks, or None where the op does not fit the model (or is off)."""
+    c = model.config
+    if (os.environ.get("MEMLM_DECODE_BLOCK", "1").strip() == "0" or c.norm != "rmsnorm" or c.positions != "rope"
+            or c.mlp != "swiglu" or c.bias or model.norm.weight.device.type != "cpu" or not kernels.available()):
+        return None
+    fused = []
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if attn.qkv_proj is None or getattr(mlp, "gate_up_proj", None) is None:
+            return None
+        layers = [_layer_tensors(layer) for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norms = (block.attn_norm, block.mlp_norm)
+        if (any(layer is None for layer in layers) or not all(isinstance(n, nn.RMSNorm) for n in norms)
+                or any(n.weight is None or n.weight.dtype != torch.float32 or n.eps is None for n in norms)):
+            return None
+        fused.append(FusedBlock(block, layers))
+    return fused
