@@ -13,7 +13,7 @@ from torch import nn
 from memlm import kernels
 from memlm.compress.quantize import module_from_codes, quantize_int8, quantize_model
 from memlm.config import ModelConfig
-from memlm.infer.engine import Engine, decode_step, fuse_projections, prefill
+from memlm.infer.engine import Engine, can_pack, decode_step, fuse_projections, pack_linears, prefill
 from memlm.infer.fused import FusedBlock, fused_blocks
 from memlm.infer.generate import generate_ids
 from memlm.infer.sampling import SamplingSettings
@@ -52,6 +52,8 @@ def int8_grouped(model: Decoder, group: int = 32) -> Decoder:
 
 def quantized(fmt: str, **shape) -> Decoder:
     model = llama(**shape)
+    if fmt == "fp32":
+        return pack_linears(fuse_projections(model))
     if fmt == "int8-g32":
         return fuse_projections(int8_grouped(model))
     quantize_model(model, fmt.split("-g")[0], group_size=int(fmt.split("-g")[1]) if "-g" in fmt else 128,
@@ -90,8 +92,10 @@ def _run_both(model: Decoder, window: bool = False, steps: int = 4):
         tokens, positions = plain.argmax(-1), positions + 1
 
 
-@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64", "int8", "int8-g32"])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64", "int8", "int8-g32", "fp32"])
 def test_fused_decode_steps_equal_the_blocks(fmt, isa):
+    if fmt == "fp32" and not can_pack():
+        pytest.skip("this torch has no oneDNN packed linear")
     model = quantized(fmt, n_embd=128)
     for plain, through_op, pools in _run_both(model):
         torch.testing.assert_close(through_op, plain, **TOL)
@@ -119,8 +123,7 @@ def test_an_engine_decodes_through_the_op_with_the_blocks_greedy_ids():
 
 
 def test_what_the_op_does_not_take_runs_the_block(monkeypatch):
-    fp32 = fuse_projections(llama())
-    assert fused_blocks(fp32) is None  # float layers: not the op's
+    assert fused_blocks(fuse_projections(llama())) is None  # float layers not packed for oneDNN
     gpt2 = llama(norm="layernorm", positions="learned", mlp="gelu", bias=True)
     quantize_model(gpt2, "int8", progress=False)
     assert fused_blocks(fuse_projections(gpt2)) is None
@@ -148,3 +151,19 @@ def test_a_position_outside_the_cache_is_refused():
         decode_step(model, torch.tensor([1, 2]), torch.tensor([3, 16]), cache, blocks=fused)
     with pytest.raises(RuntimeError, match="outside the cache"):
         decode_step(model, torch.tensor([1]), torch.tensor([3]), cache, torch.tensor([2]), blocks=fused)
+
+
+@pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN packed linear")
+def test_float_rows_beyond_one_onednn_call_run_the_block():
+    """oneDNN keeps a primitive per row count (memlm.infer.engine.PACKED_ROWS); a batch longer
+    than the largest runs the block, whose layers split it."""
+    from memlm.infer.engine import PACKED_ROWS
+
+    model = quantized("fp32")
+    fused = fused_blocks(model)
+    rows = PACKED_ROWS[-1] + 1
+    caches = [KVCache(model.config, slots=rows, max_len=8) for _ in range(2)]
+    tokens, positions = torch.arange(rows) % 250, torch.zeros(rows, dtype=torch.long)
+    a = decode_step(model, tokens, positions, caches[0])
+    b = decode_step(model, tokens, positions, caches[1], blocks=fused)
+    assert torch.equal(a, b)

@@ -6,8 +6,9 @@ The op runs them as loops between memlm's int4/int8 kernels, and computes what `
 does to float rounding (tests/test_decode_block.py).
 
 It takes a Llama-flavour block (RMSNorm, RoPE, SwiGLU, no biases) whose projections are fused
-(`fuse_projections`) into layers memlm's kernels compute (int4 in memlm's layout, int8), float32
-activations and a float32 cache, one token per row. Anything else (prefill, a bf16 cache, LoRA
+(`fuse_projections`) into layers memlm's kernels compute (int4 in memlm's layout, int8) or
+float32 layers packed for oneDNN (`PackedLinear`), float32 activations and a float32 cache, one
+token per row. Anything else (prefill, a bf16 cache, LoRA
 layers, GPT-2 blocks) runs the block itself. MEMLM_DECODE_BLOCK=0 turns it off (A/B runs).
 """
 
@@ -22,13 +23,16 @@ from memlm import kernels
 from memlm.model import Decoder
 from memlm.model.layers import Block
 
-INT4, INT8 = 1, 2  # the op's layer kinds (csrc/decode_block.cpp)
+FLOAT, INT4, INT8 = 0, 1, 2  # the op's layer kinds (csrc/decode_block.cpp)
 
 
 def _layer_tensors(layer: nn.Module) -> tuple[str, int | None, list[torch.Tensor]] | None:
     """(format, group, tensors) of a layer the op can compute, else None."""
     from memlm.compress.quantize import Int4Linear, Int8Linear, int8_group_size
+    from memlm.infer.engine import PackedLinear  # engine imports this module
 
+    if type(layer) is PackedLinear and layer.bias is None and layer.reordered:
+        return "fp32", None, [layer.weight]
     if type(layer) is Int4Linear and layer.bias is None and layer.memlm_kernel and not layer.kernel_layout:
         return "int4", layer.group_size, [layer.weight_packed, layer.scales, layer.mins]
     if (type(layer) is Int8Linear and layer.bias is None and layer.memlm_kernel
@@ -47,14 +51,25 @@ class FusedBlock:
         self.eps = float(block.attn_norm.eps)
         self.n_head, self.n_kv_heads = block.attn.n_head, block.attn.n_kv_heads
         self._kinds: dict[int, list[int]] = {}
+        # float32 layers: at most this many rows per oneDNN call (longer batches run the block)
+        self.floats = 0
+        if any(fmt == "fp32" for fmt, _ in self.formats):
+            from memlm.infer.engine import PACKED_ROWS
+
+            self.floats = PACKED_ROWS[-1]
 
     def kinds(self, rows: int) -> list[int]:
-        """Per layer: its kind and the path memlm.kernels.choose picked for this row count."""
+        """Per layer: its kind and, quantized, the path memlm.kernels.choose picked for this row
+        count; float32, the PACKED_ROWS bucket oneDNN is called with."""
         if rows not in self._kinds:
+            from memlm.infer.engine import PACKED_ROWS
             from memlm.kernels import choose
 
             kinds = []
             for fmt, group in self.formats:
+                if fmt == "fp32":
+                    kinds += [FLOAT, next(b for b in PACKED_ROWS if b >= rows), 0]
+                    continue
                 chosen = choose.path(fmt, group, rows)
                 dequant_rows, amx_rows = (1, 0) if chosen == "dequantize" else (0, int(chosen == "memlm-amx"))
                 kinds += [INT4 if fmt == "int4" else INT8, dequant_rows, amx_rows]
@@ -64,7 +79,7 @@ class FusedBlock:
     def __call__(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):
         B, T, d = x.shape
         if (T != 1 or kv is None or rope is None or x.dtype != torch.float32 or kv.k.dtype != torch.float32
-                or torch.is_grad_enabled()):
+                or torch.is_grad_enabled() or (self.floats and B > self.floats)):
             return self.block(x, rope, kv, positions, slots, mask)
         qkv, o, gate_up, down = self.layers
         y = torch.ops.memlm.decode_block(
