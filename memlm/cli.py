@@ -242,12 +242,15 @@ def generate(
     for piece in pieces:
         out.print(piece.text, end="", markup=False)
     out.print()
-    _report_compile(lm.engine)
+    _report_compile(lm.engine, compile)
     _report_peak(fitted.predicted_peak)
 
 
-def _report_compile(engine) -> None:
-    """The compile warm-up, apart from the generation it preceded."""
+def _report_compile(engine, asked: bool = False) -> None:
+    """The compile warm-up, apart from the generation it preceded (or, asked for where the fused
+    block op runs instead, that nothing was compiled)."""
+    if asked and engine is not None and engine.fused is not None:
+        console.print("decode runs memlm's fused block op: --compile has nothing left to compile", style="dim")
     if engine is not None and engine.compiled and engine.compile_seconds:
         from memlm.infer.engine import inductor_cache_dir
 
@@ -302,7 +305,7 @@ def chat(
             out.print(piece.text, end="", markup=False)
         out.print()
         history.append({"role": "assistant", "content": reply.strip()})
-    _report_compile(lm.engine)
+    _report_compile(lm.engine, compile)
     _report_peak(fitted.predicted_peak)
 
 

@@ -116,7 +116,7 @@ def test_an_engine_decodes_through_the_op_with_the_blocks_greedy_ids():
     model = quantized("int4-g32")
     reference = copy.deepcopy(model)
     engine = Engine(model, fuse=True, compile=True)
-    assert engine._fused is not None and not engine.compiled  # the op, and nothing left to compile
+    assert engine.fused is not None and not engine.compiled  # the op, and nothing left to compile
     greedy = SamplingSettings(max_new_tokens=12, temperature=0)
     for p in PROMPTS:
         assert list(generate_ids(engine, p, greedy)) == list(generate_ids(reference, p, greedy))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from memlm.config import PREFILL_CHUNK, cache_length
-from memlm.infer.fused import fused_blocks
+from memlm.infer.fused import fused_blocks, op_fits
 from memlm.model import Decoder, KVCache
 
 log = logging.getLogger("memlm")
@@ -232,23 +232,27 @@ class Engine:
     step eager or compiled.
 
     compile: compile the decode step (the first call of each shape pays the compile time, kept in
-    `compile_seconds`); if compiling fails the engine says so in one line and stays eager."""
+    `compile_seconds`); if compiling fails the engine says so in one line and stays eager. Where
+    memlm's fused block op takes the model (`fused`: memlm.infer.fused), decode steps run it
+    instead, eager, and nothing is compiled."""
 
     def __init__(self, model: Decoder, compile: bool = False, fuse: bool = False,
                  cache_dtype: torch.dtype | None = None):
         self.model = fuse_projections(model) if fuse else model
+        # Where the fused block op fits (memlm.infer.fused), a decode step runs it eager: each
+        # block is then one C++ op, and compiling has nothing left to fuse.
+        fusable = fuse and op_fits(self.model)
         if fuse and self.device.type == "cpu" and can_pack():
-            (pack_head if compile else pack_linears)(self.model)  # compiled blocks take plain weights
+            # Compiled blocks take plain weights; the op takes oneDNN's packed ones.
+            (pack_head if compile and not fusable else pack_linears)(self.model)
         self.cache_dtype = cache_dtype
         self.compiled = False
         self.compile_seconds = 0.0
         self._cache: KVCache | None = None
         self._shapes_seen: set[tuple] = set()
         self._blocks: list | None = None
-        # Where the fused block op fits (memlm.infer.fused), a decode step runs it eager: each
-        # block is then one C++ op, and compiling has nothing left to fuse.
-        self._fused = fused_blocks(self.model) if fuse else None
-        if compile and self._fused is not None:
+        self.fused = fused_blocks(self.model) if fusable else None
+        if compile and self.fused is not None:
             log.info("memlm: decode runs memlm's fused block op; nothing is compiled")
             compile = False
         if compile:
@@ -302,7 +306,7 @@ class Engine:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                slots: torch.Tensor | None = None) -> torch.Tensor:
         if not self.compiled:
-            return decode_step(self.model, tokens, positions, cache, slots, self._fused)
+            return decode_step(self.model, tokens, positions, cache, slots, self.fused)
         shape = (tokens.shape[0], cache.slots, cache.max_len, slots is None)
         if shape in self._shapes_seen:
             return decode_step(self.model, tokens, positions, cache, slots, self._blocks)
@@ -327,6 +331,7 @@ class StateEngine:
     compilation, a server's slot pool). No compiled step and no slots here."""
 
     compiled = False
+    fused = None  # no fused block op
     compile_seconds = 0.0
     mixes = False  # a decode step and a prefill are two calls
 

@@ -89,11 +89,17 @@ class FusedBlock:
         return y.view(B, 1, d)
 
 
+def op_fits(model: Decoder) -> bool:
+    """Whether the op can take this kind of model at all (its flavour, device, the kernels, the
+    switch); `fused_blocks` then checks every layer."""
+    c = model.config
+    return (os.environ.get("MEMLM_DECODE_BLOCK", "1").strip() != "0" and c.norm == "rmsnorm" and c.positions == "rope"
+            and c.mlp == "swiglu" and not c.bias and model.norm.weight.device.type == "cpu" and kernels.available())
+
+
 def fused_blocks(model: Decoder) -> list[FusedBlock] | None:
     """The model's blocks as FusedBlocks, or None where the op does not fit the model (or is off)."""
-    c = model.config
-    if (os.environ.get("MEMLM_DECODE_BLOCK", "1").strip() == "0" or c.norm != "rmsnorm" or c.positions != "rope"
-            or c.mlp != "swiglu" or c.bias or model.norm.weight.device.type != "cpu" or not kernels.available()):
+    if not op_fits(model):
         return None
     fused = []
     for block in model.blocks:
