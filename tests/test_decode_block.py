@@ -13,7 +13,8 @@ from torch import nn
 from memlm import kernels
 from memlm.compress.quantize import module_from_codes, quantize_int8, quantize_model
 from memlm.config import ModelConfig
-from memlm.infer.engine import Engine, can_pack, decode_step, fuse_projections, pack_linears, prefill
+from memlm.infer.engine import (Engine, can_pack, decode_and_prefill, decode_step, fuse_projections, pack_linears,
+                                prefill)
 from memlm.infer.fused import FusedBlock, fused_blocks
 from memlm.infer.generate import generate_ids
 from memlm.infer.sampling import SamplingSettings
@@ -167,3 +168,35 @@ def test_float_rows_beyond_one_onednn_call_run_the_block():
     a = decode_step(model, tokens, positions, caches[0])
     b = decode_step(model, tokens, positions, caches[1], blocks=fused)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "fp32"])
+def test_a_mixed_step_through_the_op_equals_the_blocks(fmt):
+    """A server's mixed step (memlm.serve.scheduler): a decode step of the pool's first slots, one
+    of them parked where its prompt's next piece goes, and the pieces of two prompts, one in that
+    parked slot, as one batch of single tokens through the op; against Block.forward_batches on a
+    copy of the pool, then a decode step continuing every sequence from each pool."""
+    if fmt == "fp32" and not can_pack():
+        pytest.skip("this torch has no oneDNN packed linear")
+    engine = Engine(llama(), fuse=True) if fmt == "fp32" else Engine(quantized(fmt), fuse=True)
+    model = engine.model
+    assert engine.fused is not None
+    pools = [KVCache(model.config, slots=4, max_len=40) for _ in range(2)]
+    running, prompt, late = PROMPTS[0] + [42], PROMPTS[1], [31, 32, 33, 34]
+    for pool in pools:
+        prefill(model, torch.tensor([running]), torch.tensor([len(running)]), pool, torch.tensor([0]))
+        prefill(model, torch.tensor([prompt[:4]]), torch.tensor([4]), pool, torch.tensor([1]))
+    rest = prompt[4:]
+    args = (torch.tensor([8, 0]), torch.tensor([len(running), 4]))
+    pieces = (torch.tensor([rest, late + [late[0]] * (len(rest) - len(late))]), torch.tensor([len(rest), len(late)]))
+    where = (torch.tensor([1, 3]), torch.tensor([4, 0]))
+    reference = decode_and_prefill(model, *args, CacheWindow(pools[0], 2, 40), *pieces, pools[0], *where)
+    through_op = engine.decode_and_prefill(*args, CacheWindow(pools[1], 2, 24), *pieces, CacheWindow(pools[1], 4, 32),
+                                           *where)
+    # Row 1 is the parked row, whose logits the scheduler drops: what it sees differs by design
+    # (the op writes its piece's keys over its dummy one before any token attends).
+    torch.testing.assert_close(through_op[0][0], reference[0][0], **TOL)
+    torch.testing.assert_close(through_op[1], reference[1], **TOL)
+    nxt = [decode_step(model, torch.tensor([5, 6, 7]), torch.tensor([len(running) + 1, len(prompt), len(late)]),
+                       pool, torch.tensor([0, 1, 3])) for pool in pools]
+    torch.testing.assert_close(nxt[1], nxt[0], **TOL)

@@ -78,6 +78,28 @@ def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, c
     return model(tokens[:, None], cache, positions[:, None], slots, blocks=blocks)[:, -1]
 
 
+@torch.no_grad()
+def decode_and_prefill_tokens(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor,
+                              lengths: torch.Tensor, pool: KVCache, slots: torch.Tensor, starts: torch.Tensor,
+                              blocks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_and_prefill (its arguments; the decode rows are slots 0..B-1 of `pool`) as one batch
+    of single tokens, each at its own position in its own slot: the form the fused block op
+    takes (memlm.infer.fused). The op writes every token's key and value before any attends, in
+    order, so each piece token sees its piece's earlier tokens, and a piece overwrites what its
+    slot's parked row wrote, as in decode_and_prefill (that row's own logits, which the scheduler
+    drops, then see the piece's keys)."""
+    B, (P, T) = tokens.shape[0], ids.shape
+    device = ids.device
+    at = starts[:, None] + torch.arange(T, device=device)
+    flat = torch.cat([tokens, ids.reshape(-1)])[:, None]
+    where = torch.cat([positions, at.reshape(-1)])[:, None]
+    rows = torch.cat([torch.arange(B, device=device), slots.repeat_interleave(T)])
+    h = model.hidden_states(flat, pool, where, rows, blocks)[:, 0]
+    last = B + torch.arange(P, device=device) * T + lengths - 1
+    logits = model.lm_head(torch.cat([h[:B], h[last]]))
+    return logits[:B], logits[B:]
+
+
 # ------------------------------------------------------------------------------ fusion
 
 
@@ -300,6 +322,10 @@ class Engine:
         return not self.compiled
 
     def decode_and_prefill(self, tokens, positions, decode_cache, ids, lengths, prefill_cache, slots, starts):
+        if self.fused is not None and self.fused[0].takes(tokens.shape[0] + ids.numel()):
+            pool = getattr(prefill_cache, "pool", prefill_cache)  # windows of one pool: the op reads to each position
+            return decode_and_prefill_tokens(self.model, tokens, positions, ids, lengths, pool, slots, starts,
+                                             self.fused)
         return decode_and_prefill(self.model, tokens, positions, decode_cache, ids, lengths, prefill_cache, slots,
                                   starts)
 

@@ -76,10 +76,14 @@ class FusedBlock:
             self._kinds[rows] = kinds
         return self._kinds[rows]
 
+    def takes(self, rows: int) -> bool:
+        """Whether a call of this many one-token rows runs the op (float32 layers: one oneDNN call)."""
+        return not self.floats or rows <= self.floats
+
     def __call__(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):
         B, T, d = x.shape
         if (T != 1 or kv is None or rope is None or x.dtype != torch.float32 or kv.k.dtype != torch.float32
-                or torch.is_grad_enabled() or (self.floats and B > self.floats)):
+                or torch.is_grad_enabled() or not self.takes(B)):
             return self.block(x, rope, kv, positions, slots, mask)
         qkv, o, gate_up, down = self.layers
         y = torch.ops.memlm.decode_block(

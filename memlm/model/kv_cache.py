@@ -77,7 +77,7 @@ class CacheWindow:
     are views, never copied."""
 
     def __init__(self, pool: KVCache, slots: int, max_len: int):
-        self.slots, self.max_len = slots, max_len
+        self.pool, self.slots, self.max_len = pool, slots, max_len
         self.layers = [_LayerWindow(layer.k[:slots, :, :max_len], layer.v[:slots, :, :max_len])
                        for layer in pool.layers]
 
