@@ -8,8 +8,10 @@ does to float rounding (tests/test_decode_block.py).
 It takes a Llama-flavour block (RMSNorm, RoPE, SwiGLU, no biases) whose projections are fused
 (`fuse_projections`) into layers memlm's kernels compute (int4 in memlm's layout, int8) or
 float32 layers packed for oneDNN (`PackedLinear`), float32 activations and a float32 cache, one
-token per row. Anything else (prefill, a bf16 cache, LoRA
-layers, GPT-2 blocks) runs the block itself. MEMLM_DECODE_BLOCK=0 turns it off (A/B runs).
+token per row, each at its own position and slot (a server's mixed step passes its prompt
+pieces that way too: memlm.infer.engine.decode_and_prefill_tokens). Anything else (prefill, a
+bf16 cache, LoRA layers, GPT-2 blocks) runs the block itself. MEMLM_DECODE_BLOCK=0 turns it off
+(A/B runs).
 """
 
 from __future__ import annotations
