@@ -221,6 +221,7 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const 
              att + b * q_width + head * hd);
     }
   });
+  // The block's output is built in o's result: x + o(...) now, + down(...) below.
   at::Tensor out = linear(attended, o, kinds, 1);  // (B, d)
   TORCH_CHECK(out.size(1) == d, op, ": o gives ", out.size(1), " features, x has ", d);
   float* y = out.data_ptr<float>();
