@@ -60,3 +60,15 @@ def tokenizer_dir(tmp_path_factory, corpus) -> Path:
     folder = tmp_path_factory.mktemp("tok")
     train_bpe([corpus.read_text(encoding="utf-8")], vocab_size=320).save(folder)
     return folder
+
+
+@pytest.fixture(params=["amx", "avx_vnni", "avx2", "portable"])
+def isa(request):
+    """Every code path of memlm's kernels the CPU has (skipped where it has not), the best one after."""
+    from memlm import kernels
+
+    active = kernels.set_isa(request.param)
+    if active != request.param:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield active
+    kernels.set_isa("best")

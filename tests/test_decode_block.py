@@ -62,15 +62,6 @@ def quantized(fmt: str, **shape) -> Decoder:
     return fuse_projections(model)
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def isa(request):
-    active = kernels.set_isa(request.param)
-    if active != request.param:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield active
-    kernels.set_isa("best")
-
-
 def _run_both(model: Decoder, window: bool = False, steps: int = 4):
     """Prompts prefilled into slots 3, 0, 1 of two identical pools, then decode steps at each
     row's own position: through the blocks in one pool, the fused op in the other. Yields the

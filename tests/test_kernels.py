@@ -33,16 +33,6 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["amx", "avx_vnni", "avx2", "portable"])
-def isa(request):
-    """Every code path the CPU has."""
-    active = kernels.set_isa(request.param)
-    if active != request.param:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield active
-    kernels.set_isa("best")
-
-
 def int4_weight(out: int, inp: int, group: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * 0.05

@@ -141,6 +141,11 @@ def fuse_projections(model: Decoder) -> Decoder:
 PACKED_ROWS = (1, 4, 16, 32, 64)
 
 
+def packed_rows(n: int) -> int:
+    """The PACKED_ROWS bucket n rows (at most PACKED_ROWS[-1]) are padded up to."""
+    return next(b for b in PACKED_ROWS if b >= n)
+
+
 class PackedLinear(nn.Module):
     """A float32 nn.Linear for inference on a CPU, its weight reordered once into oneDNN's blocked
     layout (what inductor's freezing does to a compiled graph's linears), computed by oneDNN's
@@ -174,7 +179,7 @@ class PackedLinear(nn.Module):
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """At most PACKED_ROWS[-1] rows, padded with zeros to a bucket."""
         n = x.shape[0]
-        rows = next(b for b in PACKED_ROWS if b >= n)
+        rows = packed_rows(n)
         if rows > n:
             x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
         y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")

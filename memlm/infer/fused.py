@@ -64,17 +64,15 @@ class FusedBlock:
         """Per layer: its kind and, quantized, the path memlm.kernels.choose picked for this row
         count; float32, the PACKED_ROWS bucket oneDNN is called with."""
         if rows not in self._kinds:
-            from memlm.infer.engine import PACKED_ROWS
+            from memlm.infer.engine import packed_rows
             from memlm.kernels import choose
 
             kinds = []
             for fmt, group in self.formats:
                 if fmt == "fp32":
-                    kinds += [FLOAT, next(b for b in PACKED_ROWS if b >= rows), 0]
-                    continue
-                chosen = choose.path(fmt, group, rows)
-                dequant_rows, amx_rows = (1, 0) if chosen == "dequantize" else (0, int(chosen == "memlm-amx"))
-                kinds += [INT4 if fmt == "int4" else INT8, dequant_rows, amx_rows]
+                    kinds += [FLOAT, packed_rows(rows), 0]
+                else:
+                    kinds += [INT4 if fmt == "int4" else INT8, *choose.kernel_args(choose.path(fmt, group, rows))]
             self._kinds[rows] = kinds
         return self._kinds[rows]
 

@@ -306,12 +306,17 @@ def torch_int4_wins(group: int) -> bool:
 # ------------------------------------------------------------------------------ the layers' calls
 
 
+def kernel_args(chosen: str) -> tuple[int, int]:
+    """(dequant_rows, amx_rows) that make memlm's ops take the chosen path (any path but
+    dequantize and memlm-amx: the integer kernels)."""
+    return (1, 0) if chosen == "dequantize" else (0, int(chosen == "memlm-amx"))
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """kernels.int4_linear by the chosen path (torch-int4 falls back to memlm: it needs its own layout)."""
     chosen = path("int4", group_size, x.numel() // x.shape[-1])
-    dequant_rows, amx_rows = (1, 0) if chosen == "dequantize" else (0, 1 if chosen == "memlm-amx" else 0)
-    return kernels.int4_linear(x, packed, scales, mins, group_size, dequant_rows, amx_rows)
+    return kernels.int4_linear(x, packed, scales, mins, group_size, *kernel_args(chosen))
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -323,5 +328,4 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) -> 
     if chosen == "torch-int8" and scales.dim() == 1:
         y = torch._weight_int8pack_mm(x.reshape(rows, -1), w_int8, scales.to(x.dtype))
         return y.view(*x.shape[:-1], -1)
-    dequant_rows, amx_rows = (1, 0) if chosen == "dequantize" else (0, 1 if chosen == "memlm-amx" else 0)
-    return kernels.int8_linear(x, w_int8, scales, dequant_rows, amx_rows)
+    return kernels.int8_linear(x, w_int8, scales, *kernel_args(chosen))
