@@ -91,20 +91,12 @@ def timed_runs(generate) -> dict[str, Any]:
             "warmup_s": warmup, "ids": ids}
 
 
-def _memory_of(t) -> int:
-    """Where a tensor's bytes start; a packed oneDNN weight (opaque, no storage) is its own."""
-    try:
-        return t.untyped_storage().data_ptr()
-    except NotImplementedError:
-        return id(t)
-
-
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights a decode step reads: every parameter and buffer once, except the
     position tables (one row read) and an untied embedding table (one row read)."""
-    # Tied tensors once, by their memory: a tied head's oneDNN view of the embedding
-    # (memlm.infer.engine.PackedLinear) is another tensor object over the same bytes.
-    tensors = {_memory_of(t): t for t in [*model.parameters(), *model.buffers()]}
+    # Tied tensors once, by where their bytes start: a tied head's weight is another tensor
+    # object over the embedding's bytes (and an engine's weights share one storage, its arena).
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     positional = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
                      if n.startswith(("rope_", "pos_table")))

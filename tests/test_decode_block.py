@@ -13,7 +13,7 @@ from torch import nn
 from memlm import kernels
 from memlm.compress.quantize import module_from_codes, quantize_int8, quantize_model
 from memlm.config import ModelConfig
-from memlm.infer.engine import (Engine, can_pack, decode_and_prefill, decode_step, fuse_projections, pack_linears,
+from memlm.infer.engine import (Engine, decode_and_prefill, decode_step, float_linears, fuse_projections,
                                 prefill)
 from memlm.infer.fused import FusedBlock, fused_blocks
 from memlm.infer.generate import generate_ids
@@ -54,7 +54,7 @@ def int8_grouped(model: Decoder, group: int = 32) -> Decoder:
 def quantized(fmt: str, **shape) -> Decoder:
     model = llama(**shape)
     if fmt == "fp32":
-        return pack_linears(fuse_projections(model))
+        return float_linears(fuse_projections(model))
     if fmt == "int8-g32":
         return fuse_projections(int8_grouped(model))
     quantize_model(model, fmt.split("-g")[0], group_size=int(fmt.split("-g")[1]) if "-g" in fmt else 128,
@@ -86,8 +86,6 @@ def _run_both(model: Decoder, window: bool = False, steps: int = 4):
 
 @pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64", "int8", "int8-g32", "fp32"])
 def test_fused_decode_steps_equal_the_blocks(fmt, isa):
-    if fmt == "fp32" and not can_pack():
-        pytest.skip("this torch has no oneDNN packed linear")
     model = quantized(fmt, n_embd=128)
     for plain, through_op, pools in _run_both(model):
         torch.testing.assert_close(through_op, plain, **TOL)
@@ -115,7 +113,7 @@ def test_an_engine_decodes_through_the_op_with_the_blocks_greedy_ids():
 
 
 def test_what_the_op_does_not_take_runs_the_block(monkeypatch):
-    assert fused_blocks(fuse_projections(llama())) is None  # float layers not packed for oneDNN
+    assert fused_blocks(fuse_projections(llama())) is None  # float layers not FloatLinear
     gpt2 = llama(norm="layernorm", positions="learned", mlp="gelu", bias=True)
     quantize_model(gpt2, "int8", progress=False)
     assert fused_blocks(fuse_projections(gpt2)) is None
@@ -145,20 +143,19 @@ def test_a_position_outside_the_cache_is_refused():
         decode_step(model, torch.tensor([1]), torch.tensor([3]), cache, torch.tensor([2]), blocks=fused)
 
 
-@pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN packed linear")
-def test_float_rows_beyond_one_onednn_call_run_the_block():
-    """oneDNN keeps a primitive per row count (memlm.infer.engine.PACKED_ROWS); a batch longer
-    than the largest runs the block, whose layers split it."""
-    from memlm.infer.engine import PACKED_ROWS
+def test_float_rows_beyond_the_float_kernel_run_the_block():
+    """Past FLOAT_KERNEL_ROWS rows torch's matmul beats memlm's float kernel: such a batch runs
+    the block, whose FloatLinear layers take it there."""
+    from memlm.infer.engine import FLOAT_KERNEL_ROWS
 
     model = quantized("fp32")
     fused = fused_blocks(model)
-    rows = PACKED_ROWS[-1] + 1
+    rows = FLOAT_KERNEL_ROWS + 1
     caches = [KVCache(model.config, slots=rows, max_len=8) for _ in range(2)]
     tokens, positions = torch.arange(rows) % 250, torch.zeros(rows, dtype=torch.long)
     a = decode_step(model, tokens, positions, caches[0])
     b = decode_step(model, tokens, positions, caches[1], blocks=fused)
-    assert torch.equal(a, b)
+    assert not fused[0].takes(rows) and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32", "fp32"])
@@ -167,8 +164,6 @@ def test_a_mixed_step_through_the_op_equals_the_blocks(fmt):
     of them parked where its prompt's next piece goes, and the pieces of two prompts, one in that
     parked slot, as one batch of single tokens through the op; against Block.forward_batches on a
     copy of the pool, then a decode step continuing every sequence from each pool."""
-    if fmt == "fp32" and not can_pack():
-        pytest.skip("this torch has no oneDNN packed linear")
     engine = Engine(llama(), fuse=True) if fmt == "fp32" else Engine(quantized(fmt), fuse=True)
     model = engine.model
     assert engine.fused is not None

@@ -5,9 +5,10 @@ against the eager one."""
 import pytest
 import torch
 
+from memlm import kernels
 from memlm.config import ModelConfig, cache_length
-from memlm.infer.engine import (Engine, PackedLinear, can_pack, decode_and_prefill, decode_step, fuse_projections,
-                                pack_linears, prefill)
+from memlm.infer.engine import (FLOAT_KERNEL_ROWS, Engine, FloatLinear, decode_and_prefill, decode_step,
+                                float_linears, fuse_projections, prefill)
 from memlm.infer.generate import generate_batch, generate_ids
 from memlm.infer.sampling import SamplingSettings
 from memlm.model import Decoder, KVCache
@@ -19,6 +20,8 @@ FLAVOURS = {
     "sinusoidal": dict(norm="layernorm", positions="sinusoidal", mlp="gelu", n_kv_heads=4, bias=True),
 }
 PROMPTS = [[5, 17, 99], [200, 3, 3, 41, 7, 120, 64, 9, 250], [11, 12, 13, 14, 15]]
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"memlm kernels unavailable: {kernels._failure}")
 
 
 def flavour_model(name: str, n_embd: int = 32) -> Decoder:
@@ -129,29 +132,30 @@ def test_fused_projections_compute_what_the_separate_ones_did(flavour, fmt):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN packed linear")
+@needs_kernels
 @pytest.mark.parametrize("flavour", ["llama-gqa-rope", "gpt2-learned"])
-def test_packed_linears_compute_what_the_float_ones_did(flavour):
+def test_float_linears_compute_what_the_float_ones_did(flavour):
     model = flavour_model(flavour, n_embd=64)
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: packed too
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied
     model.blocks[1].mlp = _quantized(flavour_model(flavour, n_embd=64), "int8").blocks[0].mlp  # stays as it is
-    # A decode row, a prefill padded to a bucket of PACKED_ROWS, 72 rows: one call of 64 and one padded.
+    # A decode row, a prompt, and 72 rows: past FLOAT_KERNEL_ROWS, torch's matmul.
     inputs = [torch.tensor([PROMPTS[1][:1]]), torch.tensor([PROMPTS[1]]), torch.tensor([PROMPTS[1]] * 8)]
+    assert inputs[-1].numel() > FLOAT_KERNEL_ROWS >= inputs[1].numel()
     with torch.no_grad():
         before = [model(x) for x in inputs]
-        pack_linears(fuse_projections(model))
+        float_linears(fuse_projections(model))
         after = [model(x) for x in inputs]
-    assert isinstance(model.blocks[0].attn.qkv_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
-    assert not any(isinstance(m, PackedLinear) for m in model.blocks[1].mlp.modules())
+    assert isinstance(model.blocks[0].attn.qkv_proj, FloatLinear) and isinstance(model.lm_head, FloatLinear)
+    assert not any(isinstance(m, FloatLinear) for m in model.blocks[1].mlp.modules())
     for a, b in zip(after, before):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     tied = flavour_model(flavour, n_embd=64)
     with torch.no_grad():
         before = [tied(x) for x in inputs]
-        pack_linears(tied)
+        float_linears(tied)
         after = [tied(x) for x in inputs]
-    # The tied head reads the embedding's own weight through oneDNN: no copy, the same logits.
-    assert isinstance(tied.lm_head, PackedLinear) and tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    # The tied head reads the embedding's own weight: no copy, the same logits.
+    assert isinstance(tied.lm_head, FloatLinear) and tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
     for a, b in zip(after, before):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 

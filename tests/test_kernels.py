@@ -184,19 +184,49 @@ def test_float_path_converts_a_large_head_in_chunks():
 # ------------------------------------------------------------------------------ threads, compile, errors
 
 
+# ------------------------------------------------------------------------------ float32
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64, 65, 130])
+@pytest.mark.parametrize("out_f,in_f", [(960, 576), (576, 1536), (13, 40), (6, 8)])
+def test_float_linear_matches_a_float64_matmul(isa, rows, out_f, in_f):
+    """Every tile shape (1 row, 2-7, 8+ in tiles of 3, past a 64-row pass), layer widths that are
+    not multiples of 4 and inputs that are not multiples of 8 (the scalar tails)."""
+    torch.manual_seed(rows + out_f)
+    x, w = torch.randn(rows, in_f), torch.randn(out_f, in_f)
+    expected = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(kernels.float_linear(x, w), expected, atol=1e-4 * in_f ** 0.5, rtol=1e-5)
+
+
+def test_float_linear_keeps_leading_dims_and_refuses_bad_inputs():
+    w = torch.randn(24, 16)
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(kernels.float_linear(x, w), x @ w.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.float_linear(x.transpose(0, 1), w), x.transpose(0, 1) @ w.T, atol=1e-5,
+                               rtol=1e-5)
+    with pytest.raises(RuntimeError, match="x's last dimension must be in_features = 16"):
+        kernels.float_linear(torch.randn(2, 8), w)
+    with pytest.raises(RuntimeError, match="x must be a float32"):
+        kernels.float_linear(x.bfloat16(), w)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous float32"):
+        kernels.float_linear(x, w.t().contiguous().t())
+
+
 def test_thread_count_does_not_change_the_result():
     packed, scales, mins, _ = int4_weight(1536, 576, 32)
     q, s8, _ = int8_weight(1536, 576, 32)
     x = activations(3, 576)
+    w = torch.randn(1536, 576)
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append((kernels.int4_linear(x, packed, scales, mins, 32), kernels.int8_linear(x, q, s8)))
+            results.append((kernels.int4_linear(x, packed, scales, mins, 32), kernels.int8_linear(x, q, s8),
+                            kernels.float_linear(x, w)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_compile_fullgraph_keeps_each_op_whole():

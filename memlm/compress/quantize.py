@@ -724,6 +724,16 @@ def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
         return module_from_codes("int8", state, bias, use_kernel=None if first.memlm_kernel else False)
     if len({m.group_size for m in layers}) != 1:
         return None
+    if first.memlm_kernel and not any(m.kernel_layout or m.use_kernel for m in layers):
+        # The portable layout packs each output row on its own: the rows join as they are
+        # (SmolLM2's 60 fusions: 0.03 s, against 0.25 unpacking and repacking the codes).
+        fused = kind(first.in_features, sum(m.out_features for m in layers), first.group_size, bias is not None,
+                     device="meta")
+        fused.weight_packed = torch.cat([m.weight_packed for m in layers])
+        fused.scales, fused.mins = torch.cat([m.scales for m in layers]), torch.cat([m.mins for m in layers])
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        return fused
     state = {"codes": torch.cat([m.codes() for m in layers]), "scales": torch.cat([m.scales for m in layers]),
              "mins": torch.cat([m.mins for m in layers])}
     path = None if first.memlm_kernel else True if first.kernel_layout else False  # the same compute path

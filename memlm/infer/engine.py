@@ -133,95 +133,61 @@ def fuse_projections(model: Decoder) -> Decoder:
     return model
 
 
-# Row counts a packed matmul is called with: longer inputs go 64 rows at a time, shorter ones are
-# padded up to the next. oneDNN keeps a compiled primitive, with its own scratch memory, for every
-# shape it is called with (0.6-1.4 MiB each, 1536x576 and 576x1536: 600 row counts grew a process by
-# 390 MiB), so a server whose batches take any size would grow without bound; 5 shapes per layer
-# bound it. At 64 rows per call the packed matmul is as fast per row as at 256.
-PACKED_ROWS = (1, 4, 16, 32, 64)
+# Up to this many rows a float32 layer runs memlm's own kernel (memlm.kernels.float_linear), from
+# here on torch's matmul: on the 2-core AMD EPYC of bench/results (SmolLM2's 30 blocks, 2 threads,
+# 2026-12-04) the kernel took 137 ms at 64 rows against MKL's 181, and at 128 rows the two tied.
+FLOAT_KERNEL_ROWS = 64
 
 
-def packed_rows(n: int) -> int:
-    """The PACKED_ROWS bucket n rows (at most PACKED_ROWS[-1]) are padded up to."""
-    return next(b for b in PACKED_ROWS if b >= n)
+class FloatLinear(nn.Module):
+    """A float32 nn.Linear for inference on a CPU: memlm's kernel for the few rows of a decode step
+    or a server's batch (memlm/kernels/csrc/float_linear.cpp), torch's matmul for longer inputs
+    (prefill). The weight is the layer's own, in nn.Linear's layout (a tied head shares the
+    embedding's), read straight from memory each call.
 
+    Why not oneDNN's packed matmul (what inductor's freezing uses): its one-row path is a GEMM's.
+    Same machine and blocks as FLOAT_KERNEL_ROWS: one row 33-35 ms in oneDNN's packed layout,
+    19-24 ms in memlm's kernel; 16 rows 69 against 57. Inference only: no gradient flows through
+    it, and the weight is no longer an nn.Parameter."""
 
-class PackedLinear(nn.Module):
-    """A float32 nn.Linear for inference on a CPU, its weight reordered once into oneDNN's blocked
-    layout (what inductor's freezing does to a compiled graph's linears), computed by oneDNN's
-    matmul for any number of rows (in the PACKED_ROWS shapes).
-
-    MKL's sgemm, behind F.linear, reads the plain row-major weight on every call: on the 2-core
-    AMD EPYC of bench/results (2026-12-02, 2 threads, 30 layers' weights streamed from memory)
-    oneDNN's packed matmul is 1.3-2.1x faster at 1 row, 1.9-2.3x at 16 and 1.3-2x at 64-256.
-    Inference only: no gradient flows through it, and the weight is no longer an nn.Parameter.
-
-    reorder=False keeps the weight as it is, shared (a tied head: the embedding's one weight, where
-    a packed copy would cost its bytes again): oneDNN's matmul reads the plain layout too, and
-    still beats MKL's there (SmolLM2's 576x49152 head, same machine, 2026-12-03: 5.8 against
-    12.8 ms at 1 row, 10.9 against 24.1 at 16, 15.5 against 34.8 at 32; packed: 6.1, 8.4, 12.5)."""
-
-    def __init__(self, linear: nn.Linear, reorder: bool = True):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.reordered = reorder
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 16) if reorder else weight,
-                             persistent=False)
+        self.register_buffer("weight", linear.weight.detach(), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        pieces = [self._rows(flat[i:i + PACKED_ROWS[-1]]) for i in range(0, flat.shape[0], PACKED_ROWS[-1])]
-        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """At most PACKED_ROWS[-1] rows, padded with zeros to a bucket."""
-        n = x.shape[0]
-        rows = packed_rows(n)
-        if rows > n:
-            x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
-        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return y if rows == n else y[:n]
+        if x.numel() // self.in_features > FLOAT_KERNEL_ROWS or x.dtype != torch.float32:
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = torch.ops.memlm.float_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        layout = "oneDNN-packed" if self.reordered else "oneDNN, plain shared weight"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def can_pack() -> bool:
-    """Whether this torch has oneDNN's packed linear (every x86 and ARM build does)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def float_linears(model: Decoder, head_only: bool = False) -> Decoder:
+    """Every float32 nn.Linear of the blocks (unless head_only: compiled blocks keep theirs for
+    inductor) and the head into a FloatLinear, in place, where memlm's kernels are built. Anything
+    else (quantized, LoRA, low-rank layers, other dtypes) is left as it is."""
+    from memlm import kernels
 
+    if not kernels.available():
+        return model
 
-def pack_linears(model: Decoder) -> Decoder:
-    """Every float32 nn.Linear of the blocks, and the head, into a PackedLinear, in place (CPU
-    inference). A tied head keeps the embedding's one weight, unpacked (a packed copy would cost
-    its bytes again). Anything else (quantized, LoRA, low-rank layers, other dtypes) is left as
-    it is."""
-    from memlm.memory.measure import return_free_heap
-
-    def pack_children(parent: nn.Module) -> None:
+    def convert(parent: nn.Module) -> None:
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, FloatLinear(child))
             else:
-                pack_children(child)
+                convert(child)
 
-    for block in model.blocks:
-        pack_children(block)
-        return_free_heap()
-    return pack_head(model)
-
-
-def pack_head(model: Decoder) -> Decoder:
-    """A float32 head into a PackedLinear, in place: reordered when it has its own weight, the
-    embedding's plain weight when tied. Compiled engines take this alone: the head runs after
-    the compiled blocks, eager."""
+    if not head_only:
+        for block in model.blocks:
+            convert(block)
     head = model.lm_head
     if type(head) is nn.Linear and head.weight.dtype == torch.float32:
-        model.lm_head = PackedLinear(head, reorder=head.weight is not model.tok_emb.weight)
+        model.lm_head = FloatLinear(head)
     return model
 
 
@@ -254,9 +220,9 @@ def compile_blocks(model: Decoder) -> list:
 
 
 class Engine:
-    """A model ready to generate: fused projections (when asked; an eager engine on a CPU then also
-    packs the float32 layers for oneDNN, `pack_linears`), a reusable cache pool, and the decode
-    step eager or compiled.
+    """A model ready to generate: fused projections (when asked; on a CPU the float32 layers then
+    run memlm's kernel, `float_linears`), a reusable cache pool, and the decode step eager or
+    compiled.
 
     compile: compile the decode step (the first call of each shape pays the compile time, kept in
     `compile_seconds`); if compiling fails the engine says so in one line and stays eager. Where
@@ -269,9 +235,9 @@ class Engine:
         # Where the fused block op fits (memlm.infer.fused), a decode step runs it eager: each
         # block is then one C++ op, and compiling has nothing left to fuse.
         fusable = fuse and op_fits(self.model)
-        if fuse and self.device.type == "cpu" and can_pack():
-            # Compiled blocks take plain weights; the op takes oneDNN's packed ones.
-            (pack_head if compile and not fusable else pack_linears)(self.model)
+        if fuse and self.device.type == "cpu":
+            # Compiled blocks keep nn.Linear for inductor; the op and eager blocks take FloatLinear.
+            float_linears(self.model, head_only=compile and not fusable)
         self.cache_dtype = cache_dtype
         self.compiled = False
         self.compile_seconds = 0.0

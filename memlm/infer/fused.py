@@ -7,7 +7,7 @@ does to float rounding (tests/test_decode_block.py).
 
 It takes a Llama-flavour block (RMSNorm, RoPE, SwiGLU, no biases) whose projections are fused
 (`fuse_projections`) into layers memlm's kernels compute (int4 in memlm's layout, int8) or
-float32 layers packed for oneDNN (`PackedLinear`), float32 activations and a float32 cache, one
+float32 layers on memlm's float kernel (`FloatLinear`), float32 activations and a float32 cache, one
 token per row, each at its own position and slot (a server's mixed step passes its prompt
 pieces that way too: memlm.infer.engine.decode_and_prefill_tokens). Anything else (prefill, a
 bf16 cache, LoRA layers, GPT-2 blocks) runs the block itself. MEMLM_DECODE_BLOCK=0 turns it off
@@ -31,9 +31,9 @@ FLOAT, INT4, INT8 = 0, 1, 2  # the op's layer kinds (csrc/decode_block.cpp)
 def _layer_tensors(layer: nn.Module) -> tuple[str, int | None, list[torch.Tensor]] | None:
     """(format, group, tensors) of a layer the op can compute, else None."""
     from memlm.compress.quantize import Int4Linear, Int8Linear, int8_group_size
-    from memlm.infer.engine import PackedLinear  # engine imports this module
+    from memlm.infer.engine import FloatLinear  # engine imports this module
 
-    if type(layer) is PackedLinear and layer.bias is None and layer.reordered:
+    if type(layer) is FloatLinear and layer.bias is None:
         return "fp32", None, [layer.weight]
     if type(layer) is Int4Linear and layer.bias is None and layer.memlm_kernel and not layer.kernel_layout:
         return "int4", layer.group_size, [layer.weight_packed, layer.scales, layer.mins]
@@ -53,31 +53,31 @@ class FusedBlock:
         self.eps = float(block.attn_norm.eps)
         self.n_head, self.n_kv_heads = block.attn.n_head, block.attn.n_kv_heads
         self._kinds: dict[int, list[int]] = {}
-        # float32 layers: at most this many rows per oneDNN call (longer batches run the block)
+        # float32 layers: at most this many rows through memlm's float kernel (longer batches run
+        # the block, whose FloatLinear layers then use torch's matmul)
         self.floats = 0
         if any(fmt == "fp32" for fmt, _ in self.formats):
-            from memlm.infer.engine import PACKED_ROWS
+            from memlm.infer.engine import FLOAT_KERNEL_ROWS
 
-            self.floats = PACKED_ROWS[-1]
+            self.floats = FLOAT_KERNEL_ROWS
 
     def kinds(self, rows: int) -> list[int]:
         """Per layer: its kind and, quantized, the path memlm.kernels.choose picked for this row
-        count; float32, the PACKED_ROWS bucket oneDNN is called with."""
+        count; float32 has one path."""
         if rows not in self._kinds:
-            from memlm.infer.engine import packed_rows
             from memlm.kernels import choose
 
             kinds = []
             for fmt, group in self.formats:
                 if fmt == "fp32":
-                    kinds += [FLOAT, packed_rows(rows), 0]
+                    kinds += [FLOAT, 0, 0]
                 else:
                     kinds += [INT4 if fmt == "int4" else INT8, *choose.kernel_args(choose.path(fmt, group, rows))]
             self._kinds[rows] = kinds
         return self._kinds[rows]
 
     def takes(self, rows: int) -> bool:
-        """Whether a call of this many one-token rows runs the op (float32 layers: one oneDNN call)."""
+        """Whether a call of this many one-token rows runs the op (float32 layers: memlm's kernel)."""
         return not self.floats or rows <= self.floats
 
     def __call__(self, x, rope=None, kv=None, positions=None, slots=None, mask=None):

@@ -2,6 +2,7 @@
 
     int4_linear(x, packed, scales, mins, group_size)   int4 codes + float16 scale/min per group
     int8_linear(x, w_int8, scales)                     int8 codes + float32 scale per row or group
+    float_linear(x, weight)                            float32, for decoding's few rows
 
 The weights are memlm's portable layouts as saved (memlm/compress/quantize.py), used as they
 are; x is float32 or bfloat16 (..., in), y comes back (..., out) in x's dtype. As in llama.cpp's
@@ -46,9 +47,9 @@ BLOCK = 32  # activation quantization block (inputs per int8 scale)
 _NAME = "memlm_quant_linear"
 _CSRC = Path(__file__).parent / "csrc"
 # Translation units that ninja compiles in parallel: the torch ops, the compute, its AMX part, the
-# fused decode block.
+# fused decode block, the float32 linear.
 _SOURCES = (_CSRC / "quant_linear.cpp", _CSRC / "quant_kernels.cpp", _CSRC / "amx_kernels.cpp",
-            _CSRC / "decode_block.cpp")
+            _CSRC / "decode_block.cpp", _CSRC / "float_linear.cpp")
 # No -mavx2: the AVX2 functions carry their own target attribute and are chosen at run time, so
 # the portable fallback in the same file never contains AVX2 instructions. -fopenmp: at::parallel_for
 # is a header template that only splits work when the caller is compiled with OpenMP (it then
@@ -121,6 +122,11 @@ def _register_fakes() -> None:
     def _int8_fake(x, w_int8, scales, dequant_rows=0, amx_rows=0):
         torch._check(x.shape[-1] == w_int8.shape[1], lambda: "x's last dimension must be in_features")
         return x.new_empty(*x.shape[:-1], w_int8.shape[0])
+
+    @torch.library.register_fake("memlm::float_linear")
+    def _float_fake(x, weight):
+        torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dimension must be in_features")
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def available() -> bool:
@@ -195,6 +201,14 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
     if not _LOADED:
         _require()
     return torch.ops.memlm.int8_linear.default(x, w_int8, scales, dequant_rows, amx_rows)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight^T in float32, weight (out, in) as nn.Linear holds it: memlm's kernel for
+    the few rows of decoding (csrc/float_linear.cpp), equal to F.linear to float rounding."""
+    if not _LOADED:
+        _require()
+    return torch.ops.memlm.float_linear.default(x, weight)
 
 
 # ------------------------------------------------------------------------------ references

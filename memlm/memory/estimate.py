@@ -139,12 +139,6 @@ COMPILE_BYTES = {"cpu": 165 * MiB, "cuda": 0}
 # 468-473 MiB against 496 predicted with the term (2026-12-01), 480 without it.
 TOKENIZER_BYTES_PER_ID = 400
 FORMAT_KERNEL_BYTES = {"int4": 16 * MiB, "int8": 0, "bf16": 8 * MiB, "fp32": 0}
-# A decoder's float32 layers in an eager inference engine on a CPU are packed for oneDNN
-# (memlm.infer.engine.PackedLinear): its primitives and their scratch memory for SmolLM2's four
-# layer shapes, `memlm generate` of SmolLM2 fp32 +10..+17 MiB against the same command with the
-# plain weights (2026-12-02; every row shape a server uses: +7). Not in training, scoring or
-# compression, which run the plain layers.
-PACKED_MATMUL_BYTES = 12 * MiB
 
 MMAP_THRESHOLD_MAX = 32 * MiB  # glibc, 64-bit: the dynamic mmap threshold never rises above this
 ALLOCATOR_SLACK = {"train": (0.34, 0.24), "finetune": (0.62, 0.0), "infer": (0.40, 0.0)}
@@ -1448,8 +1442,6 @@ def estimate_inference(model_cfg: ModelConfig, batch: int = 1, context: int | No
                 + ("bf16" if weight_format == "bf16" else "fp32"))),
         Term("kv_cache" if not light else "decode_state", kv, kv_formula),
         *_inference_extras(model_cfg, weight_format, device),
-        *([Term("packed_matmul", PACKED_MATMUL_BYTES, "oneDNN's packed fp32 matmul (measured)")]
-          if device == "cpu" and weight_format == "fp32" and not compile and model_cfg.kind == "decoder" else []),
         *([Term("compiler", COMPILE_BYTES[device], "torch.compile in the process (measured)")] if compile else []),
     ]
     phases = {"prefill": sum(t.bytes for t in base) + pre, "decode": sum(t.bytes for t in base) + dec}

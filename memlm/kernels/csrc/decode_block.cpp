@@ -10,8 +10,9 @@
 // eager mode; the rest is some 45 small ops per block (norms, rotations, the cache's indexed
 // writes, masks, views, adds), each a few microseconds of dispatch for a few hundred floats of
 // work. Here they are plain loops between the matmuls, which are memlm's int4 / int8 kernels
-// (quant_linear.cpp) called directly. The result is what memlm.model.layers.Block computes, to
-// float rounding (tests/test_decode_block.py checks it against the module).
+// (quant_linear.cpp) or its float32 one (float_linear.cpp), called directly. The result is what
+// memlm.model.layers.Block computes, to float rounding (tests/test_decode_block.py checks it
+// against the module).
 //
 // The caller (memlm/infer/fused.py) hands in the fused projections (qkv, gate_up) of one format
 // each, float32 activations and a float32 cache, and keeps every position inside the cache.
@@ -22,50 +23,29 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "float_linear.h"
 #include "quant_linear.h"
 
 namespace memlm {
 namespace {
 
 // How a linear layer's tensors are to be read (the op's `kinds`, three ints per layer): the kind,
-// then for int4 / int8 dequant_rows and amx_rows as for int4_linear / int8_linear, for float32
-// the row count to call oneDNN with (memlm.infer.engine.PACKED_ROWS: one compiled primitive per
-// shape) and 0.
+// then for int4 / int8 dequant_rows and amx_rows as for int4_linear / int8_linear; for float32
+// two zeros.
 enum Kind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2 };
-
-// x @ W^T by oneDNN's matmul on W as memlm.infer.engine.PackedLinear holds it (reordered into
-// oneDNN's blocked layout), with x padded with zero rows to `rows`.
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, int64_t rows) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  const int64_t n = x.size(0);
-  TORCH_CHECK(rows >= n, "memlm::decode_block: a float layer's row count ", rows, " is below the batch's ", n);
-  at::Tensor padded = x;
-  if (rows > n) {
-    padded = at::zeros({rows, x.size(1)}, x.options());
-    padded.narrow(0, 0, n).copy_(x);
-  }
-  torch::jit::Stack stack{padded, weight, c10::IValue(), c10::IValue(std::string("none")),
-                          c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
-  op.callBoxed(&stack);
-  at::Tensor y = stack.back().toTensor();
-  return rows > n ? y.narrow(0, 0, n).contiguous() : y;
-}
 
 at::Tensor linear(const at::Tensor& x, at::TensorList w, at::IntArrayRef kinds, int layer) {
   const int64_t kind = kinds[3 * layer], dequant_rows = kinds[3 * layer + 1], amx_rows = kinds[3 * layer + 2];
   if (kind == kFloat) {
-    TORCH_CHECK(w.size() == 1, "memlm::decode_block: a float32 layer is (oneDNN's packed weight)");
-    return onednn_linear(x, w[0], dequant_rows);
+    TORCH_CHECK(w.size() == 1, "memlm::decode_block: a float32 layer is (weight)");
+    return float_linear(x, w[0]);
   }
   if (kind == kInt4) {
     TORCH_CHECK(w.size() == 3, "memlm::decode_block: an int4 layer is (packed, scales, mins)");
@@ -73,7 +53,7 @@ at::Tensor linear(const at::Tensor& x, at::TensorList w, at::IntArrayRef kinds, 
     return int4_linear(x, w[0], w[1], w[2], group, dequant_rows, amx_rows);
   }
   TORCH_CHECK(kind == kInt8 && w.size() == 2, "memlm::decode_block: layer ", layer,
-              " must be float32 (packed), int4 (packed, scales, mins) or int8 (codes, scales), got kind ", kind);
+              " must be float32 (weight), int4 (packed, scales, mins) or int8 (codes, scales), got kind ", kind);
   return int8_linear(x, w[0], w[1], dequant_rows, amx_rows);
 }
 
@@ -256,5 +236,3 @@ TORCH_LIBRARY_FRAGMENT(memlm, m) {
 }
 
 TORCH_LIBRARY_IMPL(memlm, CPU, m) { m.impl("decode_block", &memlm::decode_block); }
-// A float32 block's weights are oneDNN's opaque packed tensors, whose dispatch key this is.
-TORCH_LIBRARY_IMPL(memlm, MkldnnCPU, m) { m.impl("decode_block", &memlm::decode_block); }

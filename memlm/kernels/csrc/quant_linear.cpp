@@ -192,6 +192,8 @@ std::string current_isa() { return kIsaNames[g_isa.load()]; }
 
 using namespace memlm::kernels;
 
+Isa isa_in_use() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, int64_t dequant_rows, int64_t amx_rows) {
   const char* op = "memlm::int4_linear";

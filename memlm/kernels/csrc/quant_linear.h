@@ -8,11 +8,16 @@
 
 #include <cstdint>
 
+#include "quant_kernels.h"
+
 namespace memlm {
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, int64_t dequant_rows, int64_t amx_rows);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t dequant_rows,
                        int64_t amx_rows);
+
+// The code path in use: the CPU's best, unless memlm::set_isa chose a lower one.
+kernels::Isa isa_in_use();
 
 }  // namespace memlm
