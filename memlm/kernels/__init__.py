@@ -1,4 +1,5 @@
-"""memlm's own CPU operators for block-quantized linear layers (csrc/quant_linear.cpp).
+"""memlm's own CPU operators: block-quantized linear layers (csrc/quant_linear.cpp), a float32
+linear for decoding's few rows (csrc/float_linear.cpp) and the fused decode block (decode_block.cpp).
 
     int4_linear(x, packed, scales, mins, group_size)   int4 codes + float16 scale/min per group
     int8_linear(x, w_int8, scales)                     int8 codes + float32 scale per row or group

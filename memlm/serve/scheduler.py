@@ -53,8 +53,8 @@ PREFILL_TOKENS = PREFILL_CHUNK  # padded prompt tokens a prefill step runs while
 # row, the rest (at least MIN_PIECE) for the prompts' pieces, as vLLM's chunked prefill budgets a
 # step's tokens. Each running token waits for one such step, so the step must stay short: on the
 # 2-core AMD EPYC (SmolLM2, 15 decoding rows, 2026-12-03) a mixed step with a 16-token piece took
-# 120-154 ms in fp32 (81-104 int4), with a 32-token piece 198-207 (123-142): 47 rows cross
-# oneDNN's packed-matmul bucket of 32 (memlm.infer.engine.PACKED_ROWS) into 64.
+# 120-154 ms in fp32 (81-104 int4), with a 32-token piece 198-207 (123-142; measured when fp32
+# layers ran oneDNN's packed matmul in row buckets, before memlm's float kernel).
 STEP_TOKENS = 32
 MIN_PIECE = 8
 
