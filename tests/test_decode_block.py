@@ -15,6 +15,7 @@ from memlm.compress.quantize import module_from_codes, quantize_int8, quantize_m
 from memlm.config import ModelConfig
 from memlm.infer.engine import (Engine, decode_and_prefill, decode_step, float_linears, fuse_projections,
                                 prefill)
+from memlm.infer.fused import decode_step as fused_decode_step
 from memlm.infer.fused import FusedBlock, fused_blocks
 from memlm.infer.generate import generate_ids
 from memlm.infer.sampling import SamplingSettings
@@ -65,10 +66,11 @@ def quantized(fmt: str, **shape) -> Decoder:
 def _run_both(model: Decoder, window: bool = False, steps: int = 4):
     """Prompts prefilled into slots 3, 0, 1 of two identical pools, then decode steps at each
     row's own position: through the blocks in one pool, the fused op in the other. Yields the
-    two steps' logits and the two pools."""
+    two steps' logits and the two pools. A third pool runs the engine's whole-step path
+    (memlm.infer.fused.decode_step), which must give exactly what the op gives block by block."""
     fused = fused_blocks(model)
     assert fused is not None
-    pools = [KVCache(model.config, slots=4, max_len=40) for _ in range(2)]
+    pools = [KVCache(model.config, slots=4, max_len=40) for _ in range(3)]
     slots = torch.tensor([3, 0, 1])
     longest = max(map(len, PROMPTS))
     ids = torch.tensor([p + [0] * (longest - len(p)) for p in PROMPTS])
@@ -80,7 +82,8 @@ def _run_both(model: Decoder, window: bool = False, steps: int = 4):
     for _ in range(steps):
         plain = decode_step(model, tokens, positions, caches[0], slots)
         through_op = decode_step(model, tokens, positions, caches[1], slots, fused)
-        yield plain, through_op, pools
+        assert torch.equal(fused_decode_step(model, fused, tokens, positions, caches[2], slots), through_op)
+        yield plain, through_op, pools[:2]
         tokens, positions = plain.argmax(-1), positions + 1
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memlm.config import PREFILL_CHUNK, cache_length
+from memlm.infer.fused import decode_step as fused_decode_step
 from memlm.infer.fused import fused_blocks, op_fits
 from memlm.model import Decoder, KVCache
 
@@ -303,6 +304,10 @@ class Engine:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                slots: torch.Tensor | None = None) -> torch.Tensor:
         if not self.compiled:
+            if self.fused is not None:
+                logits = fused_decode_step(self.model, self.fused, tokens, positions, cache, slots)
+                if logits is not None:
+                    return logits
             return decode_step(self.model, tokens, positions, cache, slots, self.fused)
         shape = (tokens.shape[0], cache.slots, cache.max_len, slots is None)
         if shape in self._shapes_seen:
