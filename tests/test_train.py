@@ -231,7 +231,9 @@ def test_adamw_matches_torch_adamw():
             o.step()
             o.zero_grad(set_to_none=True)
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)
+        # Scaling the gradient inside the fused step or before it may round one way or the other:
+        # within 2 float32 ulps (an AVX2-only CPU differs from AVX-512 by one, here and there).
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=2.5e-7, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("loss_chunk", [0, 16])
@@ -311,7 +313,9 @@ def test_clipped_step_is_clip_then_step(max_norm):
         for o in (opt, ref_opt):
             o.zero_grad(set_to_none=True)
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)
+        # Scaling the gradient inside the fused step or before it may round one way or the other:
+        # within 2 float32 ulps (an AVX2-only CPU differs from AVX-512 by one, here and there).
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=2.5e-7, msg=lambda m: f"{name}: {m}")
 
 
 def test_sgd_optimizer():

@@ -502,10 +502,13 @@ class GroupQuantLinear(_KeepsScaleDtype):
 
     def _kernel_wanted(self, use_kernel: bool | None) -> bool:
         """Whether to hold the weight in PyTorch's int4 kernel layout: when asked (True), or by
-        default (None) where memlm's own kernels, which read the portable layout, cannot run."""
-        eligible = self.bits == 4 and self.out_features % 64 == 0 and self.group_size in (32, 64, 128)
+        default (None) where memlm's own kernels, which read the portable layout, cannot run;
+        never where torch's packing differs from the layout memlm writes (its CPU int4 layout
+        depends on the CPU: `_cpu_int4_layout_ok`)."""
+        eligible = (self.bits == 4 and self.out_features % 64 == 0 and self.group_size in (32, 64, 128)
+                    and int4_kernel_available())
         if use_kernel is None:
-            return eligible and int4_kernel_available() and not self.memlm_kernel
+            return eligible and not self.memlm_kernel
         return eligible and use_kernel
 
     def _memlm_kernel_wanted(self, use_kernel: bool | None) -> bool:

@@ -9,6 +9,8 @@ stays the same however long the text grows (no cache that grows with the context
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,27 @@ class RecurrentState:
     """Per layer: h (1, B, d), or (h, c) for an LSTM; None before the first token."""
 
     hidden: list
+
+
+@functools.cache
+def _cpu_bf16_lstm_runs() -> bool:
+    """Whether oneDNN builds a bfloat16 LSTM here: it needs AVX-512 (a 2-core AVX2 AMD EPYC
+    refuses the primitive under CPU autocast)."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.LSTM(8, 8, batch_first=True)(torch.zeros(1, 2, 8))
+        return True
+    except RuntimeError:
+        return False
+
+
+def _run_layer(layer: nn.Module, x, h0):
+    """layer(x, h0); an LSTM under CPU autocast runs in float32 where oneDNN has no bf16 LSTM."""
+    if (isinstance(layer, nn.LSTM) and torch.is_autocast_enabled("cpu") and layer.weight_ih_l0.device.type == "cpu"
+            and not _cpu_bf16_lstm_runs()):
+        with torch.autocast("cpu", enabled=False):
+            return layer(x.float(), None if h0 is None else tuple(t.float() for t in h0))
+    return layer(x, h0)
 
 
 class RecurrentLM(nn.Module):
@@ -60,9 +83,9 @@ class RecurrentLM(nn.Module):
         for i, layer in enumerate(self.blocks):
             h0 = None if hidden is None else hidden[i]
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                x, h = checkpoint(layer, x, h0, use_reentrant=False)
+                x, h = checkpoint(_run_layer, layer, x, h0, use_reentrant=False)
             else:
-                x, h = layer(x, h0)
+                x, h = _run_layer(layer, x, h0)
             if isinstance(x, torch.Tensor):
                 x = self.drop(x)
             new.append(h)
