@@ -88,6 +88,11 @@ def test_extreme_sampling_settings_stay_well_defined():
               SamplingSettings(temperature=1.0, top_p=8e-129),
               SamplingSettings(temperature=1e-116, top_p=8e-129, repetition_penalty=8.6)):
         assert torch.equal(sample_next(logits, none, s, torch.Generator().manual_seed(1)), logits.argmax(-1))
+    # A denormal repetition penalty divides the seen tokens' positive logits into inf (a fuzzed
+    # request; it gave NaN probabilities and a 500): the seen likeliest token is drawn.
+    seen = logits.argmax(-1, keepdim=True)
+    tiny = SamplingSettings(temperature=1.0, repetition_penalty=2.2250738585e-313)
+    assert torch.equal(sample_next(logits, seen, tiny, torch.Generator().manual_seed(1)), seen[:, 0])
     hot = sample_next(logits[:1].expand(4000, -1), torch.zeros(4000, 0, dtype=torch.long),
                       SamplingSettings(temperature=3e16), torch.Generator().manual_seed(2))
     assert len(set(hot.tolist())) > 35

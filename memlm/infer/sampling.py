@@ -100,6 +100,11 @@ def sample_next(logits: torch.Tensor, context: torch.Tensor, s: SamplingSettings
     logits = apply_repetition_penalty(logits.float(), context, s.repetition_penalty)
     logits = apply_presence_frequency_penalty(logits, context[:, context.shape[1] - generated:], s.presence_penalty,
                                               s.frequency_penalty)
+    # A penalty can push a logit past float32's range (a fuzzed request's repetition_penalty of
+    # 2e-313 divides by it, giving inf, then NaN below): clamped to the largest finite value,
+    # the order of the logits survives and no probability is NaN.
+    fmax = torch.finfo(torch.float32).max
+    logits = logits.clamp(-fmax, fmax)
     if s.temperature == 0:
         return logits.argmax(-1)
     # The largest logit moved to 0 before scaling: a tiny temperature then sends the others to
