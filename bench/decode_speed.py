@@ -95,7 +95,7 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights a decode step reads: every parameter and buffer once, except the
     position tables (one row read) and an untied embedding table (one row read)."""
     # Tied tensors once, by where their bytes start: a tied head's weight is another tensor
-    # object over the embedding's bytes (and an engine's weights share one storage, its arena).
+    # object over the embedding's bytes.
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     positional = sum(b.numel() * b.element_size() for n, b in model.named_buffers()

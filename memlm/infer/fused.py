@@ -53,6 +53,7 @@ class FusedBlock:
         self.eps = float(block.attn_norm.eps)
         self.n_head, self.n_kv_heads = block.attn.n_head, block.attn.n_kv_heads
         self.norms = (block.attn_norm.weight, block.mlp_norm.weight)
+        self._op = torch.ops.memlm.decode_block.default  # the overload itself: no resolution per call
         self._kinds: dict[int, list[int]] = {}
         # float32 layers: at most this many rows through memlm's float kernel (longer batches run
         # the block, whose FloatLinear layers then use torch's matmul)
@@ -92,11 +93,8 @@ class FusedBlock:
     def step(self, x, cos, sin, positions, slots, kv):
         """The op on (B, d) rows, their RoPE angles (B, head_dim) and positions (B,): the block's output."""
         qkv, o, gate_up, down = self.layers
-        return _DECODE_BLOCK(x, *self.norms, self.eps, qkv, o, gate_up, down, self.kinds(x.shape[0]), kv.k, kv.v,
-                             positions, slots, cos, sin, self.n_head, self.n_kv_heads)
-
-
-_DECODE_BLOCK = None  # torch.ops.memlm.decode_block.default, once the kernels are loaded (op_fits)
+        return self._op(x, *self.norms, self.eps, qkv, o, gate_up, down, self.kinds(x.shape[0]), kv.k, kv.v,
+                        positions, slots, cos, sin, self.n_head, self.n_kv_heads)
 
 
 @torch.no_grad()
@@ -121,13 +119,9 @@ def decode_step(model: Decoder, fused: list[FusedBlock], tokens: torch.Tensor, p
 def op_fits(model: Decoder) -> bool:
     """Whether the op can take this kind of model at all (its flavour, device, the kernels, the
     switch); `fused_blocks` then checks every layer."""
-    global _DECODE_BLOCK
     c = model.config
-    fits = (os.environ.get("MEMLM_DECODE_BLOCK", "1").strip() != "0" and c.norm == "rmsnorm" and c.positions == "rope"
+    return (os.environ.get("MEMLM_DECODE_BLOCK", "1").strip() != "0" and c.norm == "rmsnorm" and c.positions == "rope"
             and c.mlp == "swiglu" and not c.bias and model.norm.weight.device.type == "cpu" and kernels.available())
-    if fits and _DECODE_BLOCK is None:
-        _DECODE_BLOCK = torch.ops.memlm.decode_block.default
-    return fits
 
 
 def fused_blocks(model: Decoder) -> list[FusedBlock] | None:

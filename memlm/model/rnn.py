@@ -10,7 +10,6 @@ stays the same however long the text grows (no cache that grows with the context
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch

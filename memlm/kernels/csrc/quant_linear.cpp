@@ -209,7 +209,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t rows = xf.size(0);
   const Int4Weights w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(),
                       in, out, in / group_size, group_size};
-  const Isa isa = static_cast<Isa>(g_isa.load(std::memory_order_relaxed));
+  const Isa isa = isa_in_use();
   if (dequant_rows > 0 && rows >= dequant_rows) {
     auto dequant = [&](int64_t o, int64_t n, float* dst) { dequant_int4(w, o, n, dst, isa); };
     return shaped_output(x, dequant_matmul(xf, out, in, dequant), out);
@@ -243,7 +243,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const at::Tensor xf = flat_input(op, x, in);
   const int64_t rows = xf.size(0);
   const Int8Weights w{codes.data_ptr<int8_t>(), scales.data_ptr<float>(), in, out, groups, group};
-  const Isa isa = static_cast<Isa>(g_isa.load(std::memory_order_relaxed));
+  const Isa isa = isa_in_use();
   if (dequant_rows > 0 && rows >= dequant_rows) {
     auto dequant = [&](int64_t o, int64_t n, float* dst) { dequant_int8(w, o, n, dst, isa); };
     return shaped_output(x, dequant_matmul(xf, out, in, dequant), out);
